@@ -1,0 +1,248 @@
+"""Wake/sleep semantics (SPEC §3): streaming == forward == a plain looped reference; eviction and gradient paths."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import reference_model
+
+from sleeplm import Config, ModelConfig, SleepConfig, forward, init_params, init_state, sleep_step, wake_step
+
+WINDOW = 6
+# Two blocks (attention, then GDN) keep XLA's CPU compile time down; the 4-block stack is checked separately.
+MODEL = ModelConfig(
+    vocab_size=13,
+    d_model=32,
+    layers=("attn", "gdn"),
+    num_heads=2,
+    num_kv_heads=1,
+    mlp_dim=48,
+    gdn_chunk_size=4,
+)
+FOUR_BLOCKS = ("attn", "gdn", "attn", "gdn")
+
+
+def make_config(passes=2, eviction="hard", **model_overrides) -> Config:
+    return Config(dataclasses.replace(MODEL, **model_overrides), SleepConfig(WINDOW, passes, eviction))
+
+
+def tokens_for(length, batch=2, seed=1):
+    return jax.random.randint(jax.random.key(seed), (batch, length), 0, MODEL.vocab_size)
+
+
+def assert_close(actual, expected, rtol=1e-4):
+    actual, expected = np.asarray(actual), np.asarray(expected)
+    assert actual.shape == expected.shape
+    scale = np.max(np.abs(expected))
+    assert np.max(np.abs(actual - expected)) <= rtol * scale, np.max(np.abs(actual - expected)) / scale
+
+
+def stream(params, tokens, config, piece_sizes=(1,), explicit_sleep=False):
+    """Feeds tokens through wake_step in pieces that never cross a window boundary."""
+    state, outputs, t, i = init_state(config, tokens.shape[0]), [], 0, 0
+    while t < tokens.shape[1]:
+        room = WINDOW - t % WINDOW
+        size = min(piece_sizes[i % len(piece_sizes)], room, tokens.shape[1] - t)
+        logits, state = wake_step(params, state, tokens[:, t : t + size], config)
+        outputs.append(logits)
+        t, i = t + size, i + 1
+        if explicit_sleep and t % WINDOW == 0 and t < tokens.shape[1]:
+            state = sleep_step(params, state, config)
+    return jnp.concatenate(outputs, axis=1), state
+
+
+# The references are plain Python over arrays; jitting them (static config) only saves dispatch time.
+looped_sleep_forward = jax.jit(reference_model.looped_sleep_forward, static_argnums=2)
+plain_hybrid_forward = jax.jit(reference_model.plain_hybrid_forward, static_argnums=2)
+
+CASES = [(n, mode) for n in (1, 2, 3) for mode in ("hard", "sliding")]
+
+
+@pytest.mark.parametrize(("passes", "eviction"), CASES)
+@pytest.mark.parametrize("length", [18, 17])
+def test_forward_matches_looped_reference_and_streaming(passes, eviction, length):
+    config = make_config(passes, eviction)
+    params = init_params(jax.random.key(0), config)
+    tokens = tokens_for(length)
+    logits = forward(params, tokens, config)
+    assert logits.shape == (2, length, MODEL.vocab_size) and logits.dtype == jnp.float32
+    assert_close(logits, looped_sleep_forward(params, tokens, config))
+    streamed_by_token, _ = stream(params, tokens, config)  # sleeps automatically when a full window is followed
+    assert_close(streamed_by_token, logits)
+    streamed_in_blocks, _ = stream(params, tokens, config, piece_sizes=(4, 2), explicit_sleep=True)
+    assert_close(streamed_in_blocks, logits)
+
+
+@pytest.mark.parametrize("eviction", ["hard", "sliding"])
+def test_four_block_stack_matches_looped_reference(eviction):
+    config = make_config(3, eviction, layers=FOUR_BLOCKS, gdn_heads=3, gdn_head_dim_k=8, gdn_head_dim_v=12)
+    params = init_params(jax.random.key(2), config)
+    tokens = tokens_for(17, batch=3)
+    logits = forward(params, tokens, config)
+    assert_close(logits, looped_sleep_forward(params, tokens, config))
+    assert_close(stream(params, tokens, config, piece_sizes=(4, 2), explicit_sleep=True)[0], logits)
+
+
+@pytest.mark.parametrize("eviction", ["hard", "sliding"])
+@pytest.mark.parametrize("short_conv", [True, False])
+def test_one_pass_equals_plain_windowed_hybrid(eviction, short_conv):
+    config = make_config(1, eviction, short_conv=short_conv)
+    params = init_params(jax.random.key(3), config)
+    tokens = tokens_for(23, seed=4)
+    assert_close(forward(params, tokens, config), plain_hybrid_forward(params, tokens, config))
+
+
+def test_reference_implementation_and_remat_agree():
+    config = make_config(3, "sliding")
+    params = init_params(jax.random.key(0), config)
+    tokens = tokens_for(20)
+    logits = forward(params, tokens, config)
+    recurrent = dataclasses.replace(config, model=dataclasses.replace(config.model, gdn_implementation="reference"))
+    assert_close(forward(params, tokens, recurrent), logits)
+    remat = dataclasses.replace(config, sleep=dataclasses.replace(config.sleep, remat=True))
+
+    def loss(p, cfg):
+        return jnp.mean(forward(p, tokens, cfg) ** 2)
+
+    assert_close(forward(params, tokens, remat), logits, rtol=1e-6)
+    for g_remat, g in zip(
+        jax.tree.leaves(jax.grad(loss)(params, remat)),
+        jax.tree.leaves(jax.grad(loss)(params, config)),
+        strict=True,
+    ):
+        assert_close(g_remat, g, rtol=1e-5)
+
+
+def test_sleep_changes_only_later_windows():
+    tokens = tokens_for(18)
+    params = init_params(jax.random.key(0), make_config(1))
+    awake = forward(params, tokens, make_config(1))
+    slept = forward(params, tokens, make_config(3))
+    np.testing.assert_array_equal(slept[:, :WINDOW], awake[:, :WINDOW])  # the wake pass is the same computation
+    assert np.max(np.abs(slept[:, WINDOW:] - awake[:, WINDOW:])) > 1e-3
+
+
+def _zero_gdn_outputs(params):
+    """Ablates every GDN layer (its output projection is zero), leaving attention and MLPs intact."""
+
+    def ablate(path, x):
+        keys = [getattr(k, "key", None) for k in path]
+        return jnp.zeros_like(x) if "gdn" in keys and keys[-2] == "o" else x
+
+    return jax.tree_util.tree_map_with_path(ablate, params)
+
+
+@pytest.mark.parametrize("layers", [FOUR_BLOCKS, ("attn", "attn")])
+def test_hard_eviction_forgets_earlier_windows_except_through_fast_weights(layers):
+    config = make_config(2, "hard", layers=layers)
+    params = init_params(jax.random.key(5), config)
+    tokens = tokens_for(3 * WINDOW)
+    changed = tokens.at[:, :WINDOW].set((tokens[:, :WINDOW] + 1) % MODEL.vocab_size)
+    ablated = _zero_gdn_outputs(params)
+    later = slice(WINDOW, None)
+    np.testing.assert_array_equal(
+        forward(ablated, tokens, config)[:, later], forward(ablated, changed, config)[:, later]
+    )
+    if "gdn" in layers:  # the control: without ablation, the fast weights do carry the change
+        assert (
+            np.max(np.abs(forward(params, tokens, config)[:, later] - forward(params, changed, config)[:, later]))
+            > 1e-4
+        )
+
+
+def test_sliding_window_sees_exactly_the_last_window():
+    config = make_config(1, "sliding", layers=("attn",))
+    params = init_params(jax.random.key(6), config)
+    tokens = tokens_for(4 * WINDOW)
+    base = forward(params, tokens, config)
+    position = 2 * WINDOW + 1
+    changed = forward(params, tokens.at[:, position].set((tokens[:, position] + 1) % MODEL.vocab_size), config)
+    differs = np.max(np.abs(changed - base), axis=(0, 2)) > 0
+    expected = (np.arange(4 * WINDOW) >= position) & (np.arange(4 * WINDOW) < position + WINDOW)
+    np.testing.assert_array_equal(differs, expected)
+
+
+@pytest.mark.parametrize("eviction", ["hard", "sliding"])
+def test_state_size_does_not_grow_with_sequence_length(eviction):
+    config = make_config(2, eviction)
+    params = init_params(jax.random.key(0), config)
+    _, short = stream(params, tokens_for(WINDOW), config, piece_sizes=(WINDOW,))
+    _, long = stream(params, tokens_for(5 * WINDOW + 2), config, piece_sizes=(WINDOW,))
+    assert jax.tree.structure(short) == jax.tree.structure(long)
+    for a, b in zip(jax.tree.leaves(short), jax.tree.leaves(long), strict=True):
+        assert a.shape == b.shape and a.dtype == b.dtype
+    fast_weights = [leaf.S for leaf in long.layers if hasattr(leaf, "S")]
+    assert fast_weights and all(s.dtype == jnp.float32 for s in fast_weights)
+
+
+def test_gradients_reach_the_first_window_only_through_fast_weights():
+    config = make_config(2, "hard")
+    params = init_params(jax.random.key(7), config)
+    first = jax.random.randint(jax.random.key(8), (2, WINDOW), 0, 5)  # ids 0..4 occur only in window 0
+    rest = jax.random.randint(jax.random.key(9), (2, 2 * WINDOW), 5, MODEL.vocab_size)
+    tokens = jnp.concatenate([first, rest], axis=1)
+
+    def first_window_embedding_grad(cfg):
+        loss = lambda p: jnp.sum(forward(p, tokens, cfg)[:, -WINDOW:] ** 2)
+        return np.asarray(jax.grad(loss)(params)["params"]["embedding"]["embedding"][:5])
+
+    assert np.max(np.abs(first_window_embedding_grad(config))) > 1e-6
+    truncated = dataclasses.replace(config, sleep=dataclasses.replace(config.sleep, stop_gradient_between_windows=True))
+    np.testing.assert_array_equal(first_window_embedding_grad(truncated), 0.0)
+
+
+def test_sleep_step_on_a_partial_window_changes_nothing():
+    config = make_config(2)
+    params = init_params(jax.random.key(0), config)
+    _, state = stream(params, tokens_for(WINDOW + 3), config, piece_sizes=(3,))
+    before = jax.tree.map(np.asarray, state)
+    after = sleep_step(params, state, config)
+    for a, b in zip(jax.tree.leaves(after), jax.tree.leaves(before), strict=True):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_bfloat16_activations_keep_float32_fast_weights():
+    config = make_config(2, dtype="bfloat16")
+    params = init_params(jax.random.key(0), config)
+    tokens = tokens_for(14)
+    logits = forward(params, tokens, config)
+    assert logits.dtype == jnp.float32 and np.all(np.isfinite(logits))
+    reference = forward(params, tokens, make_config(2))
+    assert np.max(np.abs(logits - reference)) < 0.1 * np.max(np.abs(reference))
+    _, state = stream(params, tokens, config, piece_sizes=(WINDOW,))
+    assert all(layer.S.dtype == jnp.float32 for layer in state.layers if hasattr(layer, "S"))
+
+
+def test_bad_inputs_fail_with_clear_messages():
+    config = make_config(2)
+    params = init_params(jax.random.key(0), config)
+    state = init_state(config, 2)
+    with pytest.raises(ValueError, match=r"wake_step got 7 tokens"):
+        wake_step(params, state, tokens_for(WINDOW + 1), config)
+    with pytest.raises(ValueError, match=r"tokens must be integer ids"):
+        forward(params, jnp.zeros((2, 5)), config)
+    with pytest.raises(ValueError, match=r"batch_size=0"):
+        init_state(config, 0)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        (dict(model=dict(layers=("attn", "mamba"))), r"layers\[1\]='mamba' is invalid"),
+        (dict(model=dict(num_heads=3)), r"num_heads=3 is invalid: must divide d_model=32"),
+        (dict(model=dict(num_kv_heads=3, num_heads=4)), r"num_kv_heads=3 is invalid"),
+        (dict(model=dict(dtype="float16")), r"dtype='float16' is invalid"),
+        (dict(model=dict(gdn_implementation="cuda")), r"gdn_implementation='cuda' is invalid"),
+        (dict(sleep=dict(passes=0)), r"sleep.passes=0 is invalid: must be a positive integer"),
+        (dict(sleep=dict(eviction="soft")), r"sleep.eviction='soft' is invalid"),
+        (dict(sleep=dict(window=2.5)), r"sleep.window=2.5 is invalid"),
+    ],
+)
+def test_config_validation(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        model = dataclasses.replace(MODEL, **kwargs.get("model", {}))
+        Config(model, SleepConfig(**kwargs.get("sleep", {})))
