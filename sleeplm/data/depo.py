@@ -1,0 +1,104 @@
+"""Depo (SPEC §4): multi-hop retrieval over evicted context.
+
+A directed cycle of n nodes (n uniform in [min_nodes, max_nodes]) written as `src dst` edges in shuffled order,
+each node name `name_length` tokens, left-padded to a whole number of windows; then `queries` queries
+`<hop_k> start answer <eoq>` with k uniform in [min_hops, max_hops] (10 queries of 2-token names are 60 tokens,
+as in SPEC §4). Loss on the answer tokens.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+
+from sleeplm.data.common import TaskSource, Vocabulary
+
+
+@dataclasses.dataclass(frozen=True)
+class DepoConfig:
+    max_nodes: int = 75
+    min_nodes: int = 75
+    name_length: int = 2
+    name_tokens: int = 50
+    min_hops: int = 1
+    max_hops: int = 16
+    queries: int = 10
+    window: int = 75
+
+    def __post_init__(self) -> None:
+        for name in (
+            "max_nodes",
+            "min_nodes",
+            "name_length",
+            "name_tokens",
+            "min_hops",
+            "max_hops",
+            "queries",
+            "window",
+        ):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value < 1:
+                raise ValueError(f"task.{name}={value!r} is invalid: must be a positive integer")
+        if not 2 <= self.min_nodes <= self.max_nodes:
+            raise ValueError(f"task.min_nodes={self.min_nodes} is invalid: need 2 <= min_nodes <= max_nodes")
+        if self.min_hops > self.max_hops:
+            raise ValueError(f"task.min_hops={self.min_hops} is invalid: must be <= max_hops={self.max_hops}")
+        if self.name_tokens**self.name_length < self.max_nodes:
+            raise ValueError(
+                f"task.name_tokens={self.name_tokens} is invalid: {self.name_tokens}^{self.name_length} names "
+                f"cannot name {self.max_nodes} nodes"
+            )
+
+    @property
+    def edge_block_length(self) -> int:
+        """Tokens of the (padded) edge list: the longest edge list rounded up to whole windows."""
+        longest = self.max_nodes * 2 * self.name_length
+        return -(-longest // self.window) * self.window
+
+    @property
+    def sequence_length(self) -> int:
+        return self.edge_block_length + self.queries * (2 + 2 * self.name_length) - 1
+
+    @property
+    def vocab(self) -> Vocabulary:
+        hops = tuple(f"<hop_{k}>" for k in range(1, self.max_hops + 1))
+        return Vocabulary(("<pad>", "<eoq>", *hops, *(f"n{i}" for i in range(self.name_tokens))))
+
+
+class DepoSource(TaskSource):
+    """Examples carry `hops` (per input position: k of the query whose answer token is the target, else 0)."""
+
+    def __init__(self, config: DepoConfig, split: str = "train", seed: int = 0, size: int = 1 << 30, **kwargs):
+        super().__init__(split, seed, size, **kwargs)
+        self.config = config
+        self.vocab = config.vocab
+
+    def sample(self, rng: np.random.Generator):
+        cfg = self.config
+        nodes = int(rng.integers(cfg.min_nodes, cfg.max_nodes + 1))
+        codes = rng.choice(cfg.name_tokens**cfg.name_length, size=nodes, replace=False)
+        names = [
+            [f"n{(code // cfg.name_tokens**j) % cfg.name_tokens}" for j in range(cfg.name_length)] for code in codes
+        ]
+        order = rng.permutation(nodes)  # the cycle visits order[0] -> order[1] -> ... -> order[0]
+        successor = np.empty(nodes, int)
+        successor[order] = np.roll(order, -1)
+        edges = [names[src] + names[successor[src]] for src in rng.permutation(nodes)]
+        edge_tokens = [token for edge in edges for token in edge]
+        text = ["<pad>"] * (cfg.edge_block_length - len(edge_tokens)) + edge_tokens
+        labels, hops = [], []
+        for _ in range(cfg.queries):
+            k = int(rng.integers(cfg.min_hops, cfg.max_hops + 1))
+            start = int(rng.integers(nodes))
+            answer = start
+            for _ in range(k):
+                answer = successor[answer]
+            text += [f"<hop_{k}>", *names[start]]
+            labels += range(len(text), len(text) + cfg.name_length)
+            hops += [k] * cfg.name_length
+            text += [*names[answer], "<eoq>"]
+        tokens = self.vocab.encode(text)
+        hop_of_input = np.zeros(len(tokens) - 1, np.int32)
+        hop_of_input[np.asarray(labels) - 1] = hops
+        return tokens, np.asarray(labels), {"hops": hop_of_input}, tokens.tobytes()
