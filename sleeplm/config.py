@@ -24,6 +24,12 @@ def _positive_int(field: str, value: object) -> None:
         _fail(field, value, "must be a positive integer")
 
 
+def check_positive_ints(config: object, names: tuple[str, ...], prefix: str = "") -> None:
+    """Raises ValueError naming the first of `names` on `config` that is not a positive integer."""
+    for name in names:
+        _positive_int(prefix + name, getattr(config, name))
+
+
 @dataclasses.dataclass(frozen=True)
 class ModelConfig:
     """The hybrid block stack of SPEC §2.
@@ -52,8 +58,7 @@ class ModelConfig:
     gdn_chunk_size: int = 64
 
     def __post_init__(self) -> None:
-        for name in ("vocab_size", "d_model", "num_heads", "conv_width", "gdn_chunk_size"):
-            _positive_int(name, getattr(self, name))
+        check_positive_ints(self, ("vocab_size", "d_model", "num_heads", "conv_width", "gdn_chunk_size"))
         for name in ("num_kv_heads", "head_dim", "gdn_heads", "gdn_head_dim_k", "gdn_head_dim_v", "mlp_dim"):
             value = getattr(self, name)
             if value is not None:

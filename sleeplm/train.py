@@ -12,7 +12,7 @@ import jax.numpy as jnp
 import optax
 from jax import lax
 
-from sleeplm.config import Config
+from sleeplm.config import Config, check_positive_ints
 from sleeplm.sleep import forward, init_params
 
 
@@ -32,10 +32,7 @@ class TrainConfig:
     seed: int = 0
 
     def __post_init__(self) -> None:
-        for name in ("steps", "batch_size", "accumulation"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or value < 1:
-                raise ValueError(f"train.{name}={value!r} is invalid: must be a positive integer")
+        check_positive_ints(self, ("steps", "batch_size", "accumulation"), prefix="train.")
         if not isinstance(self.warmup_steps, int) or not 0 <= self.warmup_steps < self.steps:
             raise ValueError(f"train.warmup_steps={self.warmup_steps!r} is invalid: must be in [0, steps)")
         for name in ("muon_lr", "adam_lr", "clip_norm"):

@@ -13,6 +13,7 @@ import dataclasses
 
 import numpy as np
 
+from sleeplm.config import check_positive_ints
 from sleeplm.data.common import TaskSource, Vocabulary
 
 OPERATORS = {"+": lambda a, b, p: (a + b) % p, "-": lambda a, b, p: (a - b) % p, "*": lambda a, b, p: (a * b) % p}
@@ -30,10 +31,7 @@ class ArithConfig:
     reuse_probability: float = 0.5
 
     def __post_init__(self) -> None:
-        for name in ("num_vars", "modulus", "min_ops", "max_ops", "windows", "window"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or value < 1:
-                raise ValueError(f"task.{name}={value!r} is invalid: must be a positive integer")
+        check_positive_ints(self, ("num_vars", "modulus", "min_ops", "max_ops", "windows", "window"), prefix="task.")
         if self.min_ops > self.max_ops:
             raise ValueError(f"task.min_ops={self.min_ops} is invalid: must be <= max_ops={self.max_ops}")
         if self.modulus < 2:

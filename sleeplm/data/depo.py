@@ -12,6 +12,7 @@ import dataclasses
 
 import numpy as np
 
+from sleeplm.config import check_positive_ints
 from sleeplm.data.common import TaskSource, Vocabulary
 
 
@@ -27,19 +28,8 @@ class DepoConfig:
     window: int = 75
 
     def __post_init__(self) -> None:
-        for name in (
-            "max_nodes",
-            "min_nodes",
-            "name_length",
-            "name_tokens",
-            "min_hops",
-            "max_hops",
-            "queries",
-            "window",
-        ):
-            value = getattr(self, name)
-            if not isinstance(value, int) or value < 1:
-                raise ValueError(f"task.{name}={value!r} is invalid: must be a positive integer")
+        names = ("max_nodes", "min_nodes", "name_length", "name_tokens", "min_hops", "max_hops", "queries", "window")
+        check_positive_ints(self, names, prefix="task.")
         if not 2 <= self.min_nodes <= self.max_nodes:
             raise ValueError(f"task.min_nodes={self.min_nodes} is invalid: need 2 <= min_nodes <= max_nodes")
         if self.min_hops > self.max_hops:
