@@ -67,16 +67,13 @@ def sleep_passes(
 def _forward_hidden(params: Params, embedded: jax.Array, config: Config) -> jax.Array:
     """Last-block hidden states (B, T, d) of the wake pass at every position of a whole sequence.
 
-    The sequence is padded to whole windows (attention and fast weights are causal, so padding never reaches a
-    real position) and scanned window by window; inside a window a `lax.scan` runs the N passes, passes 2..N only
-    when the window is slept on (every window but the last). The graph holds a single copy of the window pass.
+    Full windows are scanned one by one; inside a window a `lax.scan` runs the N passes, passes 2..N only when the
+    window is slept on (every window but the last), so the scan body holds a single copy of the window pass. A
+    partial last window (never slept on) runs once more at its own length rather than padded to a whole window.
     """
     batch, length, d_model = embedded.shape
     window, passes = config.sleep.window, config.sleep.passes
-    num_windows = -(-length // window)
-    embedded = jnp.pad(embedded, [(0, 0), (0, num_windows * window - length), (0, 0)])
-    windows = jnp.moveaxis(embedded.reshape(batch, num_windows, window, d_model), 1, 0)
-    slept = jnp.arange(num_windows) < num_windows - 1
+    num_full, remainder = divmod(length, window)
     pass_fn = jax.checkpoint(_window_pass, static_argnums=(5,)) if config.sleep.remat else _window_pass
 
     def one_window(carry, inputs):
@@ -96,8 +93,14 @@ def _forward_hidden(params: Params, embedded: jax.Array, config: Config) -> jax.
         return (layers, prev_valid), wake_h
 
     carry = (init_layer_states(config, batch), jnp.zeros((), bool))
-    _, hidden = lax.scan(one_window, carry, (windows, slept))
-    return jnp.moveaxis(hidden, 0, 1).reshape(batch, num_windows * window, d_model)[:, :length]
+    windows = jnp.moveaxis(embedded[:, : num_full * window].reshape(batch, num_full, window, d_model), 1, 0)
+    slept = (jnp.arange(num_full) < num_full - 1) | (remainder > 0)  # full windows followed by more tokens
+    (layers, prev_valid), hidden = lax.scan(one_window, carry, (windows, slept))
+    hidden = jnp.moveaxis(hidden, 0, 1).reshape(batch, num_full * window, d_model)
+    if remainder:
+        last, _ = pass_fn(params, embedded[:, num_full * window :], layers, 0, prev_valid, config)
+        hidden = jnp.concatenate([hidden, last], axis=1)
+    return hidden
 
 
 @functools.partial(jax.jit, static_argnames=("config",))

@@ -110,7 +110,8 @@ def train_step(state: TrainState, batch: dict, config: Config, train: TrainConfi
 
 @functools.partial(jax.jit, static_argnames=("config",))
 def eval_step(params, batch: dict, config: Config) -> dict:
-    """Per-example metrics: summed label loss, label count, labels right, and whether every label is right."""
+    """Per-example metrics: summed label loss, label count, labels right, whether every label is right, and
+    per position whether the label there is right (`right`, False off the labels)."""
     logits = forward(params, batch["inputs"], config)
     losses = optax.softmax_cross_entropy_with_integer_labels(logits, batch["targets"])
     mask = batch["loss_mask"]
@@ -120,4 +121,5 @@ def eval_step(params, batch: dict, config: Config) -> dict:
         "labels": jnp.sum(mask, axis=-1),
         "labels_right": jnp.sum(right, axis=-1),
         "exact": jnp.all((right == mask), axis=-1),
+        "right": right > 0,
     }

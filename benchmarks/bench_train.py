@@ -1,0 +1,124 @@
+"""Training throughput of the Rule 110 preset at several N, and model FLOP utilisation against a matmul peak
+measured in the same run.
+
+    python benchmarks/bench_train.py [--passes 1,2,4 --batch 64 --steps 5] [--out FILE]
+
+Model FLOPs are counted analytically (XLA's cost analysis does not multiply `lax.scan` bodies by their trip
+count) and count only useful work: N passes over each slept window, one over the last window's real tokens, and
+training = 3x forward. Padding the last window to a whole window is real compute but not counted.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import sys
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import provenance, time_call
+
+from sleeplm.config import Config
+from sleeplm.data import batched, make_source
+from sleeplm.presets import build_experiment
+from sleeplm.train import TrainConfig, init_train_state, train_step
+
+
+def forward_flops_per_token_pass(config: Config) -> float:
+    """FLOPs of one block-stack pass for one token (2 per multiply-add), plus nothing for the head."""
+    m, window = config.model, config.sleep.window
+    d, attended = m.d_model, window * (2 if config.sleep.eviction == "sliding" else 1)
+    attn_width, kv_width = m.num_heads * m.attn_head_dim, m.kv_heads * m.attn_head_dim
+    heads, d_k, d_v = m.gdn_num_heads, m.gdn_dim_k, m.gdn_dim_v
+    chunk = min(m.gdn_chunk_size, window)
+    attention = 2 * d * (2 * attn_width + 2 * kv_width) + 4 * attended * attn_width
+    gdn_projections = 2 * d * (2 * heads * d_k + 2 * heads * d_v + 2 * heads) + 2 * heads * d_v * d
+    gdn_rule = 2 * heads * (chunk * (3 * d_k + 2 * d_v) + 3 * d_k * d_v)
+    mlp = 2 * 3 * d * m.hidden_dim
+    per_layer = {"attn": attention, "gdn": gdn_projections + gdn_rule}
+    return sum(per_layer[kind] + mlp for kind in m.layers)
+
+
+def train_flops_per_sequence(config: Config, length: int) -> float:
+    window, passes = config.sleep.window, config.sleep.passes
+    slept = (length - 1) // window
+    token_passes = slept * window * passes + (length - slept * window)
+    head = 2 * config.model.d_model * config.model.vocab_size * length
+    return 3 * (token_passes * forward_flops_per_token_pass(config) + head)
+
+
+def matmul_peak(size: int = 2048, repeats: int = 5) -> float:
+    a = jax.random.normal(jax.random.key(0), (size, size), jnp.float32)
+    seconds = time_call(jax.jit(lambda x, y: x @ y), a, a, repeats=repeats)
+    return 2 * size**3 / seconds
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--preset", default="rule110")
+    parser.add_argument("--passes", default="1,2,4")
+    parser.add_argument("--batch", type=int, default=64)
+    parser.add_argument("--steps", type=int, default=5, help="timed steps per N (after a compile step)")
+    parser.add_argument("--out", type=Path)
+    args = parser.parse_args()
+
+    peak = matmul_peak()
+    base = build_experiment(args.preset, {"train.batch_size": str(args.batch), "train.steps": "1000"})
+    length = base.task.sequence_length
+    batch = jax.tree.map(jnp.asarray, batched(make_source(base.task, "train", size=args.batch), args.batch, 0)[0])
+    batch = {k: batch[k] for k in ("inputs", "targets", "loss_mask")}
+    rows = []
+    for n in (int(x) for x in args.passes.split(",")):
+        config = dataclasses.replace(base.config, sleep=dataclasses.replace(base.config.sleep, passes=n))
+        train = TrainConfig(steps=1000, batch_size=args.batch, warmup_steps=10)
+        state = init_train_state(jax.random.key(0), config, train)
+        holder = [state]
+
+        def step(b, config=config, train=train, holder=holder):
+            holder[0], metrics = train_step(holder[0], b, config, train)
+            return metrics["loss"]
+
+        seconds = time_call(step, batch, repeats=args.steps)
+        flops = args.batch * train_flops_per_sequence(config, length)
+        rows.append(
+            {
+                "passes": n,
+                "step_s": seconds,
+                "tokens_per_s": args.batch * length / seconds,
+                "model_flops": flops,
+                "achieved_flops_per_s": flops / seconds,
+                "mfu": flops / seconds / peak,
+            }
+        )
+    for row in rows:
+        row["step_time_vs_n1"] = row["step_s"] / rows[0]["step_s"]
+
+    m = base.config.model
+    print(
+        f"train step, {args.preset}: d={m.d_model}, {len(m.layers)} blocks, L={base.config.sleep.window}, "
+        f"sequence {length} tokens, batch {args.batch}; matmul peak measured in this run: {peak / 1e9:.1f} GFLOP/s"
+    )
+    print(f"{'N':>3}{'step s':>9}{'tokens/s':>10}{'GFLOP/s':>9}{'MFU':>7}{'step vs N=1':>13}")
+    for r in rows:
+        print(
+            f"{r['passes']:>3}{r['step_s']:>9.3f}{r['tokens_per_s']:>10.0f}{r['achieved_flops_per_s'] / 1e9:>9.1f}"
+            f"{r['mfu']:>7.1%}{r['step_time_vs_n1']:>13.2f}"
+        )
+    if args.out:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        record = {
+            "config": vars(args) | {"out": str(args.out)},
+            "matmul_peak_flops_per_s": peak,
+            "provenance": provenance(),
+            "results": rows,
+        }
+        args.out.write_text(json.dumps(record, indent=2) + "\n")
+        print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,77 @@
+"""Orbax checkpoints of a run: train state (params, optimizer state, step), the grain iterator's position and the
+experiment it belongs to, saved together and atomically (orbax writes to a temporary directory and renames),
+keeping the last k."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import grain
+import jax
+import orbax.checkpoint as ocp
+
+from sleeplm.presets import Experiment
+from sleeplm.train import TrainState
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint that cannot be used: corrupted, or written for a different experiment."""
+
+
+def _differences(saved: dict, current: dict, prefix: str = "") -> list[str]:
+    if isinstance(saved, dict) and isinstance(current, dict):
+        keys = sorted(set(saved) | set(current))
+        return [d for k in keys for d in _differences(saved.get(k), current.get(k), f"{prefix}{k}.")]
+    return [] if saved == current else [f"{prefix[:-1]}: saved {saved!r}, now {current!r}"]
+
+
+class Checkpointer:
+    def __init__(self, directory: Path, keep: int) -> None:
+        self.directory = Path(directory).absolute()
+        options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=True)
+        self.manager = ocp.CheckpointManager(self.directory, options=options)
+
+    def latest_step(self) -> int | None:
+        return self.manager.latest_step()
+
+    def all_steps(self) -> list[int]:
+        return list(self.manager.all_steps())
+
+    def save(self, state: TrainState, iterator: grain.DatasetIterator, experiment: Experiment) -> None:
+        step = int(state.step)
+        self.manager.save(
+            step,
+            args=ocp.args.Composite(
+                state=ocp.args.StandardSave(state),
+                data=grain.checkpoint.CheckpointSave(iterator),
+                experiment=ocp.args.JsonSave(experiment.to_json()),
+            ),
+        )
+        self.manager.wait_until_finished()
+
+    def restore(self, template: TrainState, iterator: grain.DatasetIterator, experiment: Experiment, step=None):
+        """Restores the latest (or given) step into the structure of `template`; moves `iterator` to its position."""
+        step = self.latest_step() if step is None else step
+        where = self.directory / str(step)
+        try:
+            saved = self.manager.restore(step, args=ocp.args.Composite(experiment=ocp.args.JsonRestore()))
+        except Exception as error:
+            raise CheckpointError(f"checkpoint {where} is unreadable ({type(error).__name__}: {error})") from error
+        differences = [
+            d for d in _differences(saved.experiment, experiment.to_json()) if not d.startswith(("run.", "train.steps"))
+        ]
+        if differences:
+            raise CheckpointError(
+                f"checkpoint {where} was written for a different experiment: " + "; ".join(differences[:5])
+            )
+        abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, template)
+        try:
+            restored = self.manager.restore(
+                step,
+                args=ocp.args.Composite(
+                    state=ocp.args.StandardRestore(abstract), data=grain.checkpoint.CheckpointRestore(iterator)
+                ),
+            )
+        except Exception as error:
+            raise CheckpointError(f"checkpoint {where} is corrupted ({type(error).__name__}: {error})") from error
+        return restored.state

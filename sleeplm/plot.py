@@ -1,0 +1,47 @@
+"""Learning curves from runs' metrics.jsonl files, one line per run, as a PNG."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt
+
+
+def read_evals(run: Path) -> list[dict]:
+    path = Path(run) / "metrics.jsonl"
+    if not path.exists():
+        raise FileNotFoundError(f"{path} does not exist: is {run} a training run directory?")
+    return [r for r in map(json.loads, path.read_text().splitlines()) if r["kind"] == "eval"]
+
+
+def run_label(run: Path) -> str:
+    record = json.loads((Path(run) / "experiment.json").read_text())
+    sleep = record["config"]["sleep"]
+    return f"{Path(run).name}: N={sleep['passes']}, L={sleep['window']}, {sleep['eviction']}"
+
+
+def plot_runs(runs: list[Path], metric: str, out: Path, title: str = "", chance: float | None = None) -> Path:
+    """Plots `metric` against training tokens for each run; marks chance if given."""
+    figure, axes = plt.subplots(figsize=(6.4, 4.0))
+    for run in runs:
+        evals = read_evals(run)
+        if evals and metric not in evals[0]:
+            raise ValueError(f"metric {metric!r} is not in {run}'s evaluations: choose one of {sorted(evals[0])}")
+        axes.plot([r["tokens"] for r in evals], [r[metric] for r in evals], marker="o", label=run_label(run))
+    if chance is not None:
+        axes.axhline(chance, color="gray", linestyle="--", label=f"chance {chance:.3f}")
+    axes.set_xlabel("training tokens")
+    axes.set_ylabel(f"held-out {metric}")
+    axes.set_title(title or metric)
+    axes.grid(alpha=0.3)
+    axes.legend(fontsize=8)
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    figure.tight_layout()
+    figure.savefig(out, dpi=120)
+    plt.close(figure)
+    return out

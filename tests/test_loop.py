@@ -1,0 +1,137 @@
+"""Training runs: resume equivalence, the non-finite guard, checkpoint errors, the CLI and plots."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import jax
+import numpy as np
+import pytest
+
+from sleeplm import loop
+from sleeplm.checkpoint import Checkpointer, CheckpointError
+from sleeplm.cli import main as cli_main
+from sleeplm.presets import PRESETS, Experiment, apply_overrides, build_experiment
+from sleeplm.train import init_train_state
+
+TINY = {
+    "task.width": "4",
+    "task.num_strings": "2",
+    "task.steps": "1",
+    "sleep.window": "4",
+    "sleep.passes": "2",
+    "model.d_model": "16",
+    "model.num_heads": "2",
+    "model.layers": "attn,gdn",
+    "model.mlp_dim": "32",
+    "train.steps": "6",
+    "train.batch_size": "8",
+    "train.warmup_steps": "1",
+    "run.eval_every": "3",
+    "run.eval_examples": "16",
+    "run.eval_batch_size": "16",
+    "run.checkpoint_every": "3",
+    "run.progress": "false",
+}
+
+
+def tiny(**overrides: str) -> Experiment:
+    return build_experiment("rule110-cpu", TINY | overrides)
+
+
+def losses(run: Path) -> list[tuple]:
+    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    return [(r["step"], r["kind"], r.get("loss"), r.get("exact")) for r in records]
+
+
+def restored_params(run: Path, experiment: Experiment):
+    template = init_train_state(jax.random.key(0), experiment.config, experiment.train)
+    checkpoints = Checkpointer(run / "checkpoints", keep=2)
+    return checkpoints.restore(template, loop.train_iterator(experiment), experiment).params
+
+
+def test_resume_equals_training_straight_through(tmp_path):
+    experiment = tiny()
+    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
+    loop.run_training(experiment, straight)
+    loop.run_training(experiment, resumed, stop_at=3)  # "crash" after step 3 (checkpointed)
+    assert Checkpointer(resumed / "checkpoints", keep=2).latest_step() == 3
+    loop.run_training(experiment, resumed)  # restores step 3, params, optimizer and the data position
+    assert losses(resumed) == losses(straight)
+    for a, b in zip(
+        jax.tree.leaves(restored_params(straight, experiment)),
+        jax.tree.leaves(restored_params(resumed, experiment)),
+        strict=True,
+    ):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_non_finite_loss_stops_before_saving(tmp_path, monkeypatch):
+    real_step = loop.train_lib.train_step
+
+    def poisoned(state, batch, config, train):
+        state, metrics = real_step(state, batch, config, train)
+        return state, metrics | {"loss": jax.numpy.where(state.step >= 5, jax.numpy.nan, metrics["loss"])}
+
+    monkeypatch.setattr(loop.train_lib, "train_step", poisoned)
+    experiment = tiny(**{"run.checkpoint_every": "1"})
+    with pytest.raises(loop.NonFiniteLossError, match=r"training loss is nan at step 5: stopped before saving.*step 4"):
+        loop.run_training(experiment, tmp_path / "run")
+    assert Checkpointer(tmp_path / "run" / "checkpoints", keep=2).all_steps() == [3, 4]
+
+
+def test_mismatched_and_corrupted_checkpoints_fail_clearly(tmp_path):
+    experiment = tiny(**{"train.steps": "3"})
+    run = tmp_path / "run"
+    loop.run_training(experiment, run)
+    with pytest.raises(
+        CheckpointError, match=r"written for a different experiment: config.model.d_model: saved 16, now 32"
+    ):
+        loop.run_training(tiny(**{"train.steps": "3", "model.d_model": "32"}), run)
+    for path in (run / "checkpoints" / "3" / "state").rglob("*"):
+        if path.is_file() and path.stat().st_size > 64:
+            path.write_bytes(b"not a checkpoint")
+    with pytest.raises(CheckpointError, match=r"checkpoint .*/3 is (corrupted|unreadable)"):
+        loop.run_training(experiment, run)
+
+
+def test_cli_train_eval_plot(tmp_path, capsys):
+    run = tmp_path / "cli"
+    args = [f"--{k}={v}" for k, v in (TINY | {"train.steps": "3"}).items()]
+    cli_main(["train", "--preset", "rule110-cpu", "--workdir", str(run), *args])
+    cli_main(["eval", "--workdir", str(run)])
+    assert json.loads((run / "eval_step3.json").read_text())["step"] == 3
+    other = tmp_path / "other"
+    shutil.copytree(run, other)
+    cli_main(["plot", str(run), str(other), "--out", str(tmp_path / "p.png"), "--chance", "0.25"])
+    assert (tmp_path / "p.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "wrote" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["train", "--preset", "nope", "--workdir", "x"], r"preset 'nope' is unknown"),
+        (
+            ["train", "--preset", "rule110-cpu", "--workdir", "x", "--sleep.passes", "two"],
+            r"--sleep.passes 'two' is invalid",
+        ),
+        (["train", "--preset", "rule110-cpu", "--workdir", "x", "--sleep.passes", "0"], r"sleep.passes=0 is invalid"),
+        (["train", "--preset", "rule110-cpu", "--workdir", "x", "--sleep.eviction", "soft"], r"sleep.eviction='soft'"),
+        (["train", "--preset", "rule110-cpu", "--workdir", "x", "--task.widht", "3"], r"--task.widht is invalid"),
+        (["train", "--preset", "rule110-cpu", "--workdir", "x", "steps"], r"unexpected argument 'steps'"),
+        (["eval", "--workdir", "/nonexistent"], r"experiment.json does not exist"),
+    ],
+)
+def test_bad_cli_values_fail_clearly(argv, message):
+    with pytest.raises(SystemExit, match=message):
+        cli_main(argv)
+
+
+def test_every_preset_builds_consistently():
+    for name, preset in PRESETS.items():
+        experiment = apply_overrides(preset, {})
+        assert experiment.task.window == experiment.config.sleep.window, name
+        assert experiment.config.model.vocab_size >= 4, name
