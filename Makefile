@@ -18,13 +18,14 @@ demo: $(STAMP)
 	$(PY) -m sleeplm demo
 
 test: $(STAMP)
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q -n 2
 
 test-slow: $(STAMP)
 	$(PY) -m pytest -q -m slow
 
 bench: $(STAMP)
 	$(PY) benchmarks/bench_gated_delta.py --out benchmarks/results/gated_delta_cpu.json
+	$(PY) benchmarks/bench_train.py --out benchmarks/results/train_rule110_cpu.json
 
 lint: $(STAMP)
 	$(PY) -m ruff check .
