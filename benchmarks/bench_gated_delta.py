@@ -9,16 +9,14 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 from pathlib import Path
 
 import jax
 import jax.numpy as jnp
-
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import provenance, time_call
+from common import provenance
 
 from sleeplm.ops import gated_delta_rule
+from sleeplm.timing import median_seconds
 
 
 def make_inputs(batch: int, length: int, heads: int, dim: int, dtype: jnp.dtype) -> tuple[jax.Array, ...]:
@@ -43,8 +41,8 @@ def benchmark(implementation: str, inputs: tuple[jax.Array, ...], chunk: int, re
 
     forward_backward = jax.jit(jax.grad(loss, argnums=tuple(range(6))))
     return {
-        "forward_s": time_call(forward, *inputs, repeats=repeats),
-        "forward_backward_s": time_call(forward_backward, *inputs, repeats=repeats),
+        "forward_s": median_seconds(forward, *inputs, repeats=repeats),
+        "forward_backward_s": median_seconds(forward_backward, *inputs, repeats=repeats),
     }
 
 

@@ -13,18 +13,16 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import sys
 from pathlib import Path
 
 import jax
 import jax.numpy as jnp
-
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import provenance, time_call
+from common import provenance
 
 from sleeplm.config import Config
 from sleeplm.data import batched, make_source
 from sleeplm.presets import build_experiment
+from sleeplm.timing import median_seconds
 from sleeplm.train import TrainConfig, init_train_state, train_step
 
 
@@ -53,7 +51,7 @@ def train_flops_per_sequence(config: Config, length: int) -> float:
 
 def matmul_peak(size: int = 2048, repeats: int = 5) -> float:
     a = jax.random.normal(jax.random.key(0), (size, size), jnp.float32)
-    seconds = time_call(jax.jit(lambda x, y: x @ y), a, a, repeats=repeats)
+    seconds = median_seconds(jax.jit(lambda x, y: x @ y), a, a, repeats=repeats)
     return 2 * size**3 / seconds
 
 
@@ -82,7 +80,7 @@ def main() -> None:
             holder[0], metrics = train_step(holder[0], b, config, train)
             return metrics["loss"]
 
-        seconds = time_call(step, batch, repeats=args.steps)
+        seconds = median_seconds(step, batch, repeats=args.steps)
         flops = args.batch * train_flops_per_sequence(config, length)
         rows.append(
             {

@@ -1,27 +1,13 @@
-"""Benchmark helpers: timing of jitted functions and a record of where a number came from."""
+"""Benchmark helpers: a record of where a number came from (timing is `sleeplm.timing.median_seconds`)."""
 
 from __future__ import annotations
 
 import os
 import platform
-import statistics
 import subprocess
 import sys
-import time
-from collections.abc import Callable
 
 import jax
-
-
-def time_call(fn: Callable, *args, repeats: int = 5) -> float:
-    """Median wall time (s) of fn(*args) after one compile-and-warm-up call."""
-    jax.block_until_ready(fn(*args))
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        jax.block_until_ready(fn(*args))
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
 
 
 def provenance() -> dict:

@@ -63,9 +63,7 @@ def run_training(experiment: Experiment, workdir: Path, *, resume: bool = True, 
     (workdir / "experiment.json").write_text(json.dumps(experiment.to_json(), indent=2) + "\n")
     log = MetricsLog(workdir / "metrics.jsonl", resume_step=start)
     sets = eval_sets(experiment)
-    tokens_per_step = (
-        train.batch_size * config.sleep.window * -(-experiment.task.sequence_length // config.sleep.window)
-    )
+    tokens_per_step = train.batch_size * experiment.task.sequence_length  # real tokens, not padding
     stop = min(stop_at or train.steps, train.steps)
 
     pending: list[tuple[int, dict]] = []

@@ -9,8 +9,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import statistics
-import time
 
 import jax
 import jax.numpy as jnp
@@ -18,20 +16,12 @@ import jax.numpy as jnp
 from sleeplm.config import Config, ModelConfig, SleepConfig
 from sleeplm.sleep import forward, init_params, sleep_step, wake_step
 from sleeplm.state import init_state
+from sleeplm.timing import median_seconds
 
 DEFAULT = Config(
     ModelConfig(vocab_size=64, d_model=128, layers=("attn", "gdn", "attn", "gdn"), num_heads=4),
     SleepConfig(window=32, passes=1, eviction="hard"),
 )
-
-
-def _median_time(repeats: int, fn, *args) -> float:
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        jax.block_until_ready(fn(*args))
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
 
 
 def run_demo(base: Config = DEFAULT, passes: tuple[int, ...] = (1, 2, 4), windows: int = 4, batch: int = 4) -> list:
@@ -61,9 +51,9 @@ def run_demo(base: Config = DEFAULT, passes: tuple[int, ...] = (1, 2, 4), window
             {
                 "passes": n,
                 "stream_vs_forward_rel_error": error,
-                "wake_token_s": _median_time(20, timed_wake, params, half, next_token, config),
-                "wake_window_s": _median_time(5, timed_wake, params, empty, tokens[:, :window], config),
-                "sleep_s": _median_time(5, timed_sleep, params, full, config),
+                "wake_token_s": median_seconds(timed_wake, params, half, next_token, config, repeats=20),
+                "wake_window_s": median_seconds(timed_wake, params, empty, tokens[:, :window], config, repeats=5),
+                "sleep_s": median_seconds(timed_sleep, params, full, config, repeats=5),
             }
         )
     return rows
