@@ -18,7 +18,7 @@ demo: $(STAMP)
 	$(PY) -m sleeplm demo
 
 test: $(STAMP)
-	$(PY) -m pytest -q -n 2
+	$(PY) -m pytest -q -n 2 --dist loadgroup
 
 test-slow: $(STAMP)
 	$(PY) -m pytest -q -m slow

@@ -1,0 +1,112 @@
+"""Run in a subprocess with 8 fake CPU devices (see test_parallel.py): sharded training, eval and streaming against
+the single-device run. Prints one JSON object."""
+
+from __future__ import annotations
+
+import os
+
+os.environ["XLA_FLAGS"] = os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
+
+import json
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from sleeplm import Config, ModelConfig, SleepConfig, forward, init_state, wake_step
+from sleeplm.data import Rule110Config, batched, make_source
+from sleeplm.parallel import MeshConfig, ShardedTraining, make_mesh, sleep_state_shardings
+from sleeplm.train import TrainConfig, init_train_state, train_step
+
+MESHES = [(8, 1, 1), (2, 4, 1), (2, 2, 2), (1, 2, 4)]
+
+
+def spec(array) -> list:
+    """The array's PartitionSpec as JSON: one entry per dim (None, an axis name, or a list of names)."""
+    entries = list(array.sharding.spec) + [None] * (array.ndim - len(array.sharding.spec))
+    return [list(e) if isinstance(e, tuple) else e for e in entries]
+
+
+def relative(a, b) -> float:
+    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    return float(np.sqrt(np.mean((a - b) ** 2)) / max(np.sqrt(np.mean(b**2)), 1e-30))
+
+
+def eval_and_stream(mesh, sharded, state, inputs, reference_logits) -> dict:
+    config = sharded.config
+    batch_sharded = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(("data", "fsdp")))
+    logits = forward(state.params, jax.device_put(inputs, batch_sharded), config)
+    empty = init_state(config, inputs.shape[0])
+    stream_state = jax.device_put(empty, sleep_state_shardings(empty, mesh, sharded.rules))
+    streamed, stream_state = wake_step(state.params, stream_state, inputs[:, : config.sleep.window], config)
+    return {
+        "logits_error": relative(logits, reference_logits),
+        "stream_error": relative(streamed, reference_logits[:, : config.sleep.window]),
+        "kv_spec": spec(stream_state.layers[0].k),
+        "fast_weight_spec": spec(stream_state.layers[1].S),
+    }
+
+
+def main() -> None:
+    task = Rule110Config(width=8, num_strings=2, steps=1, window=8)
+    source = make_source(task, "train", seed=0, size=64)
+    model = ModelConfig(vocab_size=len(source.vocab), d_model=32, layers=("attn", "gdn"), num_heads=4, mlp_dim=64)
+    config = Config(model, SleepConfig(window=8, passes=2, eviction="sliding"))
+    train = TrainConfig(steps=10, batch_size=8, warmup_steps=1)
+    batches = [
+        {k: jnp.asarray(v) for k, v in b.items() if k in ("inputs", "targets", "loss_mask")}
+        for b in list(batched(source, 8, seed=0))[:3]
+    ]
+    key = jax.random.key(0)
+
+    reference = init_train_state(key, config, train)
+    reference_losses = []
+    for batch in batches:
+        reference, metrics = train_step(reference, batch, config, train)
+        reference_losses.append(float(metrics["loss"]))
+    reference_params = jax.device_get(reference.params)
+    reference_logits = np.asarray(forward(reference_params, batches[0]["inputs"], config))
+    results = {"devices": jax.device_count(), "reference_losses": reference_losses, "meshes": {}}
+
+    for shape in MESHES:
+        mesh = make_mesh(MeshConfig(*shape))
+        sharded = ShardedTraining.create(config, train, mesh)
+        state = sharded.init(key)
+        losses = []
+        for batch in batches:
+            state, metrics = sharded.step(state, batch)
+            losses.append(float(metrics["loss"]))
+        up = state.params["params"]["blocks_1"]["mlp"]["up"]["kernel"]
+        mu_up = next(
+            leaf
+            for path, leaf in jax.tree_util.tree_leaves_with_path(state.opt_state)
+            if "blocks_1" in jax.tree_util.keystr(path) and "'up'" in jax.tree_util.keystr(path)
+        )
+        results["meshes"][str(shape)] = {
+            "losses": losses,
+            "params_error": max(
+                relative(a, b)
+                for a, b in zip(
+                    jax.tree.leaves(jax.device_get(state.params)), jax.tree.leaves(reference_params), strict=True
+                )
+            ),
+            "up_spec": spec(up),
+            "up_shard_shape": list(up.addressable_shards[0].data.shape),
+            "up_opt_spec": spec(mu_up),
+            "embedding_spec": spec(state.params["params"]["embedding"]["embedding"]),
+        }
+
+        if shape == (2, 2, 2):  # eval and streaming under the mesh (one mesh: each costs compiles)
+            results["meshes"][str(shape)] |= eval_and_stream(
+                mesh, sharded, state, batches[0]["inputs"], reference_logits
+            )
+
+    try:
+        ShardedTraining.create(config, train, make_mesh(MeshConfig(data=2, fsdp=1, tensor=3), jax.devices()[:6]))
+    except ValueError as error:
+        results["tensor3_error"] = str(error)
+    print("RESULTS " + json.dumps(results))
+
+
+if __name__ == "__main__":
+    main()

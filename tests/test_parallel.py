@@ -1,0 +1,80 @@
+"""Sharded training on 8 fake CPU devices (in a subprocess: the device count must be set before jax starts) against
+the single-device run, for meshes (data, fsdp, tensor) = (8,1,1), (2,4,1), (2,2,2), (1,2,4)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from sleeplm.parallel import MeshConfig
+
+
+@pytest.fixture(scope="module")
+def results() -> dict:
+    script = Path(__file__).with_name("multidevice_check.py")
+    done = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=900, check=False)
+    lines = [line for line in done.stdout.splitlines() if line.startswith("RESULTS ")]
+    assert done.returncode == 0 and lines, done.stderr[-3000:]
+    return json.loads(lines[-1][len("RESULTS ") :])
+
+
+pytestmark = pytest.mark.xdist_group("multidevice")  # one worker runs the (module-scoped) subprocess once
+
+MESHES = ["(8, 1, 1)", "(2, 4, 1)", "(2, 2, 2)", "(1, 2, 4)"]
+
+
+@pytest.mark.parametrize("mesh", MESHES)
+def test_three_sharded_steps_match_one_device(results, mesh):
+    assert results["devices"] == 8
+    run = results["meshes"][mesh]
+    np.testing.assert_allclose(run["losses"], results["reference_losses"], rtol=1e-5)
+    assert run["params_error"] < 1e-6
+
+
+@pytest.mark.parametrize(
+    ("mesh", "shard_shape"),
+    [("(8, 1, 1)", [32, 64]), ("(2, 4, 1)", [8, 64]), ("(2, 2, 2)", [16, 32]), ("(1, 2, 4)", [16, 16])],
+)
+def test_params_and_optimizer_state_are_sharded_by_the_rules(results, mesh, shard_shape):
+    run = results["meshes"][mesh]  # mlp "up" kernel (d_model=32, mlp=64): (embed -> fsdp, mlp -> tensor)
+    assert run["up_spec"] == run["up_opt_spec"] == ["fsdp", "tensor"]
+    assert run["up_shard_shape"] == shard_shape
+    assert run["embedding_spec"] == [None, "fsdp"]
+
+
+def test_eval_and_streaming_under_a_mesh(results):
+    run = results["meshes"]["(2, 2, 2)"]
+    assert run["logits_error"] < 1e-5 and run["stream_error"] < 1e-5
+    assert run["kv_spec"] == [["data", "fsdp"], None, "tensor", None]  # (batch, slots, heads, dim)
+    assert run["fast_weight_spec"] == [["data", "fsdp"], "tensor", None, None]  # (batch, heads, d_k, d_v)
+
+
+def test_a_mesh_that_does_not_divide_the_model_fails_clearly(results):
+    assert "model.num_heads=4 is split over tensor = 3 devices" in results["tensor3_error"]
+
+
+@pytest.mark.parametrize(
+    ("text", "devices", "shape"),
+    [("data=2,fsdp=2,tensor=2", 8, (2, 2, 2)), ("fsdp=4", 8, (2, 4, 1)), ("data=1,fsdp=-1", 8, (1, 8, 1))],
+)
+def test_mesh_config(text, devices, shape):
+    assert MeshConfig.parse(text).shape(devices) == shape
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("data=3", r"needs 3 devices, have 8"),
+        ("pipe=2", r"mesh entry 'pipe=2' is invalid"),
+        ("data=-1,fsdp=-1", r"at most one -1"),
+        ("fsdp=3", r"3 does not divide the 8 devices"),
+    ],
+)
+def test_bad_mesh_configs(text, message):
+    with pytest.raises(ValueError, match=message):
+        MeshConfig.parse(text).shape(8)
