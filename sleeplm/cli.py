@@ -35,12 +35,21 @@ def _train(args, extra) -> None:
     from sleeplm.loop import run_training
     from sleeplm.presets import build_experiment
 
+    if args.distributed:  # multi-host: coordinator, process count and id come from the environment
+        import jax
+
+        jax.distributed.initialize()
     experiment = build_experiment(args.preset, parse_overrides(extra))
+    mesh = None
+    if args.mesh:
+        from sleeplm.parallel import MeshConfig, make_mesh
+
+        mesh = make_mesh(MeshConfig.parse(args.mesh))
     if args.fresh and (args.workdir / "checkpoints").exists():
         import shutil
 
         shutil.rmtree(args.workdir)
-    result = run_training(experiment, args.workdir)
+    result = run_training(experiment, args.workdir, mesh=mesh, rules=args.rules, stop_at=args.stop_at)
     print(json.dumps(result, indent=2))
     print(f"outputs in {args.workdir}: metrics.jsonl, experiment.json, checkpoints/")
 
@@ -108,6 +117,10 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--preset", required=True)
     train.add_argument("--workdir", type=Path, required=True)
     train.add_argument("--fresh", action="store_true", help="delete the workdir's run first instead of resuming")
+    train.add_argument("--mesh", default=None, help="shard over devices, e.g. data=2,fsdp=2,tensor=2 (-1: the rest)")
+    train.add_argument("--rules", default="fsdp+tp", help="logical-axis rules: dp, fsdp or fsdp+tp")
+    train.add_argument("--stop-at", type=int, default=None, help="stop after this step, resumable (as if preempted)")
+    train.add_argument("--distributed", action="store_true", help="initialise jax.distributed (multi-host)")
     train.set_defaults(run=_train)
     evaluate = commands.add_parser("eval", help="evaluate a run's checkpoint on held-out data")
     evaluate.add_argument("--workdir", type=Path, required=True)

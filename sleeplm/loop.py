@@ -11,12 +11,14 @@ import grain
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.sharding import Mesh
 from tqdm.auto import tqdm
 
 from sleeplm import train as train_lib
 from sleeplm.checkpoint import Checkpointer
 from sleeplm.data import make_source
 from sleeplm.evaluate import MODEL_KEYS, eval_sets, evaluate
+from sleeplm.parallel import ShardedTraining, batch_sharding
 from sleeplm.presets import Experiment
 
 
@@ -25,42 +27,84 @@ class NonFiniteLossError(FloatingPointError):
 
 
 def train_iterator(experiment: Experiment) -> grain.DatasetIterator:
-    """The training batches, in an order fixed by the seed (the same for every N), as a checkpointable iterator."""
+    """This process's part of the training batches, as a checkpointable iterator.
+
+    Global batch k holds examples [k B, (k + 1) B) of the seeded source (the same order for every N and every
+    mesh); process p of P loads only its contiguous slice of B / P of them.
+    """
     source = make_source(experiment.task, "train", seed=experiment.train.seed)
-    dataset = grain.MapDataset.source(source).batch(experiment.train.batch_size, drop_remainder=True)
-    return iter(dataset.to_iter_dataset())
+    batch, processes, index = experiment.train.batch_size, jax.process_count(), jax.process_index()
+    if batch % processes:
+        raise ValueError(f"train.batch_size={batch} is invalid: must be divisible by the {processes} processes")
+    local = batch // processes
+    indices = grain.MapDataset.range(len(source) // batch * local)
+    dataset = indices.map(lambda i: source[(i // local) * batch + index * local + i % local])
+    return iter(dataset.batch(local, drop_remainder=True).to_iter_dataset())
 
 
 class MetricsLog:
     """Appends JSON records to metrics.jsonl; on resume, drops records past the restored step first."""
 
     def __init__(self, path: Path, resume_step: int) -> None:
-        self.path = path
+        self.path, self.enabled = path, jax.process_index() == 0  # one writer on multi-host runs
+        if not self.enabled:
+            return
         kept = []
         if path.exists() and resume_step > 0:
             kept = [line for line in path.read_text().splitlines() if json.loads(line)["step"] <= resume_step]
         path.write_text("".join(line + "\n" for line in kept))
 
     def write(self, record: dict) -> None:
+        if not self.enabled:
+            return
         with self.path.open("a") as f:
             f.write(json.dumps(record) + "\n")
 
 
-def run_training(experiment: Experiment, workdir: Path, *, resume: bool = True, stop_at: int | None = None) -> dict:
+def _stepper(experiment: Experiment, mesh: Mesh | None, rules: str):
+    """(init, step, put_batch) on one device, or sharded over `mesh` (batches from process-local data)."""
+    config, train = experiment.config, experiment.train
+    if mesh is None:
+        put = lambda batch: {key: jnp.asarray(value) for key, value in batch.items() if key in MODEL_KEYS}
+        init = lambda key: train_lib.init_train_state(key, config, train)
+        return init, lambda state, batch: train_lib.train_step(state, batch, config, train), put
+    sharded = ShardedTraining.create(config, train, mesh, rules)
+    sharding = batch_sharding(mesh, sharded.rules)
+    put = lambda batch: {
+        key: jax.make_array_from_process_local_data(sharding, value)
+        for key, value in batch.items()
+        if key in MODEL_KEYS
+    }
+    return sharded.init, sharded.step, put
+
+
+def run_training(
+    experiment: Experiment,
+    workdir: Path,
+    *,
+    resume: bool = True,
+    stop_at: int | None = None,
+    mesh: Mesh | None = None,
+    rules: str = "fsdp+tp",
+) -> dict:
     """Trains `experiment` in `workdir` (checkpoints/, metrics.jsonl, experiment.json); returns the last eval.
 
     `stop_at` ends the run early at that step (checkpointing it) as if interrupted, without changing the schedule.
+    With a `mesh`, params, optimizer state and batches are sharded by `rules` (see `sleeplm.parallel`); a
+    checkpoint restores onto whatever mesh the run has now.
     """
     workdir = Path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
     config, train, run = experiment.config, experiment.train, experiment.run
+    init, step_fn, put_batch = _stepper(experiment, mesh, rules)
     iterator = train_iterator(experiment)
-    state = train_lib.init_train_state(jax.random.key(train.seed), config, train)
+    state = init(jax.random.key(train.seed))
     checkpoints = Checkpointer(workdir / "checkpoints", keep=run.keep_checkpoints)
     if resume and checkpoints.latest_step() is not None:
         state = checkpoints.restore(state, iterator, experiment)
     start = int(state.step)
-    (workdir / "experiment.json").write_text(json.dumps(experiment.to_json(), indent=2) + "\n")
+    if jax.process_index() == 0:
+        (workdir / "experiment.json").write_text(json.dumps(experiment.to_json(), indent=2) + "\n")
     log = MetricsLog(workdir / "metrics.jsonl", resume_step=start)
     sets = eval_sets(experiment)
     tokens_per_step = train.batch_size * experiment.task.sequence_length  # real tokens, not padding
@@ -69,7 +113,8 @@ def run_training(experiment: Experiment, workdir: Path, *, resume: bool = True, 
     pending: list[tuple[int, dict]] = []
     last_eval: dict = {}
     clock = time.perf_counter()
-    bar = tqdm(total=train.steps, initial=start, disable=not run.progress, desc=f"N={config.sleep.passes}")
+    show = run.progress and jax.process_index() == 0
+    bar = tqdm(total=train.steps, initial=start, disable=not show, desc=f"N={config.sleep.passes}")
 
     def flush(step: int) -> None:
         """Fetches the pending step metrics (one host sync per flush), checks them, writes them."""
@@ -91,8 +136,7 @@ def run_training(experiment: Experiment, workdir: Path, *, resume: bool = True, 
         pending.clear()
 
     for step in range(start + 1, stop + 1):
-        batch = {key: jnp.asarray(value) for key, value in next(iterator).items() if key in MODEL_KEYS}
-        state, metrics = train_lib.train_step(state, batch, config, train)
+        state, metrics = step_fn(state, put_batch(next(iterator)))
         pending.append((step, metrics))
         evaluating, saving = step % run.eval_every == 0 or step == train.steps, step % run.checkpoint_every == 0
         if step % run.log_every == 0 or evaluating or saving or step == stop:
@@ -101,10 +145,9 @@ def run_training(experiment: Experiment, workdir: Path, *, resume: bool = True, 
             last_eval = {"step": step, "kind": "eval", "tokens": step * tokens_per_step}
             last_eval |= evaluate(state.params, sets, experiment)
             log.write(last_eval)
-            bar.write(
-                f"step {step}: "
-                + ", ".join(f"{k} {v:.3f}" for k, v in last_eval.items() if k in ("loss", "accuracy", "exact"))
-            )
+            if log.enabled:
+                shown = ", ".join(f"{k} {v:.3f}" for k, v in last_eval.items() if k in ("loss", "accuracy", "exact"))
+                bar.write(f"step {step}: {shown}")
         if saving or step == stop:
             checkpoints.save(state, iterator, experiment)
     bar.close()

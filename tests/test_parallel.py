@@ -4,6 +4,7 @@ the single-device run, for meshes (data, fsdp, tensor) = (8,1,1), (2,4,1), (2,2,
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -78,3 +79,28 @@ def test_mesh_config(text, devices, shape):
 def test_bad_mesh_configs(text, message):
     with pytest.raises(ValueError, match=message):
         MeshConfig.parse(text).shape(8)
+
+
+def _run_check(devices: int, phase: str, workdir: Path) -> dict:
+    script = Path(__file__).with_name("reshard_check.py")
+    done = subprocess.run(
+        [sys.executable, str(script), str(devices), phase, str(workdir)], capture_output=True, text=True, timeout=900
+    )
+    lines = [line for line in done.stdout.splitlines() if line.startswith("RESULTS ")]
+    assert done.returncode == 0 and lines, done.stderr[-3000:]
+    return json.loads(lines[-1][len("RESULTS ") :])
+
+
+def test_cli_trains_on_8_devices_and_checkpoints_restore_on_4_and_1(tmp_path):
+    saved = tmp_path / "run8"
+    assert _run_check(8, "save8", saved)["devices"] == 8  # the CLI, on a (2, 2, 2) mesh, stopped at step 3
+    assert (saved / "checkpoints" / "3").is_dir() and (saved / "metrics.jsonl").exists()
+    shutil.copytree(saved, tmp_path / "run4")
+    shutil.copytree(saved, tmp_path / "run1")
+    on4 = _run_check(4, "resume4", tmp_path / "run4")
+    on1 = _run_check(1, "resume1", tmp_path / "run1")
+    assert on4["devices"] == 4 and on1["devices"] == 1
+    straight = on1["straight"]
+    for resumed in (on4, on1["resumed"]):
+        np.testing.assert_allclose(resumed["losses"], straight["losses"], rtol=1e-5)
+        np.testing.assert_allclose(resumed["params"], straight["params"], rtol=1e-4, atol=1e-6)

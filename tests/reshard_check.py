@@ -1,0 +1,67 @@
+"""Subprocess driver for test_parallel.py's checkpoint tests: `reshard_check.py DEVICES PHASE WORKDIR`.
+
+save8:   the CLI trains the tiny Rule 110 experiment on a (2, 2, 2) mesh of 8 fake devices, stopping at step 3.
+resume4: continues that checkpoint to the end on a (2, 1, 2) mesh of 4 devices.
+resume1: continues it on one device, and also trains the same experiment straight through on one device.
+Prints "RESULTS <json>" with the final params' checksum-free comparison data (losses and flattened params).
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+devices, phase, workdir = int(sys.argv[1]), sys.argv[2], sys.argv[3]
+os.environ["XLA_FLAGS"] = os.environ.get("XLA_FLAGS", "") + f" --xla_force_host_platform_device_count={devices}"
+
+import json  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+import jax  # noqa: E402
+import numpy as np  # noqa: E402
+
+sys.path.insert(0, str(Path(__file__).parent))
+from test_loop import TINY, restored_params  # noqa: E402
+
+from sleeplm.cli import main as cli_main  # noqa: E402
+from sleeplm.loop import run_training  # noqa: E402
+from sleeplm.parallel import MeshConfig, make_mesh  # noqa: E402
+from sleeplm.presets import build_experiment  # noqa: E402
+
+experiment = build_experiment("rule110-cpu", TINY)
+
+
+def summary(run: Path) -> dict:
+    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    params = np.concatenate([np.ravel(x) for x in jax.tree.leaves(restored_params(run, experiment))])
+    return {"losses": [r["loss"] for r in records if r["kind"] == "train"], "params": params.tolist()}
+
+
+if phase == "save8":
+    overrides = [f"--{k}={v}" for k, v in TINY.items()]
+    cli_main(
+        [
+            "train",
+            "--preset",
+            "rule110-cpu",
+            "--workdir",
+            workdir,
+            "--mesh",
+            "data=2,fsdp=2,tensor=2",
+            "--stop-at",
+            "3",
+            *overrides,
+        ]
+    )
+    print("RESULTS " + json.dumps({"devices": jax.device_count()}))
+elif phase == "resume4":
+    run_training(experiment, Path(workdir), mesh=make_mesh(MeshConfig(data=2, fsdp=1, tensor=2)))
+    print("RESULTS " + json.dumps(summary(Path(workdir)) | {"devices": jax.device_count()}))
+elif phase == "resume1":
+    run_training(experiment, Path(workdir))
+    straight = Path(workdir + "-straight")
+    run_training(experiment, straight)
+    print(
+        "RESULTS "
+        + json.dumps({"resumed": summary(Path(workdir)), "straight": summary(straight), "devices": jax.device_count()})
+    )
