@@ -21,7 +21,7 @@ test: $(STAMP)
 	$(PY) -m pytest -q -n 2 --dist loadgroup
 
 test-slow: $(STAMP)
-	$(PY) -m pytest -q -m slow
+	$(PY) -m pytest -q -n 2 --dist loadgroup -m slow
 
 bench: $(STAMP)
 	$(PY) benchmarks/bench_gated_delta.py --out benchmarks/results/gated_delta_cpu.json

@@ -37,14 +37,13 @@ def _concatenate(dicts: list[dict]) -> dict:
     return {key: np.concatenate([np.atleast_1d(d[key]) for d in dicts]) for key in dicts[0]}
 
 
-def evaluate(params, sets: dict[str, list[dict]], experiment: Experiment) -> dict[str, float]:
-    """Flat dict of metrics for the experiment's task."""
+def evaluate(params, sets: dict[str, list[dict]], experiment: Experiment, eval_fn=None) -> dict[str, float]:
+    """Flat dict of metrics for the experiment's task. `eval_fn(params, batch)` defaults to `train.eval_step`
+    (a sharded run passes its sharded eval step)."""
+    eval_fn = eval_fn or (lambda p, batch: eval_step(p, batch, experiment.config))
     metrics: dict[str, float] = {}
     for name, batches in sets.items():
-        results = [
-            jax.device_get(eval_step(params, {k: jnp.asarray(b[k]) for k in MODEL_KEYS}, experiment.config))
-            for b in batches
-        ]
+        results = [jax.device_get(eval_fn(params, {k: jnp.asarray(b[k]) for k in MODEL_KEYS})) for b in batches]
         result, data = _concatenate(results), _concatenate(batches)
         suffix = "" if name == "all" else f"@{name}"
         metrics[f"loss{suffix}"] = float(result["loss_sum"].sum() / result["labels"].sum())

@@ -62,20 +62,20 @@ class MetricsLog:
 
 
 def _stepper(experiment: Experiment, mesh: Mesh | None, rules: str):
-    """(init, step, put_batch) on one device, or sharded over `mesh` (batches from process-local data)."""
+    """(init, step, put_batch, eval_fn) on one device, or sharded over `mesh` (batches from process-local data)."""
     config, train = experiment.config, experiment.train
     if mesh is None:
         put = lambda batch: {key: jnp.asarray(value) for key, value in batch.items() if key in MODEL_KEYS}
         init = lambda key: train_lib.init_train_state(key, config, train)
-        return init, lambda state, batch: train_lib.train_step(state, batch, config, train), put
-    sharded = ShardedTraining.create(config, train, mesh, rules)
+        return init, lambda state, batch: train_lib.train_step(state, batch, config, train), put, None
+    sharded = ShardedTraining.create(config, train, mesh, rules, eval_batch_size=experiment.run.eval_batch_size)
     sharding = batch_sharding(mesh, sharded.rules)
     put = lambda batch: {
         key: jax.make_array_from_process_local_data(sharding, value)
         for key, value in batch.items()
         if key in MODEL_KEYS
     }
-    return sharded.init, sharded.step, put
+    return sharded.init, sharded.step, put, sharded.eval
 
 
 def run_training(
@@ -96,7 +96,7 @@ def run_training(
     workdir = Path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
     config, train, run = experiment.config, experiment.train, experiment.run
-    init, step_fn, put_batch = _stepper(experiment, mesh, rules)
+    init, step_fn, put_batch, eval_fn = _stepper(experiment, mesh, rules)
     iterator = train_iterator(experiment)
     state = init(jax.random.key(train.seed))
     checkpoints = Checkpointer(workdir / "checkpoints", keep=run.keep_checkpoints)
@@ -143,7 +143,7 @@ def run_training(
             flush(step)
         if evaluating:
             last_eval = {"step": step, "kind": "eval", "tokens": step * tokens_per_step}
-            last_eval |= evaluate(state.params, sets, experiment)
+            last_eval |= evaluate(state.params, sets, experiment, eval_fn)
             log.write(last_eval)
             if log.enabled:
                 shown = ", ".join(f"{k} {v:.3f}" for k, v in last_eval.items() if k in ("loss", "accuracy", "exact"))

@@ -15,11 +15,12 @@ from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from sleeplm.config import Config
+from sleeplm.constraints import BATCH_AXES
 from sleeplm.state import AttentionCache, FastWeightState, SleepState
-from sleeplm.train import TrainConfig, TrainState, init_train_state, train_step
+from sleeplm.train import TrainConfig, TrainState, eval_step, init_train_state, train_step
 
 MESH_AXES = ("data", "fsdp", "tensor")
-BATCH = ("data", "fsdp")
+BATCH = BATCH_AXES
 
 # Logical dims -> mesh axes. "fsdp+tp" is the general rule set: on a mesh axis of size 1 its entries are no-ops.
 RULES: dict[str, dict[str, str | tuple[str, ...] | None]] = {
@@ -100,11 +101,14 @@ def _axis_size(mesh: Mesh, mesh_axes) -> int:
     return math.prod(mesh.shape[a] for a in mesh_axes)
 
 
-def check_divisible(config: Config, batch_size: int, mesh: Mesh, rules: Mapping) -> None:
+def check_divisible(
+    config: Config, batch_size: int, mesh: Mesh, rules: Mapping, eval_batch_size: int | None = None
+) -> None:
     """Fails early, naming the model field, when the mesh cannot split what the rules ask it to split."""
     m = config.model
+    batches = {"train.batch_size": batch_size} | ({"run.eval_batch_size": eval_batch_size} if eval_batch_size else {})
     wanted = {
-        "batch": {"train.batch_size": batch_size},
+        "batch": batches,
         "embed": {"model.d_model": m.d_model},
         "heads": {"model.num_heads": m.num_heads, "model.num_kv_heads": m.kv_heads, "model.gdn_heads": m.gdn_num_heads},
         "mlp": {"model.mlp_dim": m.hidden_dim},
@@ -173,12 +177,14 @@ class ShardedTraining:
     train: TrainConfig
 
     @classmethod
-    def create(cls, config: Config, train: TrainConfig, mesh: Mesh, rules: str | Mapping = "fsdp+tp"):
+    def create(
+        cls, config: Config, train: TrainConfig, mesh: Mesh, rules: str | Mapping = "fsdp+tp", eval_batch_size=None
+    ):
         if isinstance(rules, str):
             if rules not in RULES:
                 raise ValueError(f"rules={rules!r} is unknown: choose one of {sorted(RULES)}")
             rules = RULES[rules]
-        check_divisible(config, train.batch_size, mesh, rules)
+        check_divisible(config, train.batch_size, mesh, rules, eval_batch_size)
         return cls(mesh, _effective_rules(config, mesh, rules), config, train)
 
     @functools.cached_property
@@ -189,7 +195,8 @@ class ShardedTraining:
     def init(self, key: jax.Array) -> TrainState:
         """The train state created directly in its sharded layout (never whole on one device)."""
         init = functools.partial(init_train_state, config=self.config, train=self.train)
-        return jax.jit(init, out_shardings=self.state_shardings)(key)
+        with jax.set_mesh(self.mesh):
+            return jax.jit(init, out_shardings=self.state_shardings)(key)
 
     @functools.cached_property
     def _step(self):
@@ -202,4 +209,17 @@ class ShardedTraining:
         )
 
     def step(self, state: TrainState, batch: dict) -> tuple[TrainState, dict]:
-        return self._step(state, batch)
+        with jax.set_mesh(self.mesh):  # activates the activation constraints (sleeplm.constraints) while tracing
+            return self._step(state, batch)
+
+    @functools.cached_property
+    def _eval(self):
+        return jax.jit(
+            functools.partial(eval_step, config=self.config),
+            in_shardings=(self.state_shardings.params, batch_sharding(self.mesh, self.rules)),
+        )
+
+    def eval(self, params, batch: dict) -> dict:
+        """`train.eval_step` with params and batch sharded (the batch must divide over the batch axes)."""
+        with jax.set_mesh(self.mesh):
+            return self._eval(params, batch)

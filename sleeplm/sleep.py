@@ -18,6 +18,7 @@ import jax.numpy as jnp
 from jax import lax
 
 from sleeplm.config import Config
+from sleeplm.constraints import shard_batch
 from sleeplm.model.hybrid import HybridLM
 from sleeplm.state import LayerState, SleepState, evict, init_layer_states, init_state
 
@@ -74,6 +75,7 @@ def _forward_hidden(params: Params, embedded: jax.Array, config: Config) -> jax.
     batch, length, d_model = embedded.shape
     window, passes = config.sleep.window, config.sleep.passes
     num_full, remainder = divmod(length, window)
+    embedded = shard_batch(embedded)
     pass_fn = jax.checkpoint(_window_pass, static_argnums=(5,)) if config.sleep.remat else _window_pass
 
     def one_window(carry, inputs):
@@ -90,7 +92,7 @@ def _forward_hidden(params: Params, embedded: jax.Array, config: Config) -> jax.
         layers, prev_valid = evict(layers, config)
         if config.sleep.stop_gradient_between_windows:
             layers = lax.stop_gradient(layers)
-        return (layers, prev_valid), wake_h
+        return (layers, prev_valid), shard_batch(wake_h)
 
     carry = (init_layer_states(config, batch), jnp.zeros((), bool))
     windows = jnp.moveaxis(embedded[:, : num_full * window].reshape(batch, num_full, window, d_model), 1, 0)
@@ -100,7 +102,7 @@ def _forward_hidden(params: Params, embedded: jax.Array, config: Config) -> jax.
     if remainder:
         last, _ = pass_fn(params, embedded[:, num_full * window :], layers, 0, prev_valid, config)
         hidden = jnp.concatenate([hidden, last], axis=1)
-    return hidden
+    return shard_batch(hidden)
 
 
 @functools.partial(jax.jit, static_argnames=("config",))

@@ -91,6 +91,7 @@ def _run_check(devices: int, phase: str, workdir: Path) -> dict:
     return json.loads(lines[-1][len("RESULTS ") :])
 
 
+@pytest.mark.slow
 def test_cli_trains_on_8_devices_and_checkpoints_restore_on_4_and_1(tmp_path):
     saved = tmp_path / "run8"
     assert _run_check(8, "save8", saved)["devices"] == 8  # the CLI, on a (2, 2, 2) mesh, stopped at step 3

@@ -78,7 +78,7 @@ def test_forward_matches_looped_reference_and_streaming(passes, eviction, length
     assert_close(streamed_in_blocks, logits)
 
 
-@pytest.mark.parametrize("eviction", ["hard", "sliding"])
+@pytest.mark.parametrize("eviction", [pytest.param("hard", marks=pytest.mark.slow), "sliding"])
 def test_four_block_stack_matches_looped_reference(eviction):
     config = make_config(3, eviction, layers=FOUR_BLOCKS, gdn_heads=3, gdn_head_dim_k=8, gdn_head_dim_v=12)
     params = init_params(jax.random.key(2), config)
@@ -97,6 +97,7 @@ def test_one_pass_equals_plain_windowed_hybrid(eviction, short_conv):
     assert_close(forward(params, tokens, config), plain_hybrid_forward(params, tokens, config))
 
 
+@pytest.mark.slow
 def test_reference_implementation_and_remat_agree():
     config = make_config(3, "sliding")
     params = init_params(jax.random.key(0), config)

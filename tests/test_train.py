@@ -25,7 +25,7 @@ def small_config(vocab_size: int, window: int) -> Config:
     return Config(model, SleepConfig(window=window, passes=2))
 
 
-@pytest.mark.parametrize("task", list(TASKS))
+@pytest.mark.parametrize("task", ["rule110", *(pytest.param(t, marks=pytest.mark.slow) for t in ("depo", "arith"))])
 def test_a_few_steps_reduce_the_loss(task):
     task_config = TASKS[task]
     source = make_source(task_config, "train", seed=0, size=16)
