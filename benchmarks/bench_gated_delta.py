@@ -8,12 +8,11 @@ Prints a table with the speedup of each implementation over the recurrent refere
 from __future__ import annotations
 
 import argparse
-import json
 from pathlib import Path
 
 import jax
 import jax.numpy as jnp
-from common import provenance
+from common import write_record
 
 from sleeplm.ops import gated_delta_rule
 from sleeplm.timing import median_seconds
@@ -75,11 +74,7 @@ def main() -> None:
             f"{name:<16}{1e3 * r['forward_s']:>10.2f}{1e3 * r['forward_backward_s']:>13.2f}"
             f"{r['forward_speedup']:>9.2f}{r['forward_backward_speedup']:>12.2f}"
         )
-    if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        record = {"config": vars(args) | {"out": str(args.out)}, "provenance": provenance(), "results": results}
-        args.out.write_text(json.dumps(record, indent=2) + "\n")
-        print(f"wrote {args.out}")
+    write_record(args, results)
 
 
 if __name__ == "__main__":

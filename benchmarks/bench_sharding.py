@@ -13,12 +13,11 @@ import os
 os.environ["XLA_FLAGS"] = os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
 
 import argparse
-import json
 from pathlib import Path
 
 import jax
 import jax.numpy as jnp
-from common import provenance
+from common import write_record
 
 from sleeplm.data import batched, make_source
 from sleeplm.parallel import RULES, MeshConfig, ShardedTraining, make_mesh
@@ -86,11 +85,7 @@ def main() -> None:
             f"{name:<18}{row['step_s']:>9.3f}{row['step_vs_1_device']:>13.2f}{megabytes:>18.2f}"
             f"{row['param_bytes_vs_replicated']:>15.3f}"
         )
-    if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        record = {"config": vars(args) | {"out": str(args.out)}, "provenance": provenance(), "results": rows}
-        args.out.write_text(json.dumps(record, indent=2) + "\n")
-        print(f"wrote {args.out}")
+    write_record(args, rows)
 
 
 if __name__ == "__main__":

@@ -12,12 +12,11 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 from pathlib import Path
 
 import jax
 import jax.numpy as jnp
-from common import provenance
+from common import write_record
 
 from sleeplm.config import Config
 from sleeplm.data import batched, make_source
@@ -106,16 +105,7 @@ def main() -> None:
             f"{r['passes']:>3}{r['step_s']:>9.3f}{r['tokens_per_s']:>10.0f}{r['achieved_flops_per_s'] / 1e9:>9.1f}"
             f"{r['mfu']:>7.1%}{r['step_time_vs_n1']:>13.2f}"
         )
-    if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        record = {
-            "config": vars(args) | {"out": str(args.out)},
-            "matmul_peak_flops_per_s": peak,
-            "provenance": provenance(),
-            "results": rows,
-        }
-        args.out.write_text(json.dumps(record, indent=2) + "\n")
-        print(f"wrote {args.out}")
+    write_record(args, rows, matmul_peak_flops_per_s=peak)
 
 
 if __name__ == "__main__":

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import argparse
+import json
 import os
 import platform
 import subprocess
 import sys
+from pathlib import Path
 
 import jax
 
@@ -26,3 +29,14 @@ def provenance() -> dict:
         "device": f"{device.platform}:{device.device_kind}",
         "jax": jax.__version__,
     }
+
+
+def write_record(args: argparse.Namespace, results: object, **extra: object) -> None:
+    """Writes {config, provenance, results, ...} as JSON to args.out, if given."""
+    if not args.out:
+        return
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    record = {"config": vars(args) | {"out": str(out)}, "provenance": provenance(), "results": results, **extra}
+    out.write_text(json.dumps(record, indent=2) + "\n")
+    print(f"wrote {out}")
