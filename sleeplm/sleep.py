@@ -44,10 +44,15 @@ def _logits(params, h, config):
     return HybridLM(config).apply(params, h, method=HybridLM.logits)
 
 
-def _check_tokens(tokens: jax.Array, config: Config) -> None:
+def _check_tokens(tokens: jax.Array) -> None:
     chex.assert_rank(tokens, 2)
     if not jnp.issubdtype(tokens.dtype, jnp.integer):
         raise ValueError(f"tokens must be integer ids of shape (batch, time), got dtype {tokens.dtype}")
+
+
+def _pass_fn(config: Config):
+    """The window pass, rematerialised in the backward pass when `sleep.remat` is set."""
+    return jax.checkpoint(_window_pass, static_argnums=(5,)) if config.sleep.remat else _window_pass
 
 
 def sleep_passes(
@@ -60,7 +65,7 @@ def sleep_passes(
         h, layers = carry
         return pass_fn(params, h, layers, 0, prev_valid, config), None
 
-    pass_fn = jax.checkpoint(_window_pass, static_argnums=(5,)) if config.sleep.remat else _window_pass
+    pass_fn = _pass_fn(config)
     (_, layers), _ = lax.scan(one_pass, (hidden, layers), None, length=config.sleep.passes - 1)
     return layers
 
@@ -76,7 +81,7 @@ def _forward_hidden(params: Params, embedded: jax.Array, config: Config) -> jax.
     window, passes = config.sleep.window, config.sleep.passes
     num_full, remainder = divmod(length, window)
     embedded = shard_batch(embedded)
-    pass_fn = jax.checkpoint(_window_pass, static_argnums=(5,)) if config.sleep.remat else _window_pass
+    pass_fn = _pass_fn(config)
 
     def one_window(carry, inputs):
         layers, prev_valid = carry
@@ -108,14 +113,19 @@ def _forward_hidden(params: Params, embedded: jax.Array, config: Config) -> jax.
 @functools.partial(jax.jit, static_argnames=("config",))
 def forward(params: Params, tokens: jax.Array, config: Config) -> jax.Array:
     """Logits (B, T, vocab) float32 for whole sequences tokens (B, T), windows of L, N passes per slept window."""
-    _check_tokens(tokens, config)
+    _check_tokens(tokens)
     return _logits(params, _forward_hidden(params, _embed(params, tokens, config), config), config)
 
 
-def _consolidate(params: Params, state: SleepState, config: Config) -> SleepState:
-    layers = sleep_passes(params, state.hidden, state.layers, state.prev_valid, config)
-    layers, prev_valid = evict(layers, config)
-    return state._replace(layers=layers, pos=jnp.zeros_like(state.pos), prev_valid=prev_valid)
+def _sleep_if_full(params: Params, state: SleepState, config: Config) -> SleepState:
+    """Passes 2..N and eviction when the window is full; otherwise the state unchanged."""
+
+    def consolidate(state: SleepState) -> SleepState:
+        layers = sleep_passes(params, state.hidden, state.layers, state.prev_valid, config)
+        layers, prev_valid = evict(layers, config)
+        return state._replace(layers=layers, pos=jnp.zeros_like(state.pos), prev_valid=prev_valid)
+
+    return lax.cond(state.pos == config.sleep.window, consolidate, lambda s: s, state)
 
 
 @functools.partial(jax.jit, static_argnames=("config",), donate_argnames=("state",))
@@ -125,7 +135,7 @@ def sleep_step(params: Params, state: SleepState, config: Config) -> SleepState:
     A window that is not full is not slept on (SPEC §3), so the state is then returned unchanged; calling it twice
     is harmless. `state` is donated.
     """
-    return lax.cond(state.pos == config.sleep.window, lambda s: _consolidate(params, s, config), lambda s: s, state)
+    return _sleep_if_full(params, state, config)
 
 
 @functools.partial(jax.jit, static_argnames=("config",), donate_argnames=("state",))
@@ -136,12 +146,12 @@ def wake_step(params: Params, state: SleepState, tokens: jax.Array, config: Conf
     `wake_step` alone reproduces `forward`. The n tokens must fit in the window: 1 <= n <= L - pos (after that
     automatic sleep). `state` is donated.
     """
-    _check_tokens(tokens, config)
+    _check_tokens(tokens)
     length, window = tokens.shape[1], config.sleep.window
     if not 1 <= length <= window:
         raise ValueError(f"wake_step got {length} tokens: 1..window={window} tokens fit in one window")
     chex.assert_equal(tokens.shape[0], state.hidden.shape[0])
-    state = lax.cond(state.pos == window, lambda s: _consolidate(params, s, config), lambda s: s, state)
+    state = _sleep_if_full(params, state, config)
     h, layers = _window_pass(params, _embed(params, tokens, config), state.layers, state.pos, state.prev_valid, config)
     hidden = lax.dynamic_update_slice(state.hidden, h.astype(state.hidden.dtype), (0, state.pos, 0))
     new_state = SleepState(layers, hidden, state.pos + length, state.prev_valid)
