@@ -15,12 +15,15 @@ import jax
 
 def provenance() -> dict:
     """The command, commit and machine a measurement was taken with."""
+    commit = os.environ.get("SLEEPLM_COMMIT")  # set where the tree was copied without .git (the GPU machine)
     try:
+        if commit:
+            raise OSError("commit given by SLEEPLM_COMMIT")
         commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=True).stdout
         dirty = subprocess.run(["git", "status", "--porcelain"], capture_output=True, text=True, check=True).stdout
         commit = commit.strip() + ("+uncommitted" if dirty.strip() else "")
     except (OSError, subprocess.CalledProcessError):
-        commit = "unknown"
+        commit = commit or "unknown"
     device = jax.devices()[0]
     return {
         "command": " ".join([os.path.basename(sys.executable), *sys.argv]),

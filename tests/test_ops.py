@@ -1,4 +1,7 @@
-"""The gated delta rule implementations against the recurrence (float64 NumPy and float32/float64 JAX)."""
+"""The gated delta rule implementations against the recurrence (float64 NumPy and float32/float64 JAX).
+
+"pallas" runs the Pallas kernels in interpret mode on CPU: the same kernel bodies that lower on GPU.
+"""
 
 from __future__ import annotations
 
@@ -11,13 +14,14 @@ from conftest import numpy_gated_delta_rule, random_gdr_inputs, relative_error
 from sleeplm.ops import gated_delta_rule, unit_lower_triangular_inverse
 
 ARG_NAMES = ("q", "k", "v", "g", "beta", "initial_state")
+IMPLEMENTATIONS = ["reference", "xla", "pallas"]
 
 
 def run(inputs, implementation, chunk_size=64):
     return gated_delta_rule(**inputs, implementation=implementation, chunk_size=chunk_size)
 
 
-@pytest.mark.parametrize("implementation", ["reference", "xla"])
+@pytest.mark.parametrize("implementation", IMPLEMENTATIONS)
 @pytest.mark.parametrize("chunk_size", [1, 7, 16, 64])
 @pytest.mark.parametrize("length", [1, 37, 64, 100])
 def test_forward_matches_float64_recurrence(implementation, chunk_size, length):
@@ -38,26 +42,32 @@ def _loss_and_grads(inputs, implementation, chunk_size, cotangents):
     return jax.grad(loss, argnums=tuple(range(6)))(*args)
 
 
-@pytest.mark.parametrize("chunk_size", [1, 7, 16, 64])
-def test_gradients_match_reference_and_float64(chunk_size):
-    inputs = random_gdr_inputs(1, length=45)
-    rng = np.random.default_rng(2)
+def assert_gradients_match(inputs, implementation, chunk_size, seed=2):
+    """All six gradients against the float32 recurrence and a float64 gold, by per-tensor relative error."""
+    rng = np.random.default_rng(seed)
     cotangents = (rng.normal(size=inputs["v"].shape), rng.normal(size=inputs["initial_state"].shape))
-    grads_xla = _loss_and_grads(inputs, "xla", chunk_size, [c.astype(np.float32) for c in cotangents])
+    grads = _loss_and_grads(inputs, implementation, chunk_size, [c.astype(np.float32) for c in cotangents])
     grads_ref = _loss_and_grads(inputs, "reference", chunk_size, [c.astype(np.float32) for c in cotangents])
     with jax.enable_x64(True):
         inputs64 = {name: x.astype(np.float64) for name, x in inputs.items()}
         grads_gold = _loss_and_grads(inputs64, "reference", chunk_size, cotangents)
         assert grads_gold[0].dtype == jnp.float64
         grads_gold = [np.asarray(x) for x in grads_gold]
-    for name, g_xla, g_ref, g_gold in zip(ARG_NAMES, grads_xla, grads_ref, grads_gold, strict=True):
-        assert g_xla.dtype == jnp.float32, name
-        assert relative_error(g_xla, g_gold) < 1e-5, name
-        assert relative_error(g_ref, g_gold) < 1e-5, name
-        assert relative_error(g_xla, g_ref) < 1e-5, name
+    for name, grad, grad_ref, grad_gold in zip(ARG_NAMES, grads, grads_ref, grads_gold, strict=True):
+        assert grad.dtype == jnp.float32, name
+        assert np.all(np.isfinite(grad)), name
+        assert relative_error(grad, grad_gold) < 1e-5, name
+        assert relative_error(grad_ref, grad_gold) < 1e-5, name
+        assert relative_error(grad, grad_ref) < 1e-5, name
 
 
-@pytest.mark.parametrize("implementation", ["reference", "xla"])
+@pytest.mark.parametrize("implementation", ["xla", "pallas"])
+@pytest.mark.parametrize("chunk_size", [1, 7, 16, 64])
+def test_gradients_match_reference_and_float64(implementation, chunk_size):
+    assert_gradients_match(random_gdr_inputs(1, length=45), implementation, chunk_size)
+
+
+@pytest.mark.parametrize("implementation", IMPLEMENTATIONS)
 def test_beta_zero_freezes_state(implementation, gdr_inputs):
     inputs = dict(gdr_inputs, beta=np.zeros_like(gdr_inputs["beta"]), g=np.zeros_like(gdr_inputs["g"]))
     out, state = run(inputs, implementation, chunk_size=16)
@@ -65,7 +75,7 @@ def test_beta_zero_freezes_state(implementation, gdr_inputs):
     np.testing.assert_allclose(out, np.einsum("bhkv,bthk->bthv", inputs["initial_state"], inputs["q"]), atol=1e-5)
 
 
-@pytest.mark.parametrize("implementation", ["reference", "xla"])
+@pytest.mark.parametrize("implementation", IMPLEMENTATIONS)
 def test_alpha_one_beta_one_recalls_exactly(implementation, gdr_inputs):
     """With alpha = 1 and beta = 1 each write makes S_t^T k_t = v_t, so reading with q_t = k_t returns v_t."""
     inputs = dict(
@@ -78,9 +88,18 @@ def test_alpha_one_beta_one_recalls_exactly(implementation, gdr_inputs):
     np.testing.assert_allclose(out, inputs["v"], atol=2e-5)
 
 
-@pytest.mark.parametrize("implementation", ["reference", "xla"])
+@pytest.mark.parametrize("implementation", IMPLEMENTATIONS)
 @pytest.mark.parametrize("gate", ["zero", "strong", "mixed"])
 def test_extreme_gates(implementation, gate):
+    inputs = extreme_gate_inputs(gate)
+    out, state = run(inputs, implementation, chunk_size=16)
+    expected_out, expected_state = numpy_gated_delta_rule(**inputs)
+    assert np.all(np.isfinite(out)) and np.all(np.isfinite(state))
+    assert relative_error(out, expected_out) < 2e-6
+    assert relative_error(state, expected_state) < 2e-6
+
+
+def extreme_gate_inputs(gate: str) -> dict:
     inputs = random_gdr_inputs(3, length=50, gate_scale=1.0)
     rng = np.random.default_rng(4)
     if gate == "zero":
@@ -89,14 +108,16 @@ def test_extreme_gates(implementation, gate):
         inputs["g"] = -rng.uniform(20.0, 60.0, size=inputs["g"].shape).astype(np.float32)
     else:  # ordinary gates with a few near-resets (alpha ~ e^-1000) sprinkled in
         inputs["g"] = np.where(rng.uniform(size=inputs["g"].shape) < 0.1, -1000.0, inputs["g"]).astype(np.float32)
-    out, state = run(inputs, implementation, chunk_size=16)
-    expected_out, expected_state = numpy_gated_delta_rule(**inputs)
-    assert np.all(np.isfinite(out)) and np.all(np.isfinite(state))
-    assert relative_error(out, expected_out) < 2e-6
-    assert relative_error(state, expected_state) < 2e-6
+    return inputs
 
 
-@pytest.mark.parametrize("implementation", ["reference", "xla"])
+@pytest.mark.parametrize("implementation", ["xla", "pallas"])
+@pytest.mark.parametrize("gate", ["zero", "mixed"])
+def test_gradients_under_extreme_gates(implementation, gate):
+    assert_gradients_match(extreme_gate_inputs(gate), implementation, chunk_size=16)
+
+
+@pytest.mark.parametrize("implementation", IMPLEMENTATIONS)
 def test_prefix_state_suffix_equals_one_pass(implementation, gdr_inputs):
     split = 21
     out, state = run(gdr_inputs, implementation, chunk_size=16)
@@ -117,9 +138,10 @@ def test_default_initial_state_is_zero(gdr_inputs):
     assert relative_error(out, expected_out) < 2e-6 and relative_error(state, expected_state) < 2e-6
 
 
-def test_bfloat16_inputs_keep_float32_state(gdr_inputs):
+@pytest.mark.parametrize("implementation", ["xla", "pallas"])
+def test_bfloat16_inputs_keep_float32_state(implementation, gdr_inputs):
     inputs = {n: jnp.asarray(x, jnp.bfloat16) if n != "initial_state" else x for n, x in gdr_inputs.items()}
-    out, state = run(inputs, "xla", chunk_size=16)
+    out, state = run(inputs, implementation, chunk_size=16)
     assert out.dtype == jnp.bfloat16 and state.dtype == jnp.float32
     _, expected_state = numpy_gated_delta_rule(**{n: np.asarray(x, np.float32) for n, x in inputs.items()})
     assert relative_error(state, expected_state) < 1e-5

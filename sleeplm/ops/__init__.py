@@ -3,7 +3,7 @@
 Implementations, all with the signature `(q, k, v, g, beta, initial_state, chunk_size) -> (o, final_state)`:
 - "reference": the token-by-token recurrence (`lax.scan`), the ground truth;
 - "xla": the chunkwise-parallel form in plain `jax.numpy` (any backend);
-- "pallas": Pallas kernels, registered by `pallas_kernels.gated_delta` when it is importable;
+- "pallas": the Pallas kernels of `pallas_kernels.gated_delta` (interpret mode on CPU), registered on first use;
 - "auto": the fastest available for the default backend ("pallas" on GPU/TPU when registered, else "xla").
 """
 
@@ -30,8 +30,18 @@ def register_implementation(name: str, fn: GatedDeltaRuleFn) -> None:
     IMPLEMENTATIONS[name] = fn
 
 
+def _register_pallas() -> None:
+    """Registers the Pallas kernels on first use (a separate package: importing sleeplm does not load Pallas)."""
+    if "pallas" not in IMPLEMENTATIONS:
+        from pallas_kernels.gated_delta import gated_delta_rule_pallas
+
+        register_implementation("pallas", gated_delta_rule_pallas)
+
+
 def resolve_implementation(name: str) -> str:
     """Maps "auto" to a concrete implementation for the default backend; checks other names."""
+    if name in ("auto", "pallas"):
+        _register_pallas()
     if name == "auto":
         accelerated = jax.default_backend() in ("gpu", "tpu") and "pallas" in IMPLEMENTATIONS
         return "pallas" if accelerated else "xla"

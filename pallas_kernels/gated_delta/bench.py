@@ -1,0 +1,174 @@
+"""GPU check and benchmark of the Pallas gated delta rule against the xla path and the recurrence, in one run.
+
+    python -m pallas_kernels.gated_delta.bench [--batch 8 --length 4096 --heads 16 --dim 128] [--out FILE]
+
+1. Correctness on the device: outputs, final state and all six gradients of pallas and xla against a float64
+   recurrence (run on the device with x64 enabled), float32 and bfloat16 inputs, including padded head dims and a
+   length that is not a multiple of the chunk. Exits non-zero if a bound is missed.
+2. Forward and forward+backward times (median of --repeats) of pallas, xla and reference at the benchmark shape,
+   float32 and bfloat16 inputs, with the ratio of each to xla and the achieved TFLOP/s (the count is documented
+   in `chunk_flops`).
+3. A sweep of the Triton launch parameters (state-column block, warps) for the pallas forward+backward.
+Each section is written to --out as soon as it finishes, so a cut-off run keeps what it measured.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import traceback
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks"))
+from bench_gated_delta import benchmark, make_inputs
+from common import write_record
+
+from sleeplm.ops import gated_delta_rule
+
+ARGS = ("q", "k", "v", "g", "beta", "initial_state")
+BOUNDS = {"float32": 1e-4, "bfloat16": 2e-2}  # relative RMS error against the float64 recurrence
+
+
+def chunk_flops(batch: int, length: int, heads: int, d_k: int, d_v: int, chunk: int) -> float:
+    """Matmul flops of the chunkwise forward (SPEC §2), excluding the in-chunk triangular inverse and decays:
+    K K^T, W and U, the state pass (W S and K^T V'), and the outputs (Q S, Q K^T and the masked product with V').
+    Forward+backward is counted as 3x this, the usual convention."""
+    intra = 2 * chunk * chunk * (d_k + d_k + d_v)  # K K^T, W, U
+    state = 2 * chunk * d_k * d_v * 2  # W S, K^T V'
+    output = 2 * chunk * d_k * d_v + 2 * chunk * chunk * (d_k + d_v)  # Q S, Q K^T, (.) V'
+    per_chunk = intra + state + output
+    return batch * heads * (length / chunk) * per_chunk
+
+
+def relative_error(actual, expected) -> float:
+    actual, expected = np.asarray(actual, np.float64), np.asarray(expected, np.float64)
+    return float(np.sqrt(np.mean((actual - expected) ** 2)) / max(np.sqrt(np.mean(expected**2)), 1e-30))
+
+
+def outputs_and_grads(implementation: str, inputs: tuple, cotangents: tuple, chunk: int) -> list[np.ndarray]:
+    def loss(*args):
+        out, state = gated_delta_rule(*args, implementation=implementation, chunk_size=chunk)
+        return jnp.sum(out.astype(cotangents[0].dtype) * cotangents[0]) + jnp.sum(state * cotangents[1]), (out, state)
+
+    (_, (out, state)), grads = jax.jit(jax.value_and_grad(loss, argnums=tuple(range(6)), has_aux=True))(*inputs)
+    return [np.asarray(x, np.float64) for x in (out, state, *grads)]
+
+
+def check_correctness(chunk: int) -> dict:
+    results, failures = {}, []
+    for batch, length, heads, dim in [(2, 512, 4, 128), (1, 300, 2, 96)]:
+        for dtype in ("float32", "bfloat16"):
+            inputs = make_inputs(batch, length, heads, dim, jnp.dtype(dtype))
+            keys = jax.random.split(jax.random.key(1), 2)
+            cotangents = (
+                jax.random.normal(keys[0], (batch, length, heads, dim)),
+                jax.random.normal(keys[1], (batch, heads, dim, dim)),
+            )
+            with jax.enable_x64(True):  # the gold: the recurrence in float64 on the inputs as given
+                gold = outputs_and_grads(
+                    "reference",
+                    tuple(jnp.asarray(np.asarray(x, np.float32), jnp.float64) for x in inputs),
+                    tuple(jnp.asarray(np.asarray(c), jnp.float64) for c in cotangents),
+                    chunk,
+                )
+            for implementation in ("pallas", "xla"):
+                actual = outputs_and_grads(implementation, inputs, cotangents, chunk)
+                errors = {
+                    name: relative_error(a, b)
+                    for name, a, b in zip(("out", "final_state", *(f"d{n}" for n in ARGS)), actual, gold, strict=True)
+                }
+                key = f"{implementation} B={batch} T={length} H={heads} d={dim} {dtype}"
+                results[key] = errors
+                worst = max(errors.values())
+                failures += [key] if not worst < BOUNDS[dtype] else []
+                print(f"correctness {key}: worst relative error {worst:.2e} (bound {BOUNDS[dtype]:.0e})", flush=True)
+    return {"errors": results, "bounds": BOUNDS, "failures": failures}
+
+
+def time_implementations(args: argparse.Namespace) -> dict:
+    flops = chunk_flops(args.batch, args.length, args.heads, args.dim, args.dim, args.chunk)
+    results = {}
+    for dtype in ("float32", "bfloat16"):
+        inputs = make_inputs(args.batch, args.length, args.heads, args.dim, jnp.dtype(dtype))
+        for implementation in args.implementations.split(","):
+            timing = benchmark(implementation, inputs, args.chunk, args.repeats)
+            timing["forward_tflops"] = flops / timing["forward_s"] / 1e12
+            timing["forward_backward_tflops"] = 3 * flops / timing["forward_backward_s"] / 1e12
+            results[f"{implementation} {dtype}"] = timing
+            print(
+                f"{implementation:<10}{dtype:<10} fwd {1e3 * timing['forward_s']:9.2f} ms "
+                f"({timing['forward_tflops']:6.2f} TFLOP/s)  fwd+bwd {1e3 * timing['forward_backward_s']:9.2f} ms "
+                f"({timing['forward_backward_tflops']:6.2f} TFLOP/s)",
+                flush=True,
+            )
+        for implementation in args.implementations.split(","):
+            mine, xla = results[f"{implementation} {dtype}"], results[f"xla {dtype}"]
+            mine["forward_speedup_over_xla"] = xla["forward_s"] / mine["forward_s"]
+            mine["forward_backward_speedup_over_xla"] = xla["forward_backward_s"] / mine["forward_backward_s"]
+            print(
+                f"{implementation:<10}{dtype:<10} vs xla: fwd {mine['forward_speedup_over_xla']:.2f}x, "
+                f"fwd+bwd {mine['forward_backward_speedup_over_xla']:.2f}x",
+                flush=True,
+            )
+    return results
+
+
+def sweep_launch_parameters(args: argparse.Namespace) -> dict:
+    from pallas_kernels.gated_delta import gated_delta_rule_pallas
+    from sleeplm.ops import IMPLEMENTATIONS
+
+    inputs = make_inputs(args.batch, args.length, args.heads, args.dim, jnp.float32)
+    results, default = {}, IMPLEMENTATIONS["pallas"]
+    try:
+        for block_v in (32, 64, 128):
+            for num_warps in (4, 8):
+                IMPLEMENTATIONS["pallas"] = lambda *a, bv=block_v, nw=num_warps: gated_delta_rule_pallas(
+                    *a, block_v=bv, num_warps=nw
+                )
+                timing = benchmark("pallas", inputs, args.chunk, args.repeats)
+                results[f"block_v={block_v} num_warps={num_warps}"] = timing
+                print(
+                    f"sweep block_v={block_v:<4} num_warps={num_warps}: fwd {1e3 * timing['forward_s']:8.2f} ms, "
+                    f"fwd+bwd {1e3 * timing['forward_backward_s']:8.2f} ms",
+                    flush=True,
+                )
+    finally:
+        IMPLEMENTATIONS["pallas"] = default
+    return results
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument("--length", type=int, default=4096)
+    parser.add_argument("--heads", type=int, default=16)
+    parser.add_argument("--dim", type=int, default=128)
+    parser.add_argument("--chunk", type=int, default=64)
+    parser.add_argument("--repeats", type=int, default=10)
+    parser.add_argument("--implementations", default="xla,pallas,reference")
+    parser.add_argument("--sections", default="correctness,timing,sweep")
+    parser.add_argument("--out", type=Path, help="write the results as JSON here")
+    args = parser.parse_args()
+    print(f"device: {jax.devices()[0].device_kind}, jax {jax.__version__}", flush=True)
+
+    sections = {"correctness": lambda: check_correctness(args.chunk), "timing": lambda: time_implementations(args)}
+    sections["sweep"] = lambda: sweep_launch_parameters(args)
+    results, failed = {}, False
+    for name in args.sections.split(","):
+        try:
+            results[name] = sections[name]()
+            failed |= bool(results[name].get("failures")) if name == "correctness" else False
+        except Exception as error:  # a section that breaks must not lose the others' numbers
+            traceback.print_exc()
+            results[name] = {"error": f"{type(error).__name__}: {error}"}
+            failed = True
+        write_record(args, results)
+    sys.exit(1 if failed else 0)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,267 @@
+"""`pl.pallas_call`s of the chunked gated delta rule: three forward stages and their three backward stages.
+
+Layout: heads are folded into the batch and the sequence is padded to whole chunks before these are called
+(`ops.py` does both): q, k (BH, T, d_k); v (BH, T, d_v); g, beta (BH, T); states (BH, d_k, d_v), float32.
+
+Forward (SPEC §2, the structure of flash-linear-attention's `chunk_gated_delta_rule`):
+  wy      grid (BH, NC), parallel      W, U of each chunk (`chunk.wy`)
+  states  grid (BH, d_v / BV)          a loop over chunks carrying the float32 state on chip: each chunk's start
+                                       state, its corrected values V' = U - W S, and the final state
+  output  grid (BH, NC), parallel      O = (gamma Q) S + ((Q K^T) o Gamma) V'
+Backward, in reverse order: output_bwd (parallel; `jax.vjp` of `chunk.output` in the kernel), states_bwd (a reverse
+loop over chunks carrying dS, which ends as the initial state's gradient), wy_bwd (parallel; `chunk.wy_vjp`).
+The state columns (d_v) are independent, so the sequential kernels split d_v into blocks of BV; their
+contributions to dW, dK and dg (which contract over d_v) come back per block and are summed by the caller.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import triton as pltriton
+
+from pallas_kernels.gated_delta import chunk
+
+_F32 = jnp.float32
+
+
+@dataclasses.dataclass(frozen=True)
+class KernelConfig:
+    """Static kernel parameters: chunk length C, state-column block BV, interpret mode (CPU), the backend compiled
+    for, and for GPU the Triton launch parameters (warps per program and pipelining stages; None: Triton's)."""
+
+    chunk: int
+    block_v: int
+    interpret: bool
+    target: str = "gpu"
+    num_warps: int | None = None
+    num_stages: int | None = None
+
+
+def _load(ref, *index) -> jax.Array:
+    return ref[index if index else ...].astype(_F32)
+
+
+def _call(kernel, config: KernelConfig, grid, in_specs, out_specs, out_shape):
+    compiler_params = None
+    if not config.interpret and config.target == "gpu":
+        # Triton lowering, chosen explicitly: these kernels use BlockSpecs and in-register tiles, which is what the
+        # Triton backend compiles; Mosaic GPU (the default from JAX 0.10) wants warpgroup-level kernels instead.
+        compiler_params = pltriton.CompilerParams(num_warps=config.num_warps, num_stages=config.num_stages)
+    return pl.pallas_call(
+        kernel,
+        grid=grid,
+        in_specs=in_specs,
+        out_specs=out_specs,
+        out_shape=out_shape,
+        interpret=config.interpret,
+        compiler_params=compiler_params,
+    )
+
+
+def _chunk_spec(width: int | None, config: KernelConfig) -> pl.BlockSpec:
+    """One chunk of a (BH, T, width) array, or of a (BH, T) array when width is None; grid (BH, NC)."""
+    if width is None:
+        return pl.BlockSpec((None, config.chunk), lambda bh, n: (bh, n))
+    return pl.BlockSpec((None, config.chunk, width), lambda bh, n: (bh, n, 0))
+
+
+def _chunk_state_spec(d_k: int, d_v: int) -> pl.BlockSpec:
+    """Chunk n's start state in the (BH, NC * d_k, d_v) array of start states; grid (BH, NC)."""
+    return pl.BlockSpec((None, d_k, d_v), lambda bh, n: (bh, n, 0))
+
+
+def _sequence_spec(length: int, width: int | None, column_block: bool) -> pl.BlockSpec:
+    """The whole sequence of one head (all columns, or the BV-column block j); grid (BH, d_v / BV)."""
+    if width is None:
+        return pl.BlockSpec((None, length), lambda bh, j: (bh, 0))
+    if column_block:
+        return pl.BlockSpec((None, length, width), lambda bh, j: (bh, 0, j))
+    return pl.BlockSpec((None, length, width), lambda bh, j: (bh, 0, 0))
+
+
+def _partial_spec(length: int, width: int | None) -> pl.BlockSpec:
+    """Block j's partial sum of a quantity that contracts over d_v: arrays (d_v / BV, BH, T[, width])."""
+    if width is None:
+        return pl.BlockSpec((None, None, length), lambda bh, j: (j, bh, 0))
+    return pl.BlockSpec((None, None, length, width), lambda bh, j: (j, bh, 0, 0))
+
+
+# ---------------------------------------------------------------------------------------------- stage 1: W, U
+
+
+def _wy_kernel(k_ref, v_ref, g_ref, beta_ref, w_ref, u_ref):
+    w_ref[...], u_ref[...] = chunk.wy(_load(k_ref), _load(v_ref), _load(g_ref), _load(beta_ref))
+
+
+def wy_forward(k, v, g, beta, config: KernelConfig):
+    (bh, length, d_k), d_v = k.shape, v.shape[-1]
+    specs = [_chunk_spec(d_k, config), _chunk_spec(d_v, config), _chunk_spec(None, config), _chunk_spec(None, config)]
+    return _call(
+        _wy_kernel,
+        config,
+        (bh, length // config.chunk),
+        specs,
+        [_chunk_spec(d_k, config), _chunk_spec(d_v, config)],
+        [jax.ShapeDtypeStruct((bh, length, d_k), _F32), jax.ShapeDtypeStruct((bh, length, d_v), _F32)],
+    )(k, v, g, beta)
+
+
+def _wy_bwd_kernel(k_ref, v_ref, g_ref, beta_ref, dw_ref, du_ref, dk_ref, dv_ref, dg_ref, dbeta_ref):
+    grads = chunk.wy_vjp(*(_load(r) for r in (k_ref, v_ref, g_ref, beta_ref, dw_ref, du_ref)))
+    for ref, grad in zip((dk_ref, dv_ref, dg_ref, dbeta_ref), grads, strict=True):
+        ref[...] = grad
+
+
+def wy_backward(k, v, g, beta, dw, du, config: KernelConfig):
+    (bh, length, d_k), d_v = k.shape, v.shape[-1]
+    k_spec, v_spec, vec_spec = _chunk_spec(d_k, config), _chunk_spec(d_v, config), _chunk_spec(None, config)
+    return _call(
+        _wy_bwd_kernel,
+        config,
+        (bh, length // config.chunk),
+        [k_spec, v_spec, vec_spec, vec_spec, k_spec, v_spec],
+        [k_spec, v_spec, vec_spec, vec_spec],
+        [jax.ShapeDtypeStruct(x.shape, _F32) for x in (k, v, g, beta)],
+    )(k, v, g, beta, dw, du)
+
+
+# ------------------------------------------------------------------------------------- stage 2: the state pass
+
+
+def _states_kernel(k_ref, w_ref, u_ref, g_ref, s0_ref, v_new_ref, states_ref, final_ref, *, size: int, count: int):
+    d_k = k_ref.shape[-1]
+
+    def step(n, state):
+        rows, state_rows = pl.ds(n * size, size), pl.ds(n * d_k, d_k)
+        decayed_k, gamma_end = chunk.state_decays(_load(k_ref, rows, slice(None)), _load(g_ref, rows))
+        v_new = _load(u_ref, rows, slice(None)) - chunk.dot(_load(w_ref, rows, slice(None)), state)
+        states_ref[state_rows, :] = state
+        v_new_ref[rows, :] = v_new
+        return gamma_end * state + chunk.dot_tn(decayed_k, v_new)
+
+    final_ref[...] = lax.fori_loop(0, count, step, _load(s0_ref))
+
+
+def states_forward(k, w, u, g, s0, config: KernelConfig):
+    """-> (V' (BH, T, d_v), start states (BH, NC * d_k, d_v), final state (BH, d_k, d_v))."""
+    (bh, length, d_k), d_v, bv = k.shape, u.shape[-1], config.block_v
+    count = length // config.chunk
+    kernel = functools.partial(_states_kernel, size=config.chunk, count=count)
+    column = pl.BlockSpec((None, d_k, bv), lambda b, j: (b, 0, j))
+    return _call(
+        kernel,
+        config,
+        (bh, d_v // bv),
+        [
+            _sequence_spec(length, d_k, False),
+            _sequence_spec(length, d_k, False),
+            _sequence_spec(length, bv, True),
+            _sequence_spec(length, None, False),
+            column,
+        ],
+        [_sequence_spec(length, bv, True), _sequence_spec(count * d_k, bv, True), column],
+        [
+            jax.ShapeDtypeStruct((bh, length, d_v), _F32),
+            jax.ShapeDtypeStruct((bh, count * d_k, d_v), _F32),
+            jax.ShapeDtypeStruct((bh, d_k, d_v), _F32),
+        ],
+    )(k, w, u, g, s0)
+
+
+def _states_bwd_kernel(
+    k_ref, w_ref, g_ref, v_new_ref, states_ref, dv_new_ref, dstates_ref, dfinal_ref,
+    du_ref, dw_ref, dk_ref, dg_ref, ds0_ref, *, size: int, count: int,
+):  # fmt: skip
+    d_k = k_ref.shape[-1]
+
+    def step(i, d_state):  # d_state: the cotangent of chunk n's end state, S_{n+1}
+        n = count - 1 - i
+        rows, state_rows = pl.ds(n * size, size), pl.ds(n * d_k, d_k)
+        state = _load(states_ref, state_rows, slice(None))
+        (decayed_k, gamma_end), decay_pullback = jax.vjp(
+            chunk.state_decays, _load(k_ref, rows, slice(None)), _load(g_ref, rows)
+        )
+        d_v_new = _load(dv_new_ref, rows, slice(None)) + chunk.dot(decayed_k, d_state)
+        d_decayed_k = chunk.dot_nt(_load(v_new_ref, rows, slice(None)), d_state)
+        d_gamma_end = jnp.sum(jnp.sum(state * d_state, axis=1))
+        dk_ref[rows, :], dg_ref[rows] = decay_pullback((d_decayed_k, d_gamma_end))
+        du_ref[rows, :] = d_v_new
+        dw_ref[rows, :] = -chunk.dot_nt(d_v_new, state)
+        w = _load(w_ref, rows, slice(None))
+        return gamma_end * d_state - chunk.dot_tn(w, d_v_new) + _load(dstates_ref, state_rows, slice(None))
+
+    ds0_ref[...] = lax.fori_loop(0, count, step, _load(dfinal_ref))
+
+
+def states_backward(k, w, g, v_new, states, dv_new, dstates, dfinal, config: KernelConfig):
+    """-> (dU, and the per-BV-block partials of dW, dK, dg, and dS0)."""
+    (bh, length, d_k), d_v, bv = k.shape, v_new.shape[-1], config.block_v
+    count, blocks = length // config.chunk, d_v // bv
+    kernel = functools.partial(_states_bwd_kernel, size=config.chunk, count=count)
+    column = pl.BlockSpec((None, d_k, bv), lambda b, j: (b, 0, j))
+    keys, values = _sequence_spec(length, d_k, False), _sequence_spec(length, bv, True)
+    states_spec = _sequence_spec(count * d_k, bv, True)
+    return _call(
+        kernel,
+        config,
+        (bh, blocks),
+        [keys, keys, _sequence_spec(length, None, False), values, states_spec, values, states_spec, column],
+        [values, _partial_spec(length, d_k), _partial_spec(length, d_k), _partial_spec(length, None), column],
+        [
+            jax.ShapeDtypeStruct((bh, length, d_v), _F32),
+            jax.ShapeDtypeStruct((blocks, bh, length, d_k), _F32),
+            jax.ShapeDtypeStruct((blocks, bh, length, d_k), _F32),
+            jax.ShapeDtypeStruct((blocks, bh, length), _F32),
+            jax.ShapeDtypeStruct((bh, d_k, d_v), _F32),
+        ],
+    )(k, w, g, v_new, states, dv_new, dstates, dfinal)
+
+
+# ----------------------------------------------------------------------------------------- stage 3: outputs
+
+
+def _output_kernel(q_ref, k_ref, g_ref, v_new_ref, state_ref, o_ref):
+    o_ref[...] = chunk.output(*(_load(r) for r in (q_ref, k_ref, g_ref, v_new_ref, state_ref))).astype(o_ref.dtype)
+
+
+def _output_specs(d_k: int, d_v: int, config: KernelConfig) -> list[pl.BlockSpec]:
+    keys, vec = _chunk_spec(d_k, config), _chunk_spec(None, config)
+    return [keys, keys, vec, _chunk_spec(d_v, config), _chunk_state_spec(d_k, d_v)]
+
+
+def output_forward(q, k, g, v_new, states, out_dtype, config: KernelConfig):
+    (bh, length, d_k), d_v = q.shape, v_new.shape[-1]
+    return _call(
+        _output_kernel,
+        config,
+        (bh, length // config.chunk),
+        _output_specs(d_k, d_v, config),
+        _chunk_spec(d_v, config),
+        jax.ShapeDtypeStruct((bh, length, d_v), out_dtype),
+    )(q, k, g, v_new, states)
+
+
+def _output_bwd_kernel(q_ref, k_ref, g_ref, v_new_ref, state_ref, do_ref, dq_ref, dk_ref, dg_ref, dv_new_ref, ds_ref):
+    _, pullback = jax.vjp(chunk.output, *(_load(r) for r in (q_ref, k_ref, g_ref, v_new_ref, state_ref)))
+    for ref, grad in zip((dq_ref, dk_ref, dg_ref, dv_new_ref, ds_ref), pullback(_load(do_ref)), strict=True):
+        ref[...] = grad
+
+
+def output_backward(q, k, g, v_new, states, do, config: KernelConfig):
+    """-> (dQ, dK, dg, dV', d start states), each in float32."""
+    (bh, length, d_k), d_v = q.shape, v_new.shape[-1]
+    specs = _output_specs(d_k, d_v, config)
+    return _call(
+        _output_bwd_kernel,
+        config,
+        (bh, length // config.chunk),
+        [*specs, _chunk_spec(d_v, config)],
+        specs,
+        [jax.ShapeDtypeStruct(x.shape, _F32) for x in (q, k, g, v_new, states)],
+    )(q, k, g, v_new, states, do)

@@ -1,0 +1,189 @@
+"""The Pallas gated delta rule behind sleeplm's op interface: layout, padding, `custom_vjp`, and `shard_map`.
+
+`gated_delta_rule_pallas(q, k, v, g, beta, initial_state, chunk_size)` has the signature of every implementation
+in `sleeplm.ops` (q, k (B, T, H, d_k); v (B, T, H, d_v); g, beta (B, T, H); state (B, H, d_k, d_v)). It folds heads
+into the batch, pads the sequence to whole chunks with no-op tokens (g = 0, beta = 0, q = 0) and, on GPU/TPU, the
+head dims to lowering-friendly sizes with zeros (zero key/value columns never touch the rest of the state).
+
+The backward pass keeps only the inputs: it recomputes W, U and the chunk start states with the forward kernels
+(cheap next to storing d_k x d_v per chunk), then runs the three backward kernels.
+
+Under an active mesh (`jax.set_mesh`), the kernels run per shard through `jax.shard_map`, split over the batch
+axes ("data", "fsdp") and the head axis ("tensor") of the mesh: a pallas_call is opaque to GSPMD, and the rule
+is independent across batch and heads, so no communication is needed.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax.sharding import PartitionSpec as P
+
+from pallas_kernels.gated_delta import kernel
+from pallas_kernels.gated_delta.kernel import KernelConfig
+
+BATCH_AXES = ("data", "fsdp")
+HEAD_AXES = ("tensor",)
+
+
+def _next_power_of_two(n: int) -> int:
+    return 1 << max(0, (n - 1).bit_length())
+
+
+def lowering_sizes(length: int, d_k: int, d_v: int, chunk_size: int, backend: str) -> tuple[int, int, int]:
+    """(chunk, padded d_k, padded d_v) for a backend.
+
+    Interpret mode (CPU) takes any sizes. Triton (GPU) needs power-of-two blocks of at least 16 for its dots;
+    Mosaic (TPU) needs the lane dim (head dims) in multiples of 128 and the sublane dim (chunk) in multiples of 8.
+    """
+    if backend == "cpu":
+        return max(1, min(chunk_size, length)), d_k, d_v
+    if chunk_size < 16 or chunk_size & (chunk_size - 1):
+        raise ValueError(f"chunk_size={chunk_size} is invalid for pallas on {backend}: use a power of two >= 16")
+    chunk = min(chunk_size, max(16, _next_power_of_two(length)))
+    if backend == "tpu":
+        return chunk, -(-d_k // 128) * 128, -(-d_v // 128) * 128
+    return chunk, max(16, _next_power_of_two(d_k)), max(16, _next_power_of_two(d_v))
+
+
+def _value_block(d_v: int, requested: int) -> int:
+    return requested if d_v % requested == 0 else d_v
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(6, 7))
+def _folded(q, k, v, g, beta, s0, config: KernelConfig, out_dtype):
+    """The rule on folded, padded inputs: q, k (BH, T, d_k); v (BH, T, d_v); g, beta (BH, T); s0 (BH, d_k, d_v)."""
+    return _forward(q, k, v, g, beta, s0, config, out_dtype)[0]
+
+
+def _forward(q, k, v, g, beta, s0, config, out_dtype):
+    w, u = kernel.wy_forward(k, v, g, beta, config)
+    v_new, states, final = kernel.states_forward(k, w, u, g, s0, config)
+    out = kernel.output_forward(q, k, g, v_new, states, out_dtype, config)
+    return (out, final), (w, v_new, states)
+
+
+def _folded_fwd(q, k, v, g, beta, s0, config, out_dtype):
+    return _forward(q, k, v, g, beta, s0, config, out_dtype)[0], (q, k, v, g, beta, s0)
+
+
+def _folded_bwd(config, out_dtype, residuals, cotangents):
+    del out_dtype
+    q, k, v, g, beta, s0 = residuals
+    d_out, d_final = cotangents
+    _, (w, v_new, states) = _forward(q, k, v, g, beta, s0, config, jnp.float32)  # recompute, not stored
+    dq, dk_out, dg_out, dv_new, dstates = kernel.output_backward(q, k, g, v_new, states, d_out, config)
+    du, dw, dk_state, dg_state, ds0 = kernel.states_backward(
+        k, w, g, v_new, states, dv_new, dstates, d_final.astype(jnp.float32), config
+    )
+    dk_wy, dv, dg_wy, dbeta = kernel.wy_backward(k, v, g, beta, dw.sum(0), du, config)
+    grads = (dq, dk_out + dk_state.sum(0) + dk_wy, dv, dg_out + dg_state.sum(0) + dg_wy, dbeta, ds0)
+    return tuple(grad.astype(x.dtype) for grad, x in zip(grads, residuals, strict=True))
+
+
+_folded.defvjp(_folded_fwd, _folded_bwd)
+
+
+def _fold(x: jax.Array, length: int, width: int | None) -> jax.Array:
+    """(B, T, H[, d]) -> (B * H, length[, width]), zero-padded at the end of time and of the last dim."""
+    batch, time, heads = x.shape[:3]
+    x = jnp.moveaxis(x, 2, 1).reshape(batch * heads, time, *x.shape[3:])
+    pads = [(0, 0), (0, length - time)] + ([(0, width - x.shape[-1])] if width is not None else [])
+    return jnp.pad(x, pads)
+
+
+def _gated_delta_rule_local(
+    q, k, v, g, beta, initial_state, chunk_size, interpret, block_v, layout, num_warps, num_stages
+):
+    batch, length, heads, d_k = q.shape
+    d_v = v.shape[-1]
+    chunk, d_k_pad, d_v_pad = lowering_sizes(length, d_k, d_v, chunk_size, layout)
+    padded_length = -(-length // chunk) * chunk
+    config = KernelConfig(
+        chunk=chunk,
+        block_v=_value_block(d_v_pad, block_v),
+        interpret=interpret,
+        target=layout,
+        num_warps=num_warps,
+        num_stages=num_stages,
+    )
+    s0 = initial_state.astype(jnp.float32).reshape(batch * heads, d_k, d_v)
+    s0 = jnp.pad(s0, [(0, 0), (0, d_k_pad - d_k), (0, d_v_pad - d_v)])
+    out, final = _folded(
+        _fold(q, padded_length, d_k_pad),
+        _fold(k, padded_length, d_k_pad),
+        _fold(v, padded_length, d_v_pad),
+        _fold(g, padded_length, None),
+        _fold(beta, padded_length, None),
+        s0,
+        config,
+        q.dtype,
+    )
+    out = jnp.moveaxis(out[:, :length, :d_v].reshape(batch, heads, length, d_v), 1, 2)
+    return out, final[:, :d_k, :d_v].reshape(batch, heads, d_k, d_v)
+
+
+def _mesh_axes(mesh, names: tuple[str, ...], size: int) -> tuple[str, ...] | None:
+    """The axes among `names` in the mesh, if together they divide `size` (else None: that dim is not split)."""
+    axes = tuple(a for a in names if a in mesh.axis_names and mesh.shape[a] > 1)
+    count = 1
+    for a in axes:
+        count *= mesh.shape[a]
+    return axes if axes and size % count == 0 else None
+
+
+def gated_delta_rule_pallas(
+    q: jax.Array,
+    k: jax.Array,
+    v: jax.Array,
+    g: jax.Array,
+    beta: jax.Array,
+    initial_state: jax.Array,
+    chunk_size: int = 64,
+    *,
+    interpret: bool | None = None,
+    block_v: int = 64,
+    layout: str | None = None,
+    num_warps: int | None = None,
+    num_stages: int | None = None,
+) -> tuple[jax.Array, jax.Array]:
+    """Chunked gated delta rule in Pallas kernels; same signature and results as `sleeplm.ops`' reference.
+
+    `interpret` defaults to True on CPU (the same kernels, run by the Pallas interpreter) and False elsewhere.
+    `block_v` is the state-column block of the sequential kernels. `layout` names the backend whose block-size
+    constraints (chunk and head-dim padding, `lowering_sizes`) to apply: by default "cpu" when interpreting (no
+    padding), else the running backend; tests pass "gpu" in interpret mode to check the padded path.
+    `num_warps`, `num_stages`: Triton launch parameters on GPU (None: Triton's defaults).
+    Computes in float32 whatever the input dtype; returns o in q's dtype and the final state in float32.
+    """
+    if interpret is None:
+        interpret = jax.default_backend() == "cpu"
+    if layout is None:
+        layout = "cpu" if interpret else jax.default_backend()
+    if layout not in ("cpu", "gpu", "tpu"):
+        raise ValueError(f"layout={layout!r} is invalid: choose 'cpu', 'gpu' or 'tpu'")
+    local = functools.partial(
+        _gated_delta_rule_local,
+        chunk_size=chunk_size,
+        interpret=interpret,
+        block_v=block_v,
+        layout=layout,
+        num_warps=num_warps,
+        num_stages=num_stages,
+    )
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty or mesh.size == 1:
+        return local(q, k, v, g, beta, initial_state)
+    batch_axes = _mesh_axes(mesh, BATCH_AXES, q.shape[0])
+    head_axes = _mesh_axes(mesh, HEAD_AXES, q.shape[2])
+    sequence = P(batch_axes, None, head_axes, None)
+    gates, state = P(batch_axes, None, head_axes), P(batch_axes, head_axes, None, None)
+    return jax.shard_map(
+        local,
+        mesh=mesh,
+        in_specs=(sequence, sequence, sequence, gates, gates, state),
+        out_specs=(sequence, state),
+        check_vma=False,
+    )(q, k, v, g, beta, initial_state)

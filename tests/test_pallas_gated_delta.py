@@ -1,0 +1,96 @@
+"""Pallas-specific checks (interpret mode on CPU): the padded GPU/TPU layouts, split state-column blocks, the
+dispatcher, and a tiny model trained through the kernels. The shared correctness tests (outputs, final state, all
+six gradients, corner cases, continuation) run "pallas" beside the other implementations in test_ops.py."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from conftest import numpy_gated_delta_rule, random_gdr_inputs, relative_error
+from test_ops import ARG_NAMES
+
+from pallas_kernels.gated_delta import gated_delta_rule_pallas, lowering_sizes
+from sleeplm import Config, ModelConfig, SleepConfig
+from sleeplm.data import Rule110Config, batched, make_source
+from sleeplm.ops import IMPLEMENTATIONS, gated_delta_rule, resolve_implementation
+from sleeplm.train import TrainConfig, init_train_state, train_step
+
+
+def _value_and_grads(inputs, fn):
+    rng = np.random.default_rng(5)
+    cotangent = rng.normal(size=inputs["v"].shape).astype(np.float32)
+    state_cotangent = rng.normal(size=inputs["initial_state"].shape).astype(np.float32)
+
+    def loss(*args):
+        out, state = fn(*args)
+        return jnp.sum(out * cotangent) + jnp.sum(state * state_cotangent), (out, state)
+
+    args = [jnp.asarray(inputs[name]) for name in ARG_NAMES]
+    (_, outputs), grads = jax.value_and_grad(loss, argnums=tuple(range(6)), has_aux=True)(*args)
+    return outputs, grads
+
+
+@pytest.mark.parametrize(
+    ("layout", "d_k", "d_v", "block_v"),
+    [
+        ("gpu", 12, 24, 16),  # head dims padded to 16 and 32; two state-column blocks; chunk a power of two
+        ("tpu", 8, 8, 64),  # head dims padded to 128
+        ("cpu", 16, 8, 4),  # no padding; two state-column blocks whose dW, dK, dg partials are summed
+    ],
+)
+def test_padded_layouts_and_column_blocks_match_the_reference(layout, d_k, d_v, block_v):
+    inputs = random_gdr_inputs(7, batch=1, length=37, heads=2, d_k=d_k, d_v=d_v)
+    pallas = _value_and_grads(
+        inputs, lambda *a: gated_delta_rule_pallas(*a, 16, interpret=True, block_v=block_v, layout=layout)
+    )
+    reference = _value_and_grads(inputs, lambda *a: gated_delta_rule(*a, implementation="reference"))
+    for name, actual, expected in zip(
+        ("out", "state", *ARG_NAMES), (*pallas[0], *pallas[1]), (*reference[0], *reference[1]), strict=True
+    ):
+        assert actual.shape == expected.shape, name
+        assert relative_error(actual, expected) < 1e-5, name
+
+
+def test_lowering_sizes():
+    assert lowering_sizes(37, 12, 24, 7, "cpu") == (7, 12, 24)
+    assert lowering_sizes(5, 12, 24, 64, "cpu") == (5, 12, 24)
+    assert lowering_sizes(5, 12, 24, 64, "gpu") == (16, 16, 32)
+    assert lowering_sizes(4096, 128, 128, 64, "gpu") == (64, 128, 128)
+    assert lowering_sizes(4096, 64, 200, 64, "tpu") == (64, 128, 256)
+    with pytest.raises(ValueError, match=r"chunk_size=24 is invalid for pallas on gpu"):
+        lowering_sizes(100, 16, 16, 24, "gpu")
+
+
+def test_dispatcher_runs_pallas_and_auto_picks_xla_on_cpu(gdr_inputs):
+    assert resolve_implementation("auto") == "xla"  # this machine has no accelerator
+    assert "pallas" in IMPLEMENTATIONS
+    out, state = gated_delta_rule(**gdr_inputs, implementation="pallas", chunk_size=16)
+    expected_out, expected_state = numpy_gated_delta_rule(**gdr_inputs)
+    assert relative_error(out, expected_out) < 2e-6 and relative_error(state, expected_state) < 2e-6
+    with pytest.raises(ValueError, match=r"layout='cuda' is invalid"):
+        gated_delta_rule_pallas(*(gdr_inputs[n] for n in ARG_NAMES), layout="cuda")
+
+
+def test_tiny_model_trains_the_same_through_the_kernels():
+    task = Rule110Config(width=8, num_strings=2, steps=1, window=8)
+    source = make_source(task, "train", seed=0, size=16)
+    model = ModelConfig(vocab_size=len(source.vocab), d_model=32, layers=("attn", "gdn"), num_heads=2, mlp_dim=64)
+    train = TrainConfig(steps=3, batch_size=8, warmup_steps=1, muon_lr=2e-2, adam_lr=1e-2)
+    batch = jax.tree.map(jnp.asarray, batched(source, 8, seed=0)[0])
+    losses = {}
+    for implementation in ("xla", "pallas"):
+        config = Config(
+            dataclasses.replace(model, gdn_implementation=implementation, gdn_chunk_size=4),
+            SleepConfig(window=8, passes=2),
+        )
+        state = init_train_state(jax.random.key(0), config, train)
+        losses[implementation] = []
+        for _ in range(train.steps):  # one fixed batch: the loss must fall
+            state, metrics = train_step(state, batch, config, train)
+            losses[implementation].append(float(metrics["loss"]))
+    np.testing.assert_allclose(losses["pallas"], losses["xla"], rtol=1e-5)
+    assert losses["xla"][-1] < losses["xla"][0]
