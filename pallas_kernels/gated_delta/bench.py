@@ -2,13 +2,14 @@
 
     python -m pallas_kernels.gated_delta.bench [--batch 8 --length 4096 --heads 16 --dim 128] [--out FILE]
 
-1. Correctness on the device: outputs, final state and all six gradients of pallas and xla against a float64
-   recurrence (run on the device with x64 enabled), float32 and bfloat16 inputs, including padded head dims and a
-   length that is not a multiple of the chunk. Exits non-zero if a bound is missed.
-2. Forward and forward+backward times (median of --repeats) of pallas, xla and reference at the benchmark shape,
-   float32 and bfloat16 inputs, with the ratio of each to xla and the achieved TFLOP/s (the count is documented
-   in `chunk_flops`).
-3. A sweep of the Triton launch parameters (state-column block, warps) for the pallas forward+backward.
+1. timing: forward and forward+backward times (median of --repeats) of xla, pallas and reference at the benchmark
+   shape, float32 and bfloat16 inputs, with the ratio of each to xla, the achieved TFLOP/s (the count is
+   documented in `chunk_flops`), and the relative error of each one's outputs and six gradients against the
+   recurrence's at that shape.
+2. correctness: outputs, final state and all six gradients of pallas and xla against a float64 recurrence (run on
+   the device with x64 enabled), float32 and bfloat16 inputs, with padded head dims and a partial last chunk.
+   Exits non-zero if a bound is missed.
+3. sweep (not run by default): Triton launch parameters (state-column block, warps), pallas forward+backward.
 Each section is written to --out as soon as it finishes, so a cut-off run keeps what it measured.
 """
 
@@ -28,6 +29,7 @@ from bench_gated_delta import benchmark, make_inputs
 from common import write_record
 
 from sleeplm.ops import gated_delta_rule
+from sleeplm.timing import median_seconds
 
 ARGS = ("q", "k", "v", "g", "beta", "initial_state")
 BOUNDS = {"float32": 1e-4, "bfloat16": 2e-2}  # relative RMS error against the float64 recurrence
@@ -60,7 +62,7 @@ def outputs_and_grads(implementation: str, inputs: tuple, cotangents: tuple, chu
 
 def check_correctness(chunk: int) -> dict:
     results, failures = {}, []
-    for batch, length, heads, dim in [(2, 512, 4, 128), (1, 300, 2, 96)]:
+    for batch, length, heads, dim in [(2, 300, 4, 96)]:  # padded head dims, a partial last chunk
         for dtype in ("float32", "bfloat16"):
             inputs = make_inputs(batch, length, heads, dim, jnp.dtype(dtype))
             keys = jax.random.split(jax.random.key(1), 2)
@@ -89,16 +91,44 @@ def check_correctness(chunk: int) -> dict:
     return {"errors": results, "bounds": BOUNDS, "failures": failures}
 
 
-def time_implementations(args: argparse.Namespace) -> dict:
+def compiled(implementation: str, chunk: int):
+    """Jitted forward and forward+backward (value and all six gradients) of one implementation."""
+    op = lambda *args: gated_delta_rule(*args, implementation=implementation, chunk_size=chunk)
+
+    def loss(*args):
+        out, state = op(*args)
+        return jnp.sum(out.astype(jnp.float32) ** 2) + jnp.sum(state**2)
+
+    return jax.jit(op), jax.jit(jax.value_and_grad(loss, argnums=tuple(range(6))))
+
+
+def time_implementations(args: argparse.Namespace, results: dict, save) -> dict:
+    """Times each implementation, and checks at the benchmark shape that its outputs and gradients agree with the
+    recurrence's (float32). Fills `results` one measurement at a time, calling `save` after each."""
     flops = chunk_flops(args.batch, args.length, args.heads, args.dim, args.dim, args.chunk)
-    results = {}
     for dtype in ("float32", "bfloat16"):
         inputs = make_inputs(args.batch, args.length, args.heads, args.dim, jnp.dtype(dtype))
+        produced = {}
         for implementation in args.implementations.split(","):
-            timing = benchmark(implementation, inputs, args.chunk, args.repeats)
+            key = f"{implementation} {dtype}"
+            try:
+                forward, forward_backward = compiled(implementation, args.chunk)
+                produced[implementation] = [
+                    np.asarray(x, np.float32) for x in (*forward(*inputs), *forward_backward(*inputs)[1])
+                ]
+                timing = {
+                    "forward_s": median_seconds(forward, *inputs, repeats=args.repeats, warmup=False),
+                    "forward_backward_s": median_seconds(forward_backward, *inputs, repeats=args.repeats, warmup=False),
+                }
+            except Exception as error:  # one implementation failing must not lose the others
+                traceback.print_exc()
+                results[key] = {"error": f"{type(error).__name__}: {error}"}
+                save()
+                continue
             timing["forward_tflops"] = flops / timing["forward_s"] / 1e12
             timing["forward_backward_tflops"] = 3 * flops / timing["forward_backward_s"] / 1e12
-            results[f"{implementation} {dtype}"] = timing
+            results[key] = timing
+            save()
             print(
                 f"{implementation:<10}{dtype:<10} fwd {1e3 * timing['forward_s']:9.2f} ms "
                 f"({timing['forward_tflops']:6.2f} TFLOP/s)  fwd+bwd {1e3 * timing['forward_backward_s']:9.2f} ms "
@@ -106,14 +136,26 @@ def time_implementations(args: argparse.Namespace) -> dict:
                 flush=True,
             )
         for implementation in args.implementations.split(","):
-            mine, xla = results[f"{implementation} {dtype}"], results[f"xla {dtype}"]
-            mine["forward_speedup_over_xla"] = xla["forward_s"] / mine["forward_s"]
-            mine["forward_backward_speedup_over_xla"] = xla["forward_backward_s"] / mine["forward_backward_s"]
-            print(
-                f"{implementation:<10}{dtype:<10} vs xla: fwd {mine['forward_speedup_over_xla']:.2f}x, "
-                f"fwd+bwd {mine['forward_backward_speedup_over_xla']:.2f}x",
-                flush=True,
-            )
+            mine, xla = results[f"{implementation} {dtype}"], results.get(f"xla {dtype}", {})
+            if "forward_s" in mine and "forward_s" in xla:
+                mine["forward_speedup_over_xla"] = xla["forward_s"] / mine["forward_s"]
+                mine["forward_backward_speedup_over_xla"] = xla["forward_backward_s"] / mine["forward_backward_s"]
+                print(
+                    f"{implementation:<10}{dtype:<10} vs xla: fwd {mine['forward_speedup_over_xla']:.2f}x, "
+                    f"fwd+bwd {mine['forward_backward_speedup_over_xla']:.2f}x",
+                    flush=True,
+                )
+            if implementation in produced and "reference" in produced and implementation != "reference":
+                names = ("out", "final_state", *(f"d{n}" for n in ARGS))
+                agreement = {
+                    n: relative_error(a, b)
+                    for n, a, b in zip(names, produced[implementation], produced["reference"], strict=True)
+                }
+                mine["relative_error_vs_reference"] = agreement
+                print(
+                    f"{implementation:<10}{dtype:<10} worst relative error vs reference {max(agreement.values()):.2e}"
+                )
+        save()
     return results
 
 
@@ -149,15 +191,20 @@ def main() -> None:
     parser.add_argument("--dim", type=int, default=128)
     parser.add_argument("--chunk", type=int, default=64)
     parser.add_argument("--repeats", type=int, default=10)
-    parser.add_argument("--implementations", default="xla,pallas,reference")
-    parser.add_argument("--sections", default="correctness,timing,sweep")
+    parser.add_argument("--implementations", default="xla,pallas,reference", help="xla first: ratios are to it")
+    parser.add_argument("--sections", default="timing,correctness", help="of timing,correctness,sweep")
     parser.add_argument("--out", type=Path, help="write the results as JSON here")
     args = parser.parse_args()
     print(f"device: {jax.devices()[0].device_kind}, jax {jax.__version__}", flush=True)
 
-    sections = {"correctness": lambda: check_correctness(args.chunk), "timing": lambda: time_implementations(args)}
-    sections["sweep"] = lambda: sweep_launch_parameters(args)
     results, failed = {}, False
+    sections = {
+        "correctness": lambda: check_correctness(args.chunk),
+        "timing": lambda: time_implementations(
+            args, results.setdefault("timing", {}), lambda: write_record(args, results)
+        ),
+        "sweep": lambda: sweep_launch_parameters(args),
+    }
     for name in args.sections.split(","):
         try:
             results[name] = sections[name]()

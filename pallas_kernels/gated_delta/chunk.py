@@ -4,6 +4,10 @@ Every kernel body in `kernel.py` is one of these functions applied to the blocks
 kernels differentiate the same functions with `jax.vjp` inside the kernel, so forward and backward cannot drift
 apart. Shapes: k, q (C, d_k); v, u, v_new (C, d_v); w (C, d_k); g, beta (C,); state (d_k, d_v). All float32.
 
+Every dot takes the `precision` the kernel was configured with: `lax.Precision.HIGHEST` in interpret mode and on
+TPU (float32), and on GPU `TF32_TF32_F32_X3` (three TF32 tensor-core products, float32-level accuracy): Triton
+compiles a float32 IEEE dot into unrolled FMAs, which made the kernels minutes to compile and slow to run.
+
 Only operations the Triton and Mosaic lowerings support are used: 2-D dots with one contracting dimension,
 `iota` masks, row/column reductions, `exp`, `where`. The in-chunk cumulative decays are masked sums and a 0/1
 matmul (never the difference of two large cumulative sums), and exponents are masked before `exp`, so strongly
@@ -12,40 +16,42 @@ negative gates cost no precision and no positive exponent is ever evaluated.
 
 from __future__ import annotations
 
+import functools
 import math
 
 import jax
 import jax.numpy as jnp
 from jax import lax
 
-_HIGHEST = lax.Precision.HIGHEST
+Precision = lax.Precision | lax.DotAlgorithmPreset
+HIGHEST = lax.Precision.HIGHEST
 
 
-def dot(a: jax.Array, b: jax.Array) -> jax.Array:
-    """a @ b in full float32 (IEEE on GPU; no TF32)."""
-    return lax.dot_general(a, b, (((1,), (0,)), ((), ())), precision=_HIGHEST)
+def dot(a: jax.Array, b: jax.Array, precision: Precision = HIGHEST) -> jax.Array:
+    """a @ b."""
+    return lax.dot_general(a, b, (((1,), (0,)), ((), ())), precision=precision)
 
 
-def dot_nt(a: jax.Array, b: jax.Array) -> jax.Array:
+def dot_nt(a: jax.Array, b: jax.Array, precision: Precision = HIGHEST) -> jax.Array:
     """a @ b.T."""
-    return lax.dot_general(a, b, (((1,), (1,)), ((), ())), precision=_HIGHEST)
+    return lax.dot_general(a, b, (((1,), (1,)), ((), ())), precision=precision)
 
 
-def dot_tn(a: jax.Array, b: jax.Array) -> jax.Array:
+def dot_tn(a: jax.Array, b: jax.Array, precision: Precision = HIGHEST) -> jax.Array:
     """a.T @ b."""
-    return lax.dot_general(a, b, (((0,), (0,)), ((), ())), precision=_HIGHEST)
+    return lax.dot_general(a, b, (((0,), (0,)), ((), ())), precision=precision)
 
 
 def _index_grid(size: int) -> tuple[jax.Array, jax.Array]:
     return lax.broadcasted_iota(jnp.int32, (size, size), 0), lax.broadcasted_iota(jnp.int32, (size, size), 1)
 
 
-def decay_matrix(g: jax.Array) -> jax.Array:
+def decay_matrix(g: jax.Array, precision: Precision = HIGHEST) -> jax.Array:
     """Gamma[r, s] = exp(sum_{s < i <= r} g_i) for r >= s, else 0."""
     rows, cols = _index_grid(g.shape[0])
     causal = rows >= cols
     # segment[r, s] = sum_i [i <= r] [i > s] g_i as a 0/1 matmul: a sum of same-signed gates, no cancellation.
-    segment = dot(causal.astype(g.dtype), jnp.where(rows > cols, g[:, None], 0.0))
+    segment = dot(causal.astype(g.dtype), jnp.where(rows > cols, g[:, None], 0.0), precision)
     return jnp.where(causal, jnp.exp(jnp.where(causal, segment, 0.0)), 0.0)
 
 
@@ -61,7 +67,7 @@ def log_decay_to_end(g: jax.Array) -> jax.Array:
     return jnp.sum(jnp.where(cols > rows, g[None, :], 0.0), axis=1)
 
 
-def unit_lower_inverse(strict_lower: jax.Array) -> jax.Array:
+def unit_lower_inverse(strict_lower: jax.Array, precision: Precision = HIGHEST) -> jax.Array:
     """(I + L)^-1 for strictly lower-triangular L (C, C) by the doubling product, matmuls only.
 
     L is nilpotent, so (I + L)^-1 = sum_i (-L)^i = prod_{j < ceil(log2 C)} (I + (-L)^(2^j)).
@@ -72,39 +78,49 @@ def unit_lower_inverse(strict_lower: jax.Array) -> jax.Array:
     power = -strict_lower
     inverse = eye + power
     for _ in range(1, math.ceil(math.log2(size)) if size > 1 else 0):
-        power = dot(power, power)
-        inverse = dot(inverse, eye + power)
+        power = dot(power, power, precision)
+        inverse = dot(inverse, eye + power, precision)
     return inverse
 
 
-def wy_inputs(k: jax.Array, v: jax.Array, g: jax.Array, beta: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
+def wy_inputs(
+    k: jax.Array, v: jax.Array, g: jax.Array, beta: jax.Array, precision: Precision = HIGHEST
+) -> tuple[jax.Array, jax.Array, jax.Array]:
     """The strictly lower L_rs = beta_r Gamma_rs k_r.k_s and the right-hand sides diag(beta) V, diag(beta gamma) K."""
     rows, cols = _index_grid(k.shape[0])
-    lower = jnp.where(rows > cols, beta[:, None] * decay_matrix(g) * dot_nt(k, k), 0.0)
+    lower = jnp.where(rows > cols, beta[:, None] * decay_matrix(g, precision) * dot_nt(k, k, precision), 0.0)
     gamma = jnp.exp(log_decay_from_start(g))
     return lower, beta[:, None] * v, (beta * gamma)[:, None] * k
 
 
-def wy(k: jax.Array, v: jax.Array, g: jax.Array, beta: jax.Array) -> tuple[jax.Array, jax.Array]:
+def wy(
+    k: jax.Array, v: jax.Array, g: jax.Array, beta: jax.Array, precision: Precision = HIGHEST
+) -> tuple[jax.Array, jax.Array]:
     """Stage 1: W = (I + L)^-1 diag(beta gamma) K and U = (I + L)^-1 diag(beta) V."""
-    lower, beta_v, beta_gamma_k = wy_inputs(k, v, g, beta)
-    inverse = unit_lower_inverse(lower)
-    return dot(inverse, beta_gamma_k), dot(inverse, beta_v)
+    lower, beta_v, beta_gamma_k = wy_inputs(k, v, g, beta, precision)
+    inverse = unit_lower_inverse(lower, precision)
+    return dot(inverse, beta_gamma_k, precision), dot(inverse, beta_v, precision)
 
 
 def wy_vjp(
-    k: jax.Array, v: jax.Array, g: jax.Array, beta: jax.Array, dw: jax.Array, du: jax.Array
+    k: jax.Array,
+    v: jax.Array,
+    g: jax.Array,
+    beta: jax.Array,
+    dw: jax.Array,
+    du: jax.Array,
+    precision: Precision = HIGHEST,
 ) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array]:
     """Cotangents (dk, dv, dg, dbeta) of `wy`, with the inverse differentiated in closed form.
 
     For A = (I + L)^-1: dA = dW (beta gamma K)^T + dU (beta V)^T and dL = -A^T dA A^T (masked to the strictly
     lower part by the pullback of `wy_inputs`), rather than differentiating the doubling product.
     """
-    (lower, beta_v, beta_gamma_k), pullback = jax.vjp(wy_inputs, k, v, g, beta)
-    inverse = unit_lower_inverse(lower)
-    d_inverse = dot_nt(dw, beta_gamma_k) + dot_nt(du, beta_v)
-    d_lower = -dot_nt(dot_tn(inverse, d_inverse), inverse)
-    return pullback((d_lower, dot_tn(inverse, du), dot_tn(inverse, dw)))
+    (lower, beta_v, beta_gamma_k), pullback = jax.vjp(functools.partial(wy_inputs, precision=precision), k, v, g, beta)
+    inverse = unit_lower_inverse(lower, precision)
+    d_inverse = dot_nt(dw, beta_gamma_k, precision) + dot_nt(du, beta_v, precision)
+    d_lower = -dot_nt(dot_tn(inverse, d_inverse, precision), inverse, precision)
+    return pullback((d_lower, dot_tn(inverse, du, precision), dot_tn(inverse, dw, precision)))
 
 
 def state_decays(k: jax.Array, g: jax.Array) -> tuple[jax.Array, jax.Array]:
@@ -112,7 +128,10 @@ def state_decays(k: jax.Array, g: jax.Array) -> tuple[jax.Array, jax.Array]:
     return jnp.exp(log_decay_to_end(g))[:, None] * k, jnp.exp(jnp.sum(g))
 
 
-def output(q: jax.Array, k: jax.Array, g: jax.Array, v_new: jax.Array, state: jax.Array) -> jax.Array:
+def output(
+    q: jax.Array, k: jax.Array, g: jax.Array, v_new: jax.Array, state: jax.Array, precision: Precision = HIGHEST
+) -> jax.Array:
     """Stage 3: O = (gamma Q) S0 + ((Q K^T) o Gamma) V', with S0 the chunk's start state."""
     gamma = jnp.exp(log_decay_from_start(g))
-    return dot(gamma[:, None] * q, state) + dot(dot_nt(q, k) * decay_matrix(g), v_new)
+    scores = dot_nt(q, k, precision) * decay_matrix(g, precision)
+    return dot(gamma[:, None] * q, state, precision) + dot(scores, v_new, precision)

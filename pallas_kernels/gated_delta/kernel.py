@@ -42,6 +42,13 @@ class KernelConfig:
     num_warps: int | None = None
     num_stages: int | None = None
 
+    @property
+    def precision(self) -> chunk.Precision:
+        """Dot precision: float32-level everywhere; on GPU via three TF32 tensor-core products (see chunk.py)."""
+        if self.target == "gpu" and not self.interpret:
+            return lax.DotAlgorithmPreset.TF32_TF32_F32_X3
+        return chunk.HIGHEST
+
 
 def _load(ref, *index) -> jax.Array:
     return ref[index if index else ...].astype(_F32)
@@ -95,15 +102,15 @@ def _partial_spec(length: int, width: int | None) -> pl.BlockSpec:
 # ---------------------------------------------------------------------------------------------- stage 1: W, U
 
 
-def _wy_kernel(k_ref, v_ref, g_ref, beta_ref, w_ref, u_ref):
-    w_ref[...], u_ref[...] = chunk.wy(_load(k_ref), _load(v_ref), _load(g_ref), _load(beta_ref))
+def _wy_kernel(k_ref, v_ref, g_ref, beta_ref, w_ref, u_ref, *, precision):
+    w_ref[...], u_ref[...] = chunk.wy(_load(k_ref), _load(v_ref), _load(g_ref), _load(beta_ref), precision)
 
 
 def wy_forward(k, v, g, beta, config: KernelConfig):
     (bh, length, d_k), d_v = k.shape, v.shape[-1]
     specs = [_chunk_spec(d_k, config), _chunk_spec(d_v, config), _chunk_spec(None, config), _chunk_spec(None, config)]
     return _call(
-        _wy_kernel,
+        functools.partial(_wy_kernel, precision=config.precision),
         config,
         (bh, length // config.chunk),
         specs,
@@ -112,8 +119,8 @@ def wy_forward(k, v, g, beta, config: KernelConfig):
     )(k, v, g, beta)
 
 
-def _wy_bwd_kernel(k_ref, v_ref, g_ref, beta_ref, dw_ref, du_ref, dk_ref, dv_ref, dg_ref, dbeta_ref):
-    grads = chunk.wy_vjp(*(_load(r) for r in (k_ref, v_ref, g_ref, beta_ref, dw_ref, du_ref)))
+def _wy_bwd_kernel(k_ref, v_ref, g_ref, beta_ref, dw_ref, du_ref, dk_ref, dv_ref, dg_ref, dbeta_ref, *, precision):
+    grads = chunk.wy_vjp(*(_load(r) for r in (k_ref, v_ref, g_ref, beta_ref, dw_ref, du_ref)), precision)
     for ref, grad in zip((dk_ref, dv_ref, dg_ref, dbeta_ref), grads, strict=True):
         ref[...] = grad
 
@@ -122,7 +129,7 @@ def wy_backward(k, v, g, beta, dw, du, config: KernelConfig):
     (bh, length, d_k), d_v = k.shape, v.shape[-1]
     k_spec, v_spec, vec_spec = _chunk_spec(d_k, config), _chunk_spec(d_v, config), _chunk_spec(None, config)
     return _call(
-        _wy_bwd_kernel,
+        functools.partial(_wy_bwd_kernel, precision=config.precision),
         config,
         (bh, length // config.chunk),
         [k_spec, v_spec, vec_spec, vec_spec, k_spec, v_spec],
@@ -134,16 +141,16 @@ def wy_backward(k, v, g, beta, dw, du, config: KernelConfig):
 # ------------------------------------------------------------------------------------- stage 2: the state pass
 
 
-def _states_kernel(k_ref, w_ref, u_ref, g_ref, s0_ref, v_new_ref, states_ref, final_ref, *, size: int, count: int):
+def _states_kernel(k_ref, w_ref, u_ref, g_ref, s0_ref, v_new_ref, states_ref, final_ref, *, size, count, precision):
     d_k = k_ref.shape[-1]
 
     def step(n, state):
         rows, state_rows = pl.ds(n * size, size), pl.ds(n * d_k, d_k)
         decayed_k, gamma_end = chunk.state_decays(_load(k_ref, rows, slice(None)), _load(g_ref, rows))
-        v_new = _load(u_ref, rows, slice(None)) - chunk.dot(_load(w_ref, rows, slice(None)), state)
+        v_new = _load(u_ref, rows, slice(None)) - chunk.dot(_load(w_ref, rows, slice(None)), state, precision)
         states_ref[state_rows, :] = state
         v_new_ref[rows, :] = v_new
-        return gamma_end * state + chunk.dot_tn(decayed_k, v_new)
+        return gamma_end * state + chunk.dot_tn(decayed_k, v_new, precision)
 
     final_ref[...] = lax.fori_loop(0, count, step, _load(s0_ref))
 
@@ -152,7 +159,7 @@ def states_forward(k, w, u, g, s0, config: KernelConfig):
     """-> (V' (BH, T, d_v), start states (BH, NC * d_k, d_v), final state (BH, d_k, d_v))."""
     (bh, length, d_k), d_v, bv = k.shape, u.shape[-1], config.block_v
     count = length // config.chunk
-    kernel = functools.partial(_states_kernel, size=config.chunk, count=count)
+    kernel = functools.partial(_states_kernel, size=config.chunk, count=count, precision=config.precision)
     column = pl.BlockSpec((None, d_k, bv), lambda b, j: (b, 0, j))
     return _call(
         kernel,
@@ -176,7 +183,7 @@ def states_forward(k, w, u, g, s0, config: KernelConfig):
 
 def _states_bwd_kernel(
     k_ref, w_ref, g_ref, v_new_ref, states_ref, dv_new_ref, dstates_ref, dfinal_ref,
-    du_ref, dw_ref, dk_ref, dg_ref, ds0_ref, *, size: int, count: int,
+    du_ref, dw_ref, dk_ref, dg_ref, ds0_ref, *, size, count, precision,
 ):  # fmt: skip
     d_k = k_ref.shape[-1]
 
@@ -187,14 +194,15 @@ def _states_bwd_kernel(
         (decayed_k, gamma_end), decay_pullback = jax.vjp(
             chunk.state_decays, _load(k_ref, rows, slice(None)), _load(g_ref, rows)
         )
-        d_v_new = _load(dv_new_ref, rows, slice(None)) + chunk.dot(decayed_k, d_state)
-        d_decayed_k = chunk.dot_nt(_load(v_new_ref, rows, slice(None)), d_state)
+        d_v_new = _load(dv_new_ref, rows, slice(None)) + chunk.dot(decayed_k, d_state, precision)
+        d_decayed_k = chunk.dot_nt(_load(v_new_ref, rows, slice(None)), d_state, precision)
         d_gamma_end = jnp.sum(jnp.sum(state * d_state, axis=1))
         dk_ref[rows, :], dg_ref[rows] = decay_pullback((d_decayed_k, d_gamma_end))
         du_ref[rows, :] = d_v_new
-        dw_ref[rows, :] = -chunk.dot_nt(d_v_new, state)
+        dw_ref[rows, :] = -chunk.dot_nt(d_v_new, state, precision)
         w = _load(w_ref, rows, slice(None))
-        return gamma_end * d_state - chunk.dot_tn(w, d_v_new) + _load(dstates_ref, state_rows, slice(None))
+        d_state_out = _load(dstates_ref, state_rows, slice(None))
+        return gamma_end * d_state - chunk.dot_tn(w, d_v_new, precision) + d_state_out
 
     ds0_ref[...] = lax.fori_loop(0, count, step, _load(dfinal_ref))
 
@@ -203,7 +211,7 @@ def states_backward(k, w, g, v_new, states, dv_new, dstates, dfinal, config: Ker
     """-> (dU, and the per-BV-block partials of dW, dK, dg, and dS0)."""
     (bh, length, d_k), d_v, bv = k.shape, v_new.shape[-1], config.block_v
     count, blocks = length // config.chunk, d_v // bv
-    kernel = functools.partial(_states_bwd_kernel, size=config.chunk, count=count)
+    kernel = functools.partial(_states_bwd_kernel, size=config.chunk, count=count, precision=config.precision)
     column = pl.BlockSpec((None, d_k, bv), lambda b, j: (b, 0, j))
     keys, values = _sequence_spec(length, d_k, False), _sequence_spec(length, bv, True)
     states_spec = _sequence_spec(count * d_k, bv, True)
@@ -226,8 +234,9 @@ def states_backward(k, w, g, v_new, states, dv_new, dstates, dfinal, config: Ker
 # ----------------------------------------------------------------------------------------- stage 3: outputs
 
 
-def _output_kernel(q_ref, k_ref, g_ref, v_new_ref, state_ref, o_ref):
-    o_ref[...] = chunk.output(*(_load(r) for r in (q_ref, k_ref, g_ref, v_new_ref, state_ref))).astype(o_ref.dtype)
+def _output_kernel(q_ref, k_ref, g_ref, v_new_ref, state_ref, o_ref, *, precision):
+    out = chunk.output(*(_load(r) for r in (q_ref, k_ref, g_ref, v_new_ref, state_ref)), precision)
+    o_ref[...] = out.astype(o_ref.dtype)
 
 
 def _output_specs(d_k: int, d_v: int, config: KernelConfig) -> list[pl.BlockSpec]:
@@ -238,7 +247,7 @@ def _output_specs(d_k: int, d_v: int, config: KernelConfig) -> list[pl.BlockSpec
 def output_forward(q, k, g, v_new, states, out_dtype, config: KernelConfig):
     (bh, length, d_k), d_v = q.shape, v_new.shape[-1]
     return _call(
-        _output_kernel,
+        functools.partial(_output_kernel, precision=config.precision),
         config,
         (bh, length // config.chunk),
         _output_specs(d_k, d_v, config),
@@ -247,8 +256,11 @@ def output_forward(q, k, g, v_new, states, out_dtype, config: KernelConfig):
     )(q, k, g, v_new, states)
 
 
-def _output_bwd_kernel(q_ref, k_ref, g_ref, v_new_ref, state_ref, do_ref, dq_ref, dk_ref, dg_ref, dv_new_ref, ds_ref):
-    _, pullback = jax.vjp(chunk.output, *(_load(r) for r in (q_ref, k_ref, g_ref, v_new_ref, state_ref)))
+def _output_bwd_kernel(
+    q_ref, k_ref, g_ref, v_new_ref, state_ref, do_ref, dq_ref, dk_ref, dg_ref, dv_new_ref, ds_ref, *, precision
+):
+    output = functools.partial(chunk.output, precision=precision)
+    _, pullback = jax.vjp(output, *(_load(r) for r in (q_ref, k_ref, g_ref, v_new_ref, state_ref)))
     for ref, grad in zip((dq_ref, dk_ref, dg_ref, dv_new_ref, ds_ref), pullback(_load(do_ref)), strict=True):
         ref[...] = grad
 
@@ -258,7 +270,7 @@ def output_backward(q, k, g, v_new, states, do, config: KernelConfig):
     (bh, length, d_k), d_v = q.shape, v_new.shape[-1]
     specs = _output_specs(d_k, d_v, config)
     return _call(
-        _output_bwd_kernel,
+        functools.partial(_output_bwd_kernel, precision=config.precision),
         config,
         (bh, length // config.chunk),
         [*specs, _chunk_spec(d_v, config)],
