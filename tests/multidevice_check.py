@@ -12,6 +12,8 @@ import json
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
 
 from sleeplm import Config, ModelConfig, SleepConfig, forward, init_state, wake_step
 from sleeplm.data import Rule110Config, batched, make_source
@@ -44,6 +46,43 @@ def eval_and_stream(mesh, sharded, state, inputs, reference_logits) -> dict:
         "stream_error": relative(streamed, reference_logits[:, : config.sleep.window]),
         "kv_spec": spec(stream_state.layers[0].k),
         "fast_weight_spec": spec(stream_state.layers[1].S),
+    }
+
+
+def pallas_under_mesh() -> dict:
+    """The Pallas gated delta rule (interpret mode) inside a jit under a (2, 2, 2) mesh, with inputs sharded over
+    batch and heads: it runs per shard through shard_map and must equal the unsharded call, values and gradients."""
+    from sleeplm.ops import gated_delta_rule
+
+    keys = jax.random.split(jax.random.key(3), 6)
+    batch, length, heads, d_k, d_v = 4, 19, 4, 8, 8
+    unit = lambda x: x / jnp.linalg.norm(x, axis=-1, keepdims=True)
+    args = (
+        unit(jax.random.normal(keys[0], (batch, length, heads, d_k))),
+        unit(jax.random.normal(keys[1], (batch, length, heads, d_k))),
+        jax.random.normal(keys[2], (batch, length, heads, d_v)),
+        -jax.random.uniform(keys[3], (batch, length, heads)),
+        jax.random.uniform(keys[4], (batch, length, heads)),
+        jax.random.normal(keys[5], (batch, heads, d_k, d_v)),
+    )
+
+    def loss(*inputs):
+        out, state = gated_delta_rule(*inputs, implementation="pallas", chunk_size=8)
+        return jnp.sum(jnp.sin(out)) + jnp.sum(state**2), (out, state)
+
+    value_and_grads = jax.jit(jax.value_and_grad(loss, argnums=tuple(range(6)), has_aux=True))
+    (_, expected_outputs), expected_grads = value_and_grads(*args)
+    mesh = make_mesh(MeshConfig(2, 2, 2))
+    sequence, gates = P(("data", "fsdp"), None, "tensor"), P(("data", "fsdp"), None, "tensor")
+    specs = (sequence, sequence, sequence, gates, gates, P(("data", "fsdp"), "tensor"))
+    sharded = [jax.device_put(x, NamedSharding(mesh, spec)) for x, spec in zip(args, specs, strict=True)]
+    with jax.set_mesh(mesh):
+        (_, outputs), grads = value_and_grads(*sharded)
+    return {
+        "pallas_error": max(
+            relative(a, b) for a, b in zip((*outputs, *grads), (*expected_outputs, *expected_grads), strict=True)
+        ),
+        "pallas_grad_spec": spec(grads[0]),
     }
 
 
@@ -101,6 +140,7 @@ def main() -> None:
                 mesh, sharded, state, batches[0]["inputs"], reference_logits
             )
 
+    results |= pallas_under_mesh()
     try:
         ShardedTraining.create(config, train, make_mesh(MeshConfig(data=2, fsdp=1, tensor=3), jax.devices()[:6]))
     except ValueError as error:

@@ -55,6 +55,11 @@ def test_eval_and_streaming_under_a_mesh(results):
     assert run["fast_weight_spec"] == [["data", "fsdp"], "tensor", None, None]  # (batch, heads, d_k, d_v)
 
 
+def test_pallas_kernels_run_per_shard_under_a_mesh(results):
+    assert results["pallas_error"] < 1e-6  # shard_map over (data, fsdp) x tensor == the unsharded call
+    assert results["pallas_grad_spec"] == [["data", "fsdp"], None, "tensor", None]
+
+
 def test_a_mesh_that_does_not_divide_the_model_fails_clearly(results):
     assert "model.num_heads=4 is split over tensor = 3 devices" in results["tensor3_error"]
 
