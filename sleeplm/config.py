@@ -10,7 +10,7 @@ import dataclasses
 from typing import Literal
 
 LAYER_KINDS = ("attn", "gdn")
-EVICTION_MODES = ("hard", "sliding")
+EVICTION_MODES = ("hard", "sliding", "none")
 DTYPES = ("float32", "bfloat16")
 GDN_IMPLEMENTATIONS = ("auto", "reference", "xla", "pallas")
 
@@ -113,14 +113,16 @@ class SleepConfig:
     """The wake/sleep process of SPEC §3.
 
     `window` is L (tokens per window), `passes` is N (all passes over a slept window: N=1 means no sleep),
-    `eviction` is "hard" (KV cleared after each slept window) or "sliding" (sliding-window attention of width L).
+    `eviction` is "hard" (KV cleared after each slept window), "sliding" (sliding-window attention of width L), or
+    "none": the no-eviction baseline, where the whole sequence is one window (full causal attention, never slept on;
+    `window` then only lays out the task). "none" has no streaming state: train and evaluate it with `forward`.
     `remat` rematerialises each window pass in the backward pass (memory for compute);
     `stop_gradient_between_windows` truncates backpropagation at window boundaries (both off by default).
     """
 
     window: int = 24
     passes: int = 1
-    eviction: Literal["hard", "sliding"] = "hard"
+    eviction: Literal["hard", "sliding", "none"] = "hard"
     remat: bool = False
     stop_gradient_between_windows: bool = False
 

@@ -10,6 +10,7 @@ Both are built from `window_pass` (one pass of the block stack over window posit
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 
 import chex
@@ -26,10 +27,17 @@ Params = dict
 
 
 def init_params(key: jax.Array, config: Config) -> Params:
-    """Model parameters (float32) as a plain pytree."""
-    state = init_state(config, 1)
+    """Model parameters (float32) as a plain pytree (they do not depend on the eviction mode)."""
+    state = init_state(whole_sequence_window(config, config.sleep.window), 1)
     tokens = jnp.zeros((1, 1), jnp.int32)
     return HybridLM(config).init(key, tokens, state.layers, state.pos, state.prev_valid)
+
+
+def whole_sequence_window(config: Config, length: int) -> Config:
+    """For the no-eviction baseline (eviction "none"): the same model with one window of `length` tokens."""
+    if config.sleep.eviction != "none":
+        return config
+    return dataclasses.replace(config, sleep=dataclasses.replace(config.sleep, window=length, eviction="hard"))
 
 
 def _window_pass(params, h, layers, pos, prev_valid, config):
@@ -78,6 +86,7 @@ def _forward_hidden(params: Params, embedded: jax.Array, config: Config) -> jax.
     partial last window (never slept on) runs once more at its own length rather than padded to a whole window.
     """
     batch, length, d_model = embedded.shape
+    config = whole_sequence_window(config, length)
     window, passes = config.sleep.window, config.sleep.passes
     num_full, remainder = divmod(length, window)
     embedded = shard_batch(embedded)

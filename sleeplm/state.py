@@ -80,6 +80,8 @@ def init_state(config: Config, batch_size: int) -> SleepState:
     """The state at the start of a sequence: no KV, zero fast weights, an empty first window."""
     if not isinstance(batch_size, int) or batch_size < 1:
         raise ValueError(f"batch_size={batch_size!r} is invalid: must be a positive integer")
+    if config.sleep.eviction == "none":
+        raise ValueError("sleep.eviction='none' (the no-eviction baseline) has no streaming state: use `forward`")
     return SleepState(
         layers=init_layer_states(config, batch_size),
         hidden=jnp.zeros((batch_size, config.sleep.window, config.model.d_model), activation_dtype(config)),

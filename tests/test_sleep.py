@@ -248,3 +248,15 @@ def test_config_validation(kwargs, message):
     with pytest.raises(ValueError, match=message):
         model = dataclasses.replace(MODEL, **kwargs.get("model", {}))
         Config(model, SleepConfig(**kwargs.get("sleep", {})))
+
+
+def test_no_eviction_baseline_is_one_window_of_full_attention():
+    tokens = tokens_for(3 * WINDOW + 2)
+    none = make_config(passes=3, eviction="none")
+    params = init_params(jax.random.key(0), none)
+    whole = dataclasses.replace(none, sleep=SleepConfig(window=tokens.shape[1], passes=1))
+    assert_close(forward(params, tokens, none), forward(params, tokens, whole), rtol=1e-6)
+    evicting = forward(params, tokens, make_config(passes=3))
+    assert not np.allclose(forward(params, tokens, none)[:, WINDOW:], evicting[:, WINDOW:], atol=1e-3)
+    with pytest.raises(ValueError, match=r"sleep.eviction='none' .* has no streaming state"):
+        init_state(none, 2)

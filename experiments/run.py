@@ -1,0 +1,100 @@
+"""Runs one sweep of the CPU-scale reproduction and writes its results as they come.
+
+    python experiments/run.py SWEEP [--depth T] [--muon-lr LR] [--workdir runs/experiments]
+
+SWEEP is one of experiments/sweeps.py's (rule110-depth, rule110-lr, rule110-sleep, rule110-baselines). Each run
+trains in WORKDIR/SWEEP/NAME (resuming from its last checkpoint if cut off); when it finishes, its metrics and
+experiment are copied to experiments/results/SWEEP/ and the sweep's summary.json and plot are rewritten, so a
+sweep stopped halfway keeps every finished run. Finished runs are skipped on a rerun.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import jax
+
+sys.path.insert(0, str(Path(__file__).parent))
+from sweeps import sweeps
+
+from sleeplm.loop import run_training
+from sleeplm.plot import plot_runs, read_evals
+from sleeplm.presets import build_experiment
+
+RESULTS = Path(__file__).parent / "results"
+
+
+def provenance(argv: list[str]) -> dict:
+    commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=False).stdout.strip()
+    return {
+        "command": " ".join(["python", "experiments/run.py", *argv]),
+        "commit": commit or "unknown",
+        "machine": f"{platform.machine()} {platform.processor() or ''} {__import__('os').cpu_count()} cpus",
+        "jax": jax.__version__,
+    }
+
+
+def summarize(sweep: str, out: Path, info: dict) -> None:
+    """summary.json (final and best held-out exact accuracy per run, with its config) and exact.png."""
+    runs = sorted(p for p in out.iterdir() if p.is_dir() and (p / "metrics.jsonl").exists())
+    summary = dict(info, runs={})
+    for run in runs:
+        evals = read_evals(run)
+        record = json.loads((run / "experiment.json").read_text())
+        summary["runs"][run.name] = {
+            "final_exact": evals[-1]["exact"],
+            "best_exact": max(e["exact"] for e in evals),
+            "final_loss": evals[-1]["loss"],
+            "steps": evals[-1]["step"],
+            "tokens": evals[-1]["tokens"],
+            "seconds": json.loads((run / "time.json").read_text())["seconds"],
+            "passes": record["config"]["sleep"]["passes"],
+            "depth": record["task"]["steps"],
+        }
+    (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    if runs:
+        chance = 1 / 2 ** json.loads((runs[0] / "experiment.json").read_text())["task"]["num_strings"]
+        plot_runs(runs, "exact", out / "exact.png", title=f"{sweep}: held-out exact accuracy", chance=chance)
+
+
+def main(argv: list[str] | None = None) -> None:
+    argv = sys.argv[1:] if argv is None else argv
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("sweep")
+    parser.add_argument("--depth", type=int, default=2, help="Rule 110 depth of the sleep sweep and the baselines")
+    parser.add_argument("--muon-lr", default="2e-3", help="the tuned N=1 Muon learning rate")
+    parser.add_argument("--workdir", type=Path, default=Path("runs/experiments"))
+    parser.add_argument("--only", default="", help="comma-separated run names (default: all)")
+    args = parser.parse_args(argv)
+    all_sweeps = sweeps(args.depth, args.muon_lr)
+    if args.sweep not in all_sweeps:
+        parser.error(f"sweep {args.sweep!r} is unknown: choose one of {sorted(all_sweeps)}")
+    out = RESULTS / args.sweep
+    out.mkdir(parents=True, exist_ok=True)
+    info = {"provenance": provenance(argv), "depth": args.depth, "muon_lr": args.muon_lr}
+    only = set(filter(None, args.only.split(",")))
+    for run in all_sweeps[args.sweep]:
+        if (only and run.name not in only) or (out / run.name / "time.json").exists():
+            continue
+        experiment = build_experiment(run.preset, run.overrides)
+        print(f"[{args.sweep}] {run.name}: {run.overrides}", flush=True)
+        start = time.perf_counter()
+        run_training(experiment, args.workdir / args.sweep / run.name)
+        seconds = time.perf_counter() - start  # of this invocation (a resumed run counts only its last part)
+        (out / run.name).mkdir(exist_ok=True)
+        for name in ("metrics.jsonl", "experiment.json"):
+            shutil.copy(args.workdir / args.sweep / run.name / name, out / run.name / name)
+        (out / run.name / "time.json").write_text(json.dumps({"seconds": seconds}) + "\n")
+        summarize(args.sweep, out, info)
+    summarize(args.sweep, out, info)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,59 @@
+"""The CPU-scale reproduction (issue 4): each sweep is a list of runs, a preset plus `--SECTION.FIELD` overrides.
+
+Scale, chosen by measurement on the 2-core CPU (SPEC §5 is the paper's): the `rule110-cpu` preset (4 blocks
+attn/GDN/attn/GDN, d=64, 4 strings of width 12, window L=12 = one string per window, hard eviction, labels after
+all strings, batch 64), 600 steps with warmup 30 and cosine decay, held-out exact accuracy every 50 steps on 512
+sequences. One N=1 run takes about 3 minutes, N=4 about 4 times that. Depth t is the knob the paper sweeps.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+
+@dataclasses.dataclass(frozen=True)
+class Run:
+    name: str
+    preset: str
+    overrides: dict[str, str]
+
+
+RULE110 = {
+    "train.steps": "600",
+    "train.warmup_steps": "30",
+    "run.eval_every": "50",
+    "run.checkpoint_every": "200",
+    "run.progress": "false",
+}
+RULE110_DEPTHS = (0, 2, 4, 6, 8)
+LEARNING_RATES = ("1e-3", "2e-3", "4e-3", "8e-3")  # Muon's, for the hidden matrices (AdamW's stays at 1e-3)
+SEEDS = (0, 1)
+ATTENTION_ONLY = "attn,attn,attn,attn"
+
+
+def rule110(name: str, depth: int, passes: int = 1, seed: int = 0, **extra: str) -> Run:
+    overrides = RULE110 | {"task.steps": str(depth), "sleep.passes": str(passes), "train.seed": str(seed)}
+    return Run(name, "rule110-cpu", overrides | extra)
+
+
+def sweeps(depth: int, muon_lr: str) -> dict[str, list[Run]]:
+    """All sweeps; `depth` is the Rule 110 depth of the sleep sweep and the baselines, `muon_lr` the tuned rate."""
+    lr = {"train.muon_lr": muon_lr}
+    return {
+        # Fig. 2a: where does N=1 stop learning within the budget?
+        "rule110-depth": [rule110(f"t{t}", t) for t in RULE110_DEPTHS],
+        # The paper tunes the learning rate on N=1 and reuses it for every N.
+        "rule110-lr": [rule110(f"lr{rate}", depth, **{"train.muon_lr": rate}) for rate in LEARNING_RATES],
+        # Fig. 2b: N = 1..4 on the same data in the same order, two seeds.
+        "rule110-sleep": [rule110(f"N{n}-s{s}", depth, n, s, **lr) for s in SEEDS for n in (1, 2, 3, 4)],
+        # Baselines the paper does not have.
+        "rule110-baselines": [
+            rule110("full-attention", depth, **lr, **{"sleep.eviction": "none", "model.layers": ATTENTION_ONLY}),
+            rule110("attention-evicted", depth, **lr, **{"model.layers": ATTENTION_ONLY}),
+            *(
+                rule110(f"N1-{k}x-steps-s{s}", depth, 1, s, **lr, **{"train.steps": str(600 * k)})
+                for s in SEEDS
+                for k in (2, 4)
+            ),
+        ],
+    }
