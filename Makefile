@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: setup demo test test-slow bench lint clean
+.PHONY: setup demo test test-slow bench bench-gpu reproduce-cpu lint clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -26,6 +26,21 @@ test-slow: $(STAMP)
 bench: $(STAMP)
 	$(PY) benchmarks/bench_gated_delta.py --out benchmarks/results/gated_delta_cpu.json
 	$(PY) benchmarks/bench_train.py --out benchmarks/results/train_rule110_cpu.json
+
+# On a GPU machine (no venv: its preinstalled jax is used): correctness and pallas vs xla vs reference timings.
+bench-gpu:
+	$(PYTHON) -m pallas_kernels.gated_delta.bench --out pallas_kernels/gated_delta/results/gpu_bench.json
+
+# The CPU-scale reproduction (experiments/RESULTS.md), figure by figure; finished runs are skipped on a rerun.
+# Rule 110 depth T=2 and Muon lr 2e-3 are the choices RESULTS.md explains. Hours on 2 cores.
+REPRODUCE := $(PY) experiments/run.py
+reproduce-cpu: $(STAMP)
+	$(REPRODUCE) rule110-depth
+	$(REPRODUCE) rule110-lr --depth 2
+	$(REPRODUCE) rule110-sleep --depth 2 --muon-lr 2e-3
+	$(REPRODUCE) rule110-depth-N2
+	$(REPRODUCE) rule110-baselines --depth 2 --muon-lr 2e-3
+	$(PY) experiments/report.py
 
 lint: $(STAMP)
 	$(PY) -m ruff check .

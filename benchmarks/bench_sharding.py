@@ -1,6 +1,10 @@
 """Sharded training overhead on fake CPU devices: step time of the same global batch on 1 device vs 8 (meshes
 below), and per-device parameter memory of each mesh against the replicated model, measured in one run.
 
+Each layout is also timed on the gradient alone (forward + backward, no optimizer update): the difference from the
+full step is the optimizer's share. Under pure data parallelism every device repeats the whole (Muon) update, which
+8 fake devices sharing 2 cores pay 8 times over, while on real devices each replica runs concurrently.
+
     python benchmarks/bench_sharding.py [--preset rule110 --batch 64 --steps 3] [--out FILE]
 
 On 2 CPU cores 8 fake devices cannot be faster; the point is that sharding adds no large overhead.
@@ -20,10 +24,10 @@ import jax.numpy as jnp
 from common import write_record
 
 from sleeplm.data import batched, make_source
-from sleeplm.parallel import RULES, MeshConfig, ShardedTraining, make_mesh
+from sleeplm.parallel import RULES, MeshConfig, ShardedTraining, batch_sharding, make_mesh
 from sleeplm.presets import build_experiment
 from sleeplm.timing import median_seconds
-from sleeplm.train import init_train_state, train_step
+from sleeplm.train import init_train_state, masked_loss, train_step
 
 MESHES = {
     "dp (8,1,1)": ((8, 1, 1), "dp"),
@@ -60,29 +64,53 @@ def main() -> None:
         holder[0], metrics = train_step(holder[0], b, config, train)
         return metrics["loss"]
 
-    rows = {"1 device": {"step_s": median_seconds(single, batch, repeats=args.steps), "param_bytes": replicated_bytes}}
+    def gradient(params, b):
+        return jax.grad(lambda p: masked_loss(p, b, config)[0])(params)
+
+    rows = {
+        "1 device": {
+            "step_s": median_seconds(single, batch, repeats=args.steps),
+            "gradient_s": median_seconds(jax.jit(gradient), holder[0].params, batch, repeats=args.steps),
+            "param_bytes": replicated_bytes,
+        }
+    }
     for name, (shape, rules) in MESHES.items():
-        sharded = ShardedTraining.create(config, train, make_mesh(MeshConfig(*shape)), RULES[rules])
+        mesh = make_mesh(MeshConfig(*shape))
+        sharded = ShardedTraining.create(config, train, mesh, RULES[rules])
         state = [sharded.init(jax.random.key(0))]
 
         def step(b, sharded=sharded, state=state):
             state[0], metrics = sharded.step(state[0], b)
             return metrics["loss"]
 
+        params_sharding = sharded.state_shardings.params
+        sharded_gradient = jax.jit(
+            gradient, in_shardings=(params_sharding, batch_sharding(mesh, sharded.rules)), out_shardings=params_sharding
+        )
+
+        def gradient_under_mesh(b, mesh=mesh, fn=sharded_gradient, state=state):
+            with jax.set_mesh(mesh):
+                return fn(state[0].params, b)
+
         rows[name] = {
             "step_s": median_seconds(step, batch, repeats=args.steps),
+            "gradient_s": median_seconds(gradient_under_mesh, batch, repeats=args.steps),
             "param_bytes": param_bytes_per_device(state[0].params),
         }
     base = rows["1 device"]
     machine = f"{jax.device_count()} fake CPU devices on {os.cpu_count()} cores"
     print(f"{args.preset}: d={config.model.d_model}, global batch {args.batch}, {machine}")
-    print(f"{'layout':<18}{'step s':>9}{'vs 1 device':>13}{'params/device MB':>18}{'vs replicated':>15}")
+    header = f"{'layout':<18}{'step s':>9}{'vs 1 device':>13}{'grad s':>9}{'vs 1 device':>13}{'optimizer s':>13}"
+    print(header + f"{'params/device MB':>18}{'vs replicated':>15}")
     for name, row in rows.items():
         row["step_vs_1_device"] = row["step_s"] / base["step_s"]
+        row["gradient_vs_1_device"] = row["gradient_s"] / base["gradient_s"]
+        row["optimizer_s"] = row["step_s"] - row["gradient_s"]
         row["param_bytes_vs_replicated"] = row["param_bytes"] / replicated_bytes
         megabytes = row["param_bytes"] / 2**20
         print(
-            f"{name:<18}{row['step_s']:>9.3f}{row['step_vs_1_device']:>13.2f}{megabytes:>18.2f}"
+            f"{name:<18}{row['step_s']:>9.3f}{row['step_vs_1_device']:>13.2f}{row['gradient_s']:>9.3f}"
+            f"{row['gradient_vs_1_device']:>13.2f}{row['optimizer_s']:>13.3f}{megabytes:>18.2f}"
             f"{row['param_bytes_vs_replicated']:>15.3f}"
         )
     write_record(args, rows)

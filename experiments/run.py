@@ -64,6 +64,15 @@ def summarize(sweep: str, out: Path, info: dict) -> None:
         plot_runs(runs, "exact", out / "exact.png", title=f"{sweep}: held-out exact accuracy", chance=chance)
 
 
+def finished_twin(experiment) -> Path | None:
+    """A finished run anywhere under experiments/results with exactly this experiment, if any."""
+    wanted = json.loads(json.dumps(experiment.to_json()))
+    for record in RESULTS.glob("*/*/experiment.json"):
+        if (record.parent / "time.json").exists() and json.loads(record.read_text()) == wanted:
+            return record.parent
+    return None
+
+
 def main(argv: list[str] | None = None) -> None:
     argv = sys.argv[1:] if argv is None else argv
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -71,7 +80,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--depth", type=int, default=2, help="Rule 110 depth of the sleep sweep and the baselines")
     parser.add_argument("--muon-lr", default="2e-3", help="the tuned N=1 Muon learning rate")
     parser.add_argument("--workdir", type=Path, default=Path("runs/experiments"))
-    parser.add_argument("--only", default="", help="comma-separated run names (default: all)")
+    parser.add_argument("--only", default="", help="comma-separated run names, run in this order (default: all)")
     args = parser.parse_args(argv)
     all_sweeps = sweeps(args.depth, args.muon_lr)
     if args.sweep not in all_sweeps:
@@ -79,19 +88,28 @@ def main(argv: list[str] | None = None) -> None:
     out = RESULTS / args.sweep
     out.mkdir(parents=True, exist_ok=True)
     info = {"provenance": provenance(argv), "depth": args.depth, "muon_lr": args.muon_lr}
-    only = set(filter(None, args.only.split(",")))
-    for run in all_sweeps[args.sweep]:
-        if (only and run.name not in only) or (out / run.name / "time.json").exists():
+    only = [name for name in args.only.split(",") if name]  # also the order to run them in
+    runs = {run.name: run for run in all_sweeps[args.sweep]}
+    for name in only:
+        if name not in runs:
+            parser.error(f"--only {name!r}: {args.sweep} has the runs {sorted(runs)}")
+    for run in [runs[name] for name in only] if only else runs.values():
+        if (out / run.name / "time.json").exists():
             continue
         experiment = build_experiment(run.preset, run.overrides)
-        print(f"[{args.sweep}] {run.name}: {run.overrides}", flush=True)
-        start = time.perf_counter()
-        run_training(experiment, args.workdir / args.sweep / run.name)
-        seconds = time.perf_counter() - start  # of this invocation (a resumed run counts only its last part)
-        (out / run.name).mkdir(exist_ok=True)
-        for name in ("metrics.jsonl", "experiment.json"):
-            shutil.copy(args.workdir / args.sweep / run.name / name, out / run.name / name)
-        (out / run.name / "time.json").write_text(json.dumps({"seconds": seconds}) + "\n")
+        done = finished_twin(experiment)
+        if done is not None:  # the identical run (same settings and seed) finished in another sweep: reuse it
+            print(f"[{args.sweep}] {run.name}: the same run as {done.relative_to(RESULTS)}, copied", flush=True)
+            shutil.copytree(done, out / run.name, dirs_exist_ok=True)
+        else:
+            print(f"[{args.sweep}] {run.name}: {run.overrides}", flush=True)
+            start = time.perf_counter()
+            run_training(experiment, args.workdir / args.sweep / run.name)
+            seconds = time.perf_counter() - start  # of this invocation (a resumed run counts only its last part)
+            (out / run.name).mkdir(exist_ok=True)
+            for name in ("metrics.jsonl", "experiment.json"):
+                shutil.copy(args.workdir / args.sweep / run.name / name, out / run.name / name)
+            (out / run.name / "time.json").write_text(json.dumps({"seconds": seconds}) + "\n")
         summarize(args.sweep, out, info)
     summarize(args.sweep, out, info)
 

@@ -23,8 +23,11 @@ MESH_AXES = ("data", "fsdp", "tensor")
 BATCH = BATCH_AXES
 
 # Logical dims -> mesh axes. "fsdp+tp" is the general rule set: on a mesh axis of size 1 its entries are no-ops.
+# "optimizer_embed" shards the optimizer state's embed dim where the params' is not (ZeRO-1): under "dp" each
+# device then updates 1/n of every matrix instead of repeating the whole (Muon) update, and the new params are
+# all-gathered. Without it the optimizer cost 5x its single-device time on 8 fake CPU devices (benchmarks/RESULTS.md).
 RULES: dict[str, dict[str, str | tuple[str, ...] | None]] = {
-    "dp": {"batch": BATCH, "embed": None, "heads": None, "mlp": None, "vocab": None},
+    "dp": {"batch": BATCH, "embed": None, "heads": None, "mlp": None, "vocab": None, "optimizer_embed": BATCH},
     "fsdp": {"batch": BATCH, "embed": "fsdp", "heads": None, "mlp": None, "vocab": None},
     "fsdp+tp": {"batch": BATCH, "embed": "fsdp", "heads": "tensor", "mlp": "tensor", "vocab": "tensor"},
 }
@@ -110,6 +113,7 @@ def check_divisible(
     wanted = {
         "batch": batches,
         "embed": {"model.d_model": m.d_model},
+        "optimizer_embed": {"model.d_model": m.d_model},
         "heads": {"model.num_heads": m.num_heads, "model.num_kv_heads": m.kv_heads, "model.gdn_heads": m.gdn_num_heads},
         "mlp": {"model.mlp_dim": m.hidden_dim},
     }
@@ -133,7 +137,9 @@ def _effective_rules(config: Config, mesh: Mesh, rules: Mapping) -> dict:
 
 def train_state_shardings(abstract: TrainState, mesh: Mesh, rules: Mapping) -> TrainState:
     """Shardings for params and for every optimizer-state leaf that mirrors a parameter (same path below
-    'params', same rank); counters and other leaves are replicated."""
+    'params', same rank; its embed dim follows "optimizer_embed" where the rules have it); counters and other
+    leaves are replicated."""
+    optimizer_rules = dict(rules, embed=rules.get("optimizer_embed", rules.get("embed")))
 
     def sharding(path, leaf):
         names = _names(path)
@@ -141,7 +147,7 @@ def train_state_shardings(abstract: TrainState, mesh: Mesh, rules: Mapping) -> T
             below = names[len(names) - names[::-1].index("params") :]
             axes = param_logical_axes(below, leaf.ndim)
             if len(axes) == leaf.ndim:
-                return NamedSharding(mesh, _spec(axes, rules))
+                return NamedSharding(mesh, _spec(axes, rules if names[0] == "params" else optimizer_rules))
         return NamedSharding(mesh, P())
 
     return jax.tree_util.tree_map_with_path(sharding, abstract)

@@ -49,6 +49,25 @@ def eval_and_stream(mesh, sharded, state, inputs, reference_logits) -> dict:
     }
 
 
+def data_parallel_zero1(config, train, batches, key, reference_params) -> dict:
+    """The "dp" rules on (8, 1, 1): params replicated, optimizer state split over the batch axes (ZeRO-1)."""
+    sharded = ShardedTraining.create(config, train, make_mesh(MeshConfig(8, 1, 1)), "dp")
+    state = sharded.init(key)
+    for batch in batches:
+        state, _ = sharded.step(state, batch)
+    mu_up = next(
+        leaf
+        for path, leaf in jax.tree_util.tree_leaves_with_path(state.opt_state)
+        if "blocks_1" in jax.tree_util.keystr(path) and "'up'" in jax.tree_util.keystr(path)
+    )
+    params = jax.tree.leaves(jax.device_get(state.params))
+    return {
+        "dp_params_error": max(relative(a, b) for a, b in zip(params, jax.tree.leaves(reference_params), strict=True)),
+        "dp_up_spec": spec(state.params["params"]["blocks_1"]["mlp"]["up"]["kernel"]),
+        "dp_up_opt_spec": spec(mu_up),
+    }
+
+
 def pallas_under_mesh() -> dict:
     """The Pallas gated delta rule (interpret mode) inside a jit under a (2, 2, 2) mesh, with inputs sharded over
     batch and heads: it runs per shard through shard_map and must equal the unsharded call, values and gradients."""
@@ -140,6 +159,7 @@ def main() -> None:
                 mesh, sharded, state, batches[0]["inputs"], reference_logits
             )
 
+    results |= data_parallel_zero1(config, train, batches, key, reference_params)
     results |= pallas_under_mesh()
     try:
         ShardedTraining.create(config, train, make_mesh(MeshConfig(data=2, fsdp=1, tensor=3), jax.devices()[:6]))

@@ -55,6 +55,12 @@ def test_eval_and_streaming_under_a_mesh(results):
     assert run["fast_weight_spec"] == [["data", "fsdp"], "tensor", None, None]  # (batch, heads, d_k, d_v)
 
 
+def test_data_parallel_replicates_params_and_splits_the_optimizer_state(results):
+    assert results["dp_params_error"] < 1e-6
+    assert results["dp_up_spec"] == [None, None]
+    assert results["dp_up_opt_spec"] == [["data", "fsdp"], None]  # ZeRO-1: the embed dim over the batch axes
+
+
 def test_pallas_kernels_run_per_shard_under_a_mesh(results):
     assert results["pallas_error"] < 1e-6  # shard_map over (data, fsdp) x tensor == the unsharded call
     assert results["pallas_grad_spec"] == [["data", "fsdp"], None, "tensor", None]

@@ -1,0 +1,116 @@
+"""Cross-sweep tables and plots of the CPU-scale reproduction, from each sweep's summary.json.
+
+    python experiments/report.py
+
+Writes experiments/results/report.json, depth_gain.png (final exact vs Rule 110 depth, N=1 and N=2) and
+sleep_final.png (final exact vs N, one dot per seed), and prints the Markdown tables used in RESULTS.md.
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt
+
+RESULTS = Path(__file__).parent / "results"
+
+
+def load(sweep: str) -> dict:
+    path = RESULTS / sweep / "summary.json"
+    return json.loads(path.read_text())["runs"] if path.exists() else {}
+
+
+def depth_table(n1: dict, n2: dict) -> tuple[list[dict], str]:
+    depths = sorted({r["depth"] for r in [*n1.values(), *n2.values()]})
+    rows = []
+    for t in depths:
+        a = next((r for r in n1.values() if r["depth"] == t), None)
+        b = next((r for r in n2.values() if r["depth"] == t), None)
+        rows.append({"depth": t, "N1": a and a["final_exact"], "N2": b and b["final_exact"]})
+    lines = ["| Rule 110 depth t | N=1 final exact | N=2 final exact | N=2 - N=1 |", "|---|---|---|---|"]
+    for r in rows:
+        gain = f"{r['N2'] - r['N1']:+.3f}" if r["N1"] is not None and r["N2"] is not None else "—"
+        cells = [f"{r[k]:.3f}" if r[k] is not None else "—" for k in ("N1", "N2")]
+        lines.append(f"| {r['depth']} | {cells[0]} | {cells[1]} | {gain} |")
+    return rows, "\n".join(lines)
+
+
+def sleep_table(runs: dict) -> tuple[dict, str]:
+    by_n: dict[int, list[dict]] = {}
+    for name, r in sorted(runs.items()):
+        by_n.setdefault(r["passes"], []).append(dict(r, name=name))
+    table = {}
+    lines = ["| N | seeds | final exact per seed | mean | spread | best exact (mean) | minutes per run |"]
+    lines.append("|---|---|---|---|---|---|---|")
+    for n, rs in sorted(by_n.items()):
+        finals = [r["final_exact"] for r in rs]
+        table[n] = {
+            "final_exact": finals,
+            "mean": statistics.mean(finals),
+            "spread": max(finals) - min(finals),
+            "best_mean": statistics.mean(r["best_exact"] for r in rs),
+            "minutes": statistics.mean(r["seconds"] for r in rs) / 60,
+        }
+        row = table[n]
+        lines.append(
+            f"| {n} | {len(rs)} | {', '.join(f'{f:.3f}' for f in finals)} | {row['mean']:.3f} | {row['spread']:.3f} "
+            f"| {row['best_mean']:.3f} | {row['minutes']:.1f} |"
+        )
+    return table, "\n".join(lines)
+
+
+def plain_table(runs: dict) -> str:
+    lines = ["| run | N | steps | final exact | best exact | minutes |", "|---|---|---|---|---|---|"]
+    for name, r in sorted(runs.items()):
+        lines.append(
+            f"| {name} | {r['passes']} | {r['steps']} | {r['final_exact']:.3f} | {r['best_exact']:.3f} "
+            f"| {r['seconds'] / 60:.1f} |"
+        )
+    return "\n".join(lines)
+
+
+def main() -> None:
+    depth_rows, depth_md = depth_table(load("rule110-depth"), load("rule110-depth-N2"))
+    sleep, sleep_md = sleep_table(load("rule110-sleep"))
+    report = {"depth": depth_rows, "sleep": sleep, "baselines": load("rule110-baselines"), "lr": load("rule110-lr")}
+    (RESULTS / "report.json").write_text(json.dumps(report, indent=2) + "\n")
+
+    figure, axes = plt.subplots(figsize=(5.6, 3.8))
+    for key, label in (("N1", "N=1"), ("N2", "N=2")):
+        points = [(r["depth"], r[key]) for r in depth_rows if r[key] is not None]
+        if points:
+            axes.plot(*zip(*points, strict=True), marker="o", label=label)
+    axes.axhline(1 / 16, color="gray", linestyle="--", label="chance")
+    axes.set(xlabel="Rule 110 depth t", ylabel="held-out exact accuracy (final)", title="Rule 110: depth vs passes")
+    axes.grid(alpha=0.3)
+    axes.legend()
+    figure.tight_layout()
+    figure.savefig(RESULTS / "depth_gain.png", dpi=120)
+    plt.close(figure)
+
+    figure, axes = plt.subplots(figsize=(5.6, 3.8))
+    for n, row in sleep.items():
+        axes.scatter([n] * len(row["final_exact"]), row["final_exact"], color="C0")
+    if sleep:
+        axes.plot(list(sleep), [row["mean"] for row in sleep.values()], color="C0", label="mean over seeds")
+    axes.axhline(1 / 16, color="gray", linestyle="--", label="chance")
+    axes.set(xlabel="passes N", ylabel="held-out exact accuracy (final)", title="Rule 110: sleep passes")
+    axes.grid(alpha=0.3)
+    axes.legend()
+    figure.tight_layout()
+    figure.savefig(RESULTS / "sleep_final.png", dpi=120)
+    plt.close(figure)
+
+    print("## Depth\n\n" + depth_md + "\n\n## Sleep passes\n\n" + sleep_md)
+    for sweep in ("rule110-baselines", "rule110-lr"):
+        if load(sweep):
+            print(f"\n## {sweep}\n\n" + plain_table(load(sweep)))
+
+
+if __name__ == "__main__":
+    main()
