@@ -74,10 +74,24 @@ def plain_table(runs: dict) -> str:
     return "\n".join(lines)
 
 
+def per_group_table(runs: dict, prefix: str) -> str:
+    """Final accuracy per group (Depo hop count "accuracy@k*", arithmetic op count "accuracy@ops*") for each run."""
+    if not runs:
+        return ""
+    keys = sorted({k for r in runs.values() for k in r["final"] if k.startswith(prefix)}, key=lambda k: (len(k), k))
+    lines = ["| run | N | eviction | " + " | ".join(k.removeprefix(prefix) for k in keys) + " |"]
+    lines.append("|---" * (len(keys) + 3) + "|")
+    for name, r in sorted(runs.items()):
+        cells = " | ".join(f"{r['final'][k]:.3f}" if k in r["final"] else "—" for k in keys)
+        lines.append(f"| {name} | {r['passes']} | {r['eviction']} | {cells} |")
+    return "\n".join(lines)
+
+
 def main() -> None:
     depth_rows, depth_md = depth_table(load("rule110-depth"), load("rule110-depth-N2"))
     sleep, sleep_md = sleep_table(load("rule110-sleep"))
-    report = {"depth": depth_rows, "sleep": sleep, "baselines": load("rule110-baselines"), "lr": load("rule110-lr")}
+    report = {"depth": depth_rows, "sleep": sleep}
+    report |= {name: load(name) for name in ("rule110-baselines", "rule110-lr", "depo", "arith")}
     (RESULTS / "report.json").write_text(json.dumps(report, indent=2) + "\n")
 
     figure, axes = plt.subplots(figsize=(5.6, 3.8))
@@ -110,6 +124,9 @@ def main() -> None:
     for sweep in ("rule110-baselines", "rule110-lr"):
         if load(sweep):
             print(f"\n## {sweep}\n\n" + plain_table(load(sweep)))
+    for sweep, prefix in (("depo", "accuracy@k"), ("arith", "accuracy@ops")):
+        if load(sweep):
+            print(f"\n## {sweep} (final held-out accuracy per group)\n\n" + per_group_table(load(sweep), prefix))
 
 
 if __name__ == "__main__":

@@ -2,7 +2,8 @@
 
     python experiments/run.py SWEEP [--depth T] [--muon-lr LR] [--workdir runs/experiments]
 
-SWEEP is one of experiments/sweeps.py's (rule110-depth, rule110-lr, rule110-sleep, rule110-baselines). Each run
+SWEEP is one of experiments/sweeps.py's (rule110-depth, rule110-lr, rule110-sleep, rule110-depth-N2,
+rule110-baselines, depo, arith). Each run
 trains in WORKDIR/SWEEP/NAME (resuming from its last checkpoint if cut off); when it finishes, its metrics and
 experiment are copied to experiments/results/SWEEP/ and the sweep's summary.json and plot are rewritten, so a
 sweep stopped halfway keeps every finished run. Finished runs are skipped on a rerun.
@@ -56,7 +57,9 @@ def summarize(sweep: str, out: Path, info: dict) -> None:
             "tokens": evals[-1]["tokens"],
             "seconds": json.loads((run / "time.json").read_text())["seconds"],
             "passes": record["config"]["sleep"]["passes"],
-            "depth": record["task"]["steps"],
+            "eviction": record["config"]["sleep"]["eviction"],
+            "depth": record["task"].get("steps"),
+            "final": evals[-1],
         }
     (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     if runs:

@@ -36,6 +36,9 @@ def rule110(name: str, depth: int, passes: int = 1, seed: int = 0, **extra: str)
     return Run(name, "rule110-cpu", overrides | extra)
 
 
+QUIET = {"run.progress": "false"}
+
+
 def sweeps(depth: int, muon_lr: str) -> dict[str, list[Run]]:
     """All sweeps; `depth` is the Rule 110 depth of the sleep sweep and the baselines, `muon_lr` the tuned rate."""
     lr = {"train.muon_lr": muon_lr}
@@ -48,6 +51,14 @@ def sweeps(depth: int, muon_lr: str) -> dict[str, list[Run]]:
         "rule110-sleep": [rule110(f"N{n}-s{s}", depth, n, s, **lr) for n in (1, 2, 4, 3) for s in SEEDS],
         # Does the gain grow with depth? N=2 at the depths of Fig. 2a (N=1 is in rule110-depth).
         "rule110-depth-N2": [rule110(f"t{t}", t, 2) for t in RULE110_DEPTHS],
+        # Fig. 3: Depo at a scaled-down size, loss and accuracy per hop count k.
+        "depo": [Run(f"N{n}", "depo-cpu", QUIET | {"sleep.passes": str(n)}) for n in (1, 2, 4)],
+        # Fig. 4/5: arithmetic with distractors, accuracy per op count, hard and sliding eviction.
+        "arith": [
+            Run(f"{eviction}-N{n}", "arith-cpu", QUIET | {"sleep.eviction": eviction, "sleep.passes": str(n)})
+            for eviction in ("hard", "sliding")
+            for n in (1, 2, 4)
+        ],
         # Baselines the paper does not have.
         "rule110-baselines": [
             rule110("full-attention", depth, **lr, **{"sleep.eviction": "none", "model.layers": ATTENTION_ONLY}),
