@@ -31,14 +31,26 @@ def parse_overrides(extra: list[str]) -> dict[str, str]:
     return overrides
 
 
+def _initialize_distributed() -> None:
+    """`jax.distributed.initialize` for multi-host runs. On TPU pods, SLURM and other clusters JAX detects the
+    coordinator, process count and id itself; elsewhere set JAX_COORDINATOR_ADDRESS (host:port of process 0),
+    JAX_NUM_PROCESSES and JAX_PROCESS_ID."""
+    import os
+
+    import jax
+
+    count, index = os.environ.get("JAX_NUM_PROCESSES"), os.environ.get("JAX_PROCESS_ID")
+    jax.distributed.initialize(
+        num_processes=None if count is None else int(count), process_id=None if index is None else int(index)
+    )
+
+
 def _train(args, extra) -> None:
     from sleeplm.loop import run_training
     from sleeplm.presets import build_experiment
 
-    if args.distributed:  # multi-host: coordinator, process count and id come from the environment
-        import jax
-
-        jax.distributed.initialize()
+    if args.distributed:
+        _initialize_distributed()
     experiment = build_experiment(args.preset, parse_overrides(extra))
     mesh = None
     if args.mesh:

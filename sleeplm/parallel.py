@@ -223,9 +223,19 @@ class ShardedTraining:
         return jax.jit(
             functools.partial(eval_step, config=self.config),
             in_shardings=(self.state_shardings.params, batch_sharding(self.mesh, self.rules)),
+            out_shardings=NamedSharding(self.mesh, P()),  # small per-example results, readable on every process
         )
 
     def eval(self, params, batch: dict) -> dict:
-        """`train.eval_step` with params and batch sharded (the batch must divide over the batch axes)."""
+        """`train.eval_step` with params and batch sharded (the batch must divide over the batch axes).
+
+        `batch` is the whole global batch, the same on every process (held-out sets are generated identically
+        everywhere); each process places only the slices its devices hold.
+        """
+        sharding = batch_sharding(self.mesh, self.rules)
+        batch = {
+            key: jax.make_array_from_callback(np.shape(x), sharding, lambda index, x=x: np.asarray(x)[index])
+            for key, x in batch.items()
+        }
         with jax.set_mesh(self.mesh):
             return self._eval(params, batch)

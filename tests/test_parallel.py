@@ -4,7 +4,9 @@ the single-device run, for meshes (data, fsdp, tensor) = (8,1,1), (2,4,1), (2,2,
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -92,18 +94,30 @@ def test_bad_mesh_configs(text, message):
         MeshConfig.parse(text).shape(8)
 
 
-def _run_check(devices: int, phase: str, workdir: Path) -> dict:
-    script = Path(__file__).with_name("reshard_check.py")
-    done = subprocess.run(
-        [sys.executable, str(script), str(devices), phase, str(workdir)], capture_output=True, text=True, timeout=900
-    )
+def _check_command(devices: int, phase: str, workdir: Path) -> list[str]:
+    return [sys.executable, str(Path(__file__).with_name("reshard_check.py")), str(devices), phase, str(workdir)]
+
+
+def _results(done: subprocess.CompletedProcess) -> dict:
     lines = [line for line in done.stdout.splitlines() if line.startswith("RESULTS ")]
     assert done.returncode == 0 and lines, done.stderr[-3000:]
     return json.loads(lines[-1][len("RESULTS ") :])
 
 
+def _run_check(devices: int, phase: str, workdir: Path) -> dict:
+    return _results(
+        subprocess.run(_check_command(devices, phase, workdir), capture_output=True, text=True, timeout=900)
+    )
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 @pytest.mark.slow
-def test_cli_trains_on_8_devices_and_checkpoints_restore_on_4_and_1(tmp_path):
+def test_cli_trains_on_8_devices_and_checkpoints_restore_on_4_and_1_and_two_processes_agree(tmp_path):
     saved = tmp_path / "run8"
     assert _run_check(8, "save8", saved)["devices"] == 8  # the CLI, on a (2, 2, 2) mesh, stopped at step 3
     assert (saved / "checkpoints" / "3").is_dir() and (saved / "metrics.jsonl").exists()
@@ -116,3 +130,24 @@ def test_cli_trains_on_8_devices_and_checkpoints_restore_on_4_and_1(tmp_path):
     for resumed in (on4, on1["resumed"]):
         np.testing.assert_allclose(resumed["losses"], straight["losses"], rtol=1e-5)
         np.testing.assert_allclose(resumed["params"], straight["params"], rtol=1e-4, atol=1e-6)
+
+    # Two processes of 4 devices each, coordinated by jax.distributed (the CLI's --distributed), one (2, 2, 2) mesh.
+    env = dict(os.environ, SLEEPLM_TEST_PORT=str(_free_port()))
+    run = tmp_path / "two-hosts"
+    hosts = [
+        subprocess.Popen(
+            _check_command(4, f"host{i}", run), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env
+        )
+        for i in (0, 1)
+    ]
+    outputs = [host.communicate(timeout=900) for host in hosts]
+    both = _results(subprocess.CompletedProcess([], hosts[0].returncode, *outputs[0]))
+    assert hosts[1].returncode == 0, outputs[1][1][-3000:]
+    assert both["processes"] == 2 and both["devices"] == 8
+    train = [r["loss"] for r in both["records"] if r["kind"] == "train"]
+    evals = [r for r in both["records"] if r["kind"] == "eval"]
+    np.testing.assert_allclose(train, straight["losses"], rtol=1e-5)
+    assert [e["step"] for e in evals] == [e["step"] for e in straight["evals"]]
+    for multi, single in zip(evals, straight["evals"], strict=True):  # held-out metrics from host batches
+        np.testing.assert_allclose(multi["loss"], single["loss"], rtol=1e-5)
+        assert multi["exact"] == single["exact"] and multi["accuracy"] == single["accuracy"]
