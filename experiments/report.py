@@ -8,6 +8,7 @@ sleep_final.png (final exact vs N, one dot per seed), and prints the Markdown ta
 
 from __future__ import annotations
 
+import contextlib
 import json
 import statistics
 from pathlib import Path
@@ -87,6 +88,20 @@ def per_group_table(runs: dict, prefix: str) -> str:
     return "\n".join(lines)
 
 
+@contextlib.contextmanager
+def final_accuracy_plot(path: Path, xlabel: str, title: str):
+    """Axes to draw final held-out exact accuracies on; chance (4 strings) marked; saved to `path` on exit."""
+    figure, axes = plt.subplots(figsize=(5.6, 3.8))
+    yield axes
+    axes.axhline(1 / 16, color="gray", linestyle="--", label="chance")
+    axes.set(xlabel=xlabel, ylabel="held-out exact accuracy (final)", title=title)
+    axes.grid(alpha=0.3)
+    axes.legend()
+    figure.tight_layout()
+    figure.savefig(path, dpi=120)
+    plt.close(figure)
+
+
 def main() -> None:
     depth_rows, depth_md = depth_table(load("rule110-depth"), load("rule110-depth-N2"))
     sleep, sleep_md = sleep_table(load("rule110-sleep"))
@@ -94,31 +109,16 @@ def main() -> None:
     report |= {name: load(name) for name in ("rule110-baselines", "rule110-lr", "depo", "arith")}
     (RESULTS / "report.json").write_text(json.dumps(report, indent=2) + "\n")
 
-    figure, axes = plt.subplots(figsize=(5.6, 3.8))
-    for key, label in (("N1", "N=1"), ("N2", "N=2")):
-        points = [(r["depth"], r[key]) for r in depth_rows if r[key] is not None]
-        if points:
-            axes.plot(*zip(*points, strict=True), marker="o", label=label)
-    axes.axhline(1 / 16, color="gray", linestyle="--", label="chance")
-    axes.set(xlabel="Rule 110 depth t", ylabel="held-out exact accuracy (final)", title="Rule 110: depth vs passes")
-    axes.grid(alpha=0.3)
-    axes.legend()
-    figure.tight_layout()
-    figure.savefig(RESULTS / "depth_gain.png", dpi=120)
-    plt.close(figure)
-
-    figure, axes = plt.subplots(figsize=(5.6, 3.8))
-    for n, row in sleep.items():
-        axes.scatter([n] * len(row["final_exact"]), row["final_exact"], color="C0")
-    if sleep:
-        axes.plot(list(sleep), [row["mean"] for row in sleep.values()], color="C0", label="mean over seeds")
-    axes.axhline(1 / 16, color="gray", linestyle="--", label="chance")
-    axes.set(xlabel="passes N", ylabel="held-out exact accuracy (final)", title="Rule 110: sleep passes")
-    axes.grid(alpha=0.3)
-    axes.legend()
-    figure.tight_layout()
-    figure.savefig(RESULTS / "sleep_final.png", dpi=120)
-    plt.close(figure)
+    with final_accuracy_plot(RESULTS / "depth_gain.png", "Rule 110 depth t", "Rule 110: depth vs passes") as axes:
+        for key, label in (("N1", "N=1"), ("N2", "N=2")):
+            points = [(r["depth"], r[key]) for r in depth_rows if r[key] is not None]
+            if points:
+                axes.plot(*zip(*points, strict=True), marker="o", label=label)
+    with final_accuracy_plot(RESULTS / "sleep_final.png", "passes N", "Rule 110: sleep passes") as axes:
+        for n, row in sleep.items():
+            axes.scatter([n] * len(row["final_exact"]), row["final_exact"], color="C0")
+        if sleep:
+            axes.plot(list(sleep), [row["mean"] for row in sleep.values()], color="C0", label="mean over seeds")
 
     print("## Depth\n\n" + depth_md + "\n\n## Sleep passes\n\n" + sleep_md)
     for sweep in ("rule110-baselines", "rule110-lr"):
