@@ -5,8 +5,8 @@ in `sleeplm.ops` (q, k (B, T, H, d_k); v (B, T, H, d_v); g, beta (B, T, H); stat
 into the batch, pads the sequence to whole chunks with no-op tokens (g = 0, beta = 0, q = 0) and, on GPU/TPU, the
 head dims to lowering-friendly sizes with zeros (zero key/value columns never touch the rest of the state).
 
-The backward pass keeps only the inputs: it recomputes W, U and the chunk start states with the forward kernels
-(cheap next to storing d_k x d_v per chunk), then runs the three backward kernels.
+The backward pass keeps only the inputs: it recomputes W, V' and the chunk start states with the first two forward
+kernels (cheap next to storing d_k x d_v per chunk), then runs the three backward kernels.
 
 Under an active mesh (`jax.set_mesh`), the kernels run per shard through `jax.shard_map`, split over the batch
 axes ("data", "fsdp") and the head axis ("tensor") of the mesh: a pallas_call is opaque to GSPMD, and the rule
@@ -55,25 +55,26 @@ def _value_block(d_v: int, requested: int) -> int:
 @functools.partial(jax.custom_vjp, nondiff_argnums=(6, 7))
 def _folded(q, k, v, g, beta, s0, config: KernelConfig, out_dtype):
     """The rule on folded, padded inputs: q, k (BH, T, d_k); v (BH, T, d_v); g, beta (BH, T); s0 (BH, d_k, d_v)."""
-    return _forward(q, k, v, g, beta, s0, config, out_dtype)[0]
+    return _folded_fwd(q, k, v, g, beta, s0, config, out_dtype)[0]
 
 
-def _forward(q, k, v, g, beta, s0, config, out_dtype):
+def _chunk_states(k, v, g, beta, s0, config):
+    """Stages 1 and 2: W, V', every chunk's start state, and the final state."""
     w, u = kernel.wy_forward(k, v, g, beta, config)
-    v_new, states, final = kernel.states_forward(k, w, u, g, s0, config)
-    out = kernel.output_forward(q, k, g, v_new, states, out_dtype, config)
-    return (out, final), (w, v_new, states)
+    return w, *kernel.states_forward(k, w, u, g, s0, config)
 
 
 def _folded_fwd(q, k, v, g, beta, s0, config, out_dtype):
-    return _forward(q, k, v, g, beta, s0, config, out_dtype)[0], (q, k, v, g, beta, s0)
+    _, v_new, states, final = _chunk_states(k, v, g, beta, s0, config)
+    out = kernel.output_forward(q, k, g, v_new, states, out_dtype, config)
+    return (out, final), (q, k, v, g, beta, s0)
 
 
 def _folded_bwd(config, out_dtype, residuals, cotangents):
     del out_dtype
     q, k, v, g, beta, s0 = residuals
     d_out, d_final = cotangents
-    _, (w, v_new, states) = _forward(q, k, v, g, beta, s0, config, jnp.float32)  # recompute, not stored
+    w, v_new, states, _ = _chunk_states(k, v, g, beta, s0, config)  # recomputed, not stored
     dq, dk_out, dg_out, dv_new, dstates = kernel.output_backward(q, k, g, v_new, states, d_out, config)
     du, dw, dk_state, dg_state, ds0 = kernel.states_backward(
         k, w, g, v_new, states, dv_new, dstates, d_final.astype(jnp.float32), config
