@@ -80,7 +80,7 @@ def main(argv: list[str] | None = None) -> None:
     argv = sys.argv[1:] if argv is None else argv
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("sweep")
-    parser.add_argument("--depth", type=int, default=2, help="Rule 110 depth of the sleep sweep and the baselines")
+    parser.add_argument("--depth", type=int, default=4, help="Rule 110 depth of the sleep sweep and the baselines")
     parser.add_argument("--muon-lr", default="2e-3", help="the tuned N=1 Muon learning rate")
     parser.add_argument("--workdir", type=Path, default=Path("runs/experiments"))
     parser.add_argument("--only", default="", help="comma-separated run names, run in this order (default: all)")
