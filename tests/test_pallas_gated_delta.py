@@ -38,7 +38,7 @@ def _value_and_grads(inputs, fn):
     ("layout", "d_k", "d_v", "block_v"),
     [
         ("gpu", 12, 24, 16),  # head dims padded to 16 and 32; two state-column blocks; chunk a power of two
-        ("tpu", 8, 8, 64),  # head dims padded to 128
+        ("tpu", 8, 8, 64),  # head dims padded to 128, chunk 128
         ("cpu", 16, 8, 4),  # no padding; two state-column blocks whose dW, dK, dg partials are summed
     ],
 )
@@ -60,7 +60,7 @@ def test_lowering_sizes():
     assert lowering_sizes(5, 12, 24, 64, "cpu") == (5, 12, 24)
     assert lowering_sizes(5, 12, 24, 64, "gpu") == (16, 16, 32)
     assert lowering_sizes(4096, 128, 128, 64, "gpu") == (64, 128, 128)
-    assert lowering_sizes(4096, 64, 200, 64, "tpu") == (64, 128, 256)
+    assert lowering_sizes(4096, 64, 200, 64, "tpu") == (128, 128, 256)
     with pytest.raises(ValueError, match=r"chunk_size=24 is invalid for pallas on gpu"):
         lowering_sizes(100, 16, 16, 24, "gpu")
 

@@ -35,16 +35,17 @@ def _next_power_of_two(n: int) -> int:
 def lowering_sizes(length: int, d_k: int, d_v: int, chunk_size: int, backend: str) -> tuple[int, int, int]:
     """(chunk, padded d_k, padded d_v) for a backend.
 
-    Interpret mode (CPU) takes any sizes. Triton (GPU) needs power-of-two blocks of at least 16 for its dots;
-    Mosaic (TPU) needs the lane dim (head dims) in multiples of 128 and the sublane dim (chunk) in multiples of 8.
+    Interpret mode (CPU) takes any sizes. Triton (GPU) needs power-of-two blocks of at least 16 for its dots.
+    Mosaic (TPU) needs the last dim of every block in multiples of 128: the head dims, and the chunk too, since g
+    and beta are (BH, T) blocks of one chunk; so the chunk is at least 128 there (the result does not depend on it).
     """
     if backend == "cpu":
         return max(1, min(chunk_size, length)), d_k, d_v
     if chunk_size < 16 or chunk_size & (chunk_size - 1):
         raise ValueError(f"chunk_size={chunk_size} is invalid for pallas on {backend}: use a power of two >= 16")
-    chunk = min(chunk_size, max(16, _next_power_of_two(length)))
     if backend == "tpu":
-        return chunk, -(-d_k // 128) * 128, -(-d_v // 128) * 128
+        return max(128, chunk_size), -(-d_k // 128) * 128, -(-d_v // 128) * 128
+    chunk = min(chunk_size, max(16, _next_power_of_two(length)))
     return chunk, max(16, _next_power_of_two(d_k)), max(16, _next_power_of_two(d_v))
 
 
