@@ -1,9 +1,9 @@
 """Runs one sweep of the CPU-scale reproduction and writes its results as they come.
 
-    python experiments/run.py SWEEP [--depth T] [--muon-lr LR] [--workdir runs/experiments]
+    python experiments/run.py SWEEP [--muon-lr LR] [--only NAME,...] [--workdir runs/experiments]
 
-SWEEP is one of experiments/sweeps.py's (rule110-depth, rule110-lr, rule110-sleep, rule110-depth-N2,
-rule110-baselines, depo, arith). Each run
+SWEEP is one of experiments/sweeps.py's: rule110-depth, rule110-depth-N2, rule110-lr-tT, rule110-sleep-tT,
+rule110-baselines-tT (T the Rule 110 depth), depo, arith. Each run
 trains in WORKDIR/SWEEP/NAME (resuming from its last checkpoint if cut off); when it finishes, its metrics and
 experiment are copied to experiments/results/SWEEP/ and the sweep's summary.json and plot are rewritten, so a
 sweep stopped halfway keeps every finished run. Finished runs are skipped on a rerun.
@@ -80,17 +80,16 @@ def main(argv: list[str] | None = None) -> None:
     argv = sys.argv[1:] if argv is None else argv
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("sweep")
-    parser.add_argument("--depth", type=int, default=4, help="Rule 110 depth of the sleep sweep and the baselines")
     parser.add_argument("--muon-lr", default="2e-3", help="the tuned N=1 Muon learning rate")
     parser.add_argument("--workdir", type=Path, default=Path("runs/experiments"))
     parser.add_argument("--only", default="", help="comma-separated run names, run in this order (default: all)")
     args = parser.parse_args(argv)
-    all_sweeps = sweeps(args.depth, args.muon_lr)
+    all_sweeps = sweeps(args.muon_lr)
     if args.sweep not in all_sweeps:
         parser.error(f"sweep {args.sweep!r} is unknown: choose one of {sorted(all_sweeps)}")
     out = RESULTS / args.sweep
     out.mkdir(parents=True, exist_ok=True)
-    info = {"provenance": provenance(argv), "depth": args.depth, "muon_lr": args.muon_lr}
+    info = {"provenance": provenance(argv), "muon_lr": args.muon_lr}
     only = [name for name in args.only.split(",") if name]  # also the order to run them in
     runs = {run.name: run for run in all_sweeps[args.sweep]}
     for name in only:

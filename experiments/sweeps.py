@@ -25,7 +25,7 @@ RULE110 = {
     "run.checkpoint_every": "200",
     "run.progress": "false",
 }
-RULE110_DEPTHS = (0, 2, 4, 6)
+RULE110_DEPTHS = (0, 2, 3, 4, 6)
 LEARNING_RATES = ("1e-3", "2e-3", "4e-3", "8e-3")  # Muon's, for the hidden matrices (AdamW's stays at 1e-3)
 SEEDS = (0, 1)
 ATTENTION_ONLY = "attn,attn,attn,attn"
@@ -39,17 +39,14 @@ def rule110(name: str, depth: int, passes: int = 1, seed: int = 0, **extra: str)
 QUIET = {"run.progress": "false"}
 
 
-def sweeps(depth: int, muon_lr: str) -> dict[str, list[Run]]:
-    """All sweeps; `depth` is the Rule 110 depth of the sleep sweep and the baselines, `muon_lr` the tuned rate."""
+def sweeps(muon_lr: str) -> dict[str, list[Run]]:
+    """All sweeps. The Rule 110 sleep, learning-rate and baseline sweeps exist per depth t (named "-t{t}");
+    `muon_lr` is the tuned N=1 rate they use."""
     lr = {"train.muon_lr": muon_lr}
-    return {
+    every = {
         # Fig. 2a: where does N=1 stop learning within the budget?
         "rule110-depth": [rule110(f"t{t}", t) for t in RULE110_DEPTHS],
-        # The paper tunes the learning rate on N=1 and reuses it for every N.
-        "rule110-lr": [rule110(f"lr{rate}", depth, **{"train.muon_lr": rate}) for rate in LEARNING_RATES],
-        # Fig. 2b: N = 1..4 on the same data in the same order, two seeds (N=3 last: the cheapest to leave out).
-        "rule110-sleep": [rule110(f"N{n}-s{s}", depth, n, s, **lr) for n in (1, 2, 4, 3) for s in SEEDS],
-        # Does the gain grow with depth? N=2 at the depths of Fig. 2a (N=1 is in rule110-depth).
+        # Does the gain grow with depth? N=2 at the depths of Fig. 2a.
         "rule110-depth-N2": [rule110(f"t{t}", t, 2) for t in RULE110_DEPTHS],
         # Fig. 3: Depo at a scaled-down size, loss and accuracy per hop count k.
         "depo": [Run(f"N{n}", "depo-cpu", QUIET | {"sleep.passes": str(n)}) for n in (1, 2, 4)],
@@ -59,14 +56,21 @@ def sweeps(depth: int, muon_lr: str) -> dict[str, list[Run]]:
             for eviction in ("hard", "sliding")
             for n in (1, 2, 4)
         ],
-        # Baselines the paper does not have.
-        "rule110-baselines": [
-            rule110("full-attention", depth, **lr, **{"sleep.eviction": "none", "model.layers": ATTENTION_ONLY}),
-            rule110("attention-evicted", depth, **lr, **{"model.layers": ATTENTION_ONLY}),
+    }
+    for t in range(1, 9):
+        # The paper tunes the learning rate on N=1 and reuses it for every N.
+        every[f"rule110-lr-t{t}"] = [rule110(f"lr{rate}", t, **{"train.muon_lr": rate}) for rate in LEARNING_RATES]
+        # Fig. 2b: N = 1..4 on the same data in the same order, two seeds (N=3 last: the cheapest to leave out).
+        every[f"rule110-sleep-t{t}"] = [rule110(f"N{n}-s{s}", t, n, s, **lr) for n in (1, 2, 4, 3) for s in SEEDS]
+        # Baselines the paper does not have: no eviction at all (an upper bound), the same transformer evicted (must
+        # sit at chance), and N=1 trained on 2x and 4x the steps (is sleep better than training longer?).
+        every[f"rule110-baselines-t{t}"] = [
+            rule110("full-attention", t, **lr, **{"sleep.eviction": "none", "model.layers": ATTENTION_ONLY}),
+            rule110("attention-evicted", t, **lr, **{"model.layers": ATTENTION_ONLY}),
             *(
-                rule110(f"N1-{k}x-steps-s{s}", depth, 1, s, **lr, **{"train.steps": str(600 * k)})
+                rule110(f"N1-{k}x-steps-s{s}", t, 1, s, **lr, **{"train.steps": str(600 * k)})
                 for k in (2, 4)
                 for s in SEEDS
             ),
-        ],
-    }
+        ]
+    return every
