@@ -3,7 +3,8 @@
     python experiments/report.py
 
 Writes experiments/results/report.json, depth_gain.png (final exact vs Rule 110 depth, N=1 and N=2) and
-sleep_final.png (final exact vs N, one dot per seed), and prints the Markdown tables used in RESULTS.md.
+rule110-sleep-tT.png per sleep sweep (final exact vs N, one dot per seed), and prints the Markdown tables used in
+RESULTS.md.
 """
 
 from __future__ import annotations
@@ -104,29 +105,35 @@ def final_accuracy_plot(path: Path, xlabel: str, title: str):
 
 def main() -> None:
     depth_rows, depth_md = depth_table(load("rule110-depth"), load("rule110-depth-N2"))
-    sleep, sleep_md = sleep_table(load("rule110-sleep"))
-    report = {"depth": depth_rows, "sleep": sleep}
-    report |= {name: load(name) for name in ("rule110-baselines", "rule110-lr", "depo", "arith")}
+    report: dict = {"depth": depth_rows}
+    sections = ["## Depth\n\n" + depth_md]
+    for path in sorted(RESULTS.glob("rule110-sleep-t*/summary.json")):
+        sweep = path.parent.name
+        table, markdown = sleep_table(load(sweep))
+        report[sweep] = table
+        sections.append(f"## {sweep}\n\n{markdown}")
+        with final_accuracy_plot(RESULTS / f"{sweep}.png", "passes N", f"Rule 110 {sweep[-2:]}: sleep passes") as axes:
+            for n, row in table.items():
+                axes.scatter([n] * len(row["final_exact"]), row["final_exact"], color="C0")
+            axes.plot(list(table), [row["mean"] for row in table.values()], color="C0", label="mean over seeds")
+    for path in sorted(
+        [*RESULTS.glob("rule110-baselines-t*/summary.json"), *RESULTS.glob("rule110-lr-t*/summary.json")]
+    ):
+        report[path.parent.name] = load(path.parent.name)
+        sections.append(f"## {path.parent.name}\n\n" + plain_table(load(path.parent.name)))
+    for sweep, prefix in (("depo", "accuracy@k"), ("arith", "accuracy@ops")):
+        if load(sweep):
+            report[sweep] = load(sweep)
+            sections.append(
+                f"## {sweep} (final held-out accuracy per group)\n\n" + per_group_table(load(sweep), prefix)
+            )
     (RESULTS / "report.json").write_text(json.dumps(report, indent=2) + "\n")
-
     with final_accuracy_plot(RESULTS / "depth_gain.png", "Rule 110 depth t", "Rule 110: depth vs passes") as axes:
         for key, label in (("N1", "N=1"), ("N2", "N=2")):
             points = [(r["depth"], r[key]) for r in depth_rows if r[key] is not None]
             if points:
                 axes.plot(*zip(*points, strict=True), marker="o", label=label)
-    with final_accuracy_plot(RESULTS / "sleep_final.png", "passes N", "Rule 110: sleep passes") as axes:
-        for n, row in sleep.items():
-            axes.scatter([n] * len(row["final_exact"]), row["final_exact"], color="C0")
-        if sleep:
-            axes.plot(list(sleep), [row["mean"] for row in sleep.values()], color="C0", label="mean over seeds")
-
-    print("## Depth\n\n" + depth_md + "\n\n## Sleep passes\n\n" + sleep_md)
-    for sweep in ("rule110-baselines", "rule110-lr"):
-        if load(sweep):
-            print(f"\n## {sweep}\n\n" + plain_table(load(sweep)))
-    for sweep, prefix in (("depo", "accuracy@k"), ("arith", "accuracy@ops")):
-        if load(sweep):
-            print(f"\n## {sweep} (final held-out accuracy per group)\n\n" + per_group_table(load(sweep), prefix))
+    print("\n\n".join(sections))
 
 
 if __name__ == "__main__":
