@@ -27,7 +27,7 @@ RULE110 = {
 }
 RULE110_DEPTHS = (0, 2, 3, 4, 6)
 LEARNING_RATES = ("1e-3", "2e-3", "4e-3", "8e-3")  # Muon's, for the hidden matrices (AdamW's stays at 1e-3)
-SEEDS = (0, 1)
+SEEDS = (0, 1, 2)
 ATTENTION_ONLY = "attn,attn,attn,attn"
 
 
