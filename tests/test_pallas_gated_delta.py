@@ -75,6 +75,7 @@ def test_dispatcher_runs_pallas_and_auto_picks_xla_on_cpu(gdr_inputs):
         gated_delta_rule_pallas(*(gdr_inputs[n] for n in ARG_NAMES), layout="cuda")
 
 
+@pytest.mark.slow  # about 35 s of interpret-mode kernels; CI runs it in make test-slow
 def test_tiny_model_trains_the_same_through_the_kernels():
     task = Rule110Config(width=8, num_strings=2, steps=1, window=8)
     source = make_source(task, "train", seed=0, size=16)
