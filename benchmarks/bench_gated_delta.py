@@ -30,15 +30,19 @@ def make_inputs(batch: int, length: int, heads: int, dim: int, dtype: jnp.dtype)
     return q, k, v, g, beta, state
 
 
-def benchmark(implementation: str, inputs: tuple[jax.Array, ...], chunk: int, repeats: int) -> dict:
+def compiled(implementation: str, chunk: int):
+    """Jitted forward and forward+backward (loss value and all six gradients) of one implementation."""
     op = lambda *args: gated_delta_rule(*args, implementation=implementation, chunk_size=chunk)
-    forward = jax.jit(op)
 
     def loss(*args):
         out, state = op(*args)
         return jnp.sum(out.astype(jnp.float32) ** 2) + jnp.sum(state**2)
 
-    forward_backward = jax.jit(jax.grad(loss, argnums=tuple(range(6))))
+    return jax.jit(op), jax.jit(jax.value_and_grad(loss, argnums=tuple(range(6))))
+
+
+def benchmark(implementation: str, inputs: tuple[jax.Array, ...], chunk: int, repeats: int) -> dict:
+    forward, forward_backward = compiled(implementation, chunk)
     return {
         "forward_s": median_seconds(forward, *inputs, repeats=repeats),
         "forward_backward_s": median_seconds(forward_backward, *inputs, repeats=repeats),

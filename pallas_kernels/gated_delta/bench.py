@@ -25,7 +25,7 @@ import jax.numpy as jnp
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks"))
-from bench_gated_delta import benchmark, make_inputs
+from bench_gated_delta import benchmark, compiled, make_inputs
 from common import write_record
 
 from sleeplm.ops import gated_delta_rule
@@ -89,17 +89,6 @@ def check_correctness(chunk: int) -> dict:
                 failures += [key] if not worst < BOUNDS[dtype] else []
                 print(f"correctness {key}: worst relative error {worst:.2e} (bound {BOUNDS[dtype]:.0e})", flush=True)
     return {"errors": results, "bounds": BOUNDS, "failures": failures}
-
-
-def compiled(implementation: str, chunk: int):
-    """Jitted forward and forward+backward (value and all six gradients) of one implementation."""
-    op = lambda *args: gated_delta_rule(*args, implementation=implementation, chunk_size=chunk)
-
-    def loss(*args):
-        out, state = op(*args)
-        return jnp.sum(out.astype(jnp.float32) ** 2) + jnp.sum(state**2)
-
-    return jax.jit(op), jax.jit(jax.value_and_grad(loss, argnums=tuple(range(6))))
 
 
 def time_implementations(args: argparse.Namespace, results: dict, save) -> dict:
