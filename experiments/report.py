@@ -1,14 +1,15 @@
 """Cross-sweep tables and plots of the CPU-scale reproduction, from each sweep's summary.json.
 
-    python experiments/report.py
+    python experiments/report.py [--results experiments/results]
 
-Writes experiments/results/report.json, depth_gain.png (final exact vs Rule 110 depth, N=1 and N=2) and
+Writes RESULTS/report.json, depth_gain.png (final exact vs Rule 110 depth, N=1 and N=2) and
 rule110-sleep-tT.png per sleep sweep (final exact vs N, one dot per seed), and prints the Markdown tables used in
 RESULTS.md.
 """
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import json
 import statistics
@@ -23,6 +24,7 @@ RESULTS = Path(__file__).parent / "results"
 
 
 def load(sweep: str) -> dict:
+    """The runs of one sweep's summary.json under RESULTS (empty if the sweep never ran)."""
     path = RESULTS / sweep / "summary.json"
     return json.loads(path.read_text())["runs"] if path.exists() else {}
 
@@ -104,6 +106,10 @@ def final_accuracy_plot(path: Path, xlabel: str, title: str):
 
 
 def main() -> None:
+    global RESULTS
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--results", type=Path, default=RESULTS, help="the folder of sweep results to report on")
+    RESULTS = parser.parse_args().results
     depth_rows, depth_md = depth_table(load("rule110-depth"), load("rule110-depth-N2"))
     report: dict = {"depth": depth_rows}
     sections = ["## Depth\n\n" + depth_md]

@@ -23,7 +23,7 @@ from pathlib import Path
 import jax
 
 sys.path.insert(0, str(Path(__file__).parent))
-from sweeps import sweeps
+from sweeps import TUNED_MUON_LR, sweeps
 
 from sleeplm.loop import run_training
 from sleeplm.plot import plot_runs, read_evals
@@ -80,7 +80,9 @@ def main(argv: list[str] | None = None) -> None:
     argv = sys.argv[1:] if argv is None else argv
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("sweep")
-    parser.add_argument("--muon-lr", default="2e-3", help="the tuned N=1 Muon learning rate")
+    parser.add_argument(
+        "--muon-lr", default=TUNED_MUON_LR, help="the N=1 Muon learning rate (default: tuned by rule110-lr-t3)"
+    )
     parser.add_argument("--workdir", type=Path, default=Path("runs/experiments"))
     parser.add_argument("--only", default="", help="comma-separated run names, run in this order (default: all)")
     args = parser.parse_args(argv)
@@ -96,9 +98,13 @@ def main(argv: list[str] | None = None) -> None:
         if name not in runs:
             parser.error(f"--only {name!r}: {args.sweep} has the runs {sorted(runs)}")
     for run in [runs[name] for name in only] if only else runs.values():
-        if (out / run.name / "time.json").exists():
-            continue
         experiment = build_experiment(run.preset, run.overrides)
+        if (out / run.name / "time.json").exists():
+            if json.loads((out / run.name / "experiment.json").read_text()) != json.loads(
+                json.dumps(experiment.to_json())
+            ):
+                sys.exit(f"{out / run.name} holds a different experiment (another --muon-lr?): move it away first")
+            continue
         done = finished_twin(experiment)
         if done is not None:  # the identical run (same settings and seed) finished in another sweep: reuse it
             print(f"[{args.sweep}] {run.name}: the same run as {done.relative_to(RESULTS)}, copied", flush=True)

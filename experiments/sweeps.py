@@ -25,7 +25,9 @@ RULE110 = {
     "run.checkpoint_every": "200",
     "run.progress": "false",
 }
-RULE110_DEPTHS = (0, 2, 3, 4, 6)
+RULE110_DEPTHS = (0, 2, 3, 4, 5, 6)
+# rule110-lr-t3 (N=1, t=3, seed 0, final exact): 1e-3 0.248, 2e-3 0.691, 4e-3 1.000, 8e-3 1.000; 4e-3 got there first.
+TUNED_MUON_LR = "4e-3"
 LEARNING_RATES = ("1e-3", "2e-3", "4e-3", "8e-3")  # Muon's, for the hidden matrices (AdamW's stays at 1e-3)
 SEEDS = (0, 1, 2)
 ATTENTION_ONLY = "attn,attn,attn,attn"
@@ -41,13 +43,13 @@ QUIET = {"run.progress": "false"}
 
 def sweeps(muon_lr: str) -> dict[str, list[Run]]:
     """All sweeps. The Rule 110 sleep, learning-rate and baseline sweeps exist per depth t (named "-t{t}");
-    `muon_lr` is the tuned N=1 rate they use."""
+    `muon_lr` is the tuned N=1 rate that every Rule 110 sweep but the learning-rate one uses."""
     lr = {"train.muon_lr": muon_lr}
     every = {
         # Fig. 2a: where does N=1 stop learning within the budget?
-        "rule110-depth": [rule110(f"t{t}", t) for t in RULE110_DEPTHS],
+        "rule110-depth": [rule110(f"t{t}", t, **lr) for t in RULE110_DEPTHS],
         # Does the gain grow with depth? N=2 at the depths of Fig. 2a.
-        "rule110-depth-N2": [rule110(f"t{t}", t, 2) for t in RULE110_DEPTHS],
+        "rule110-depth-N2": [rule110(f"t{t}", t, 2, **lr) for t in RULE110_DEPTHS],
         # Fig. 3: Depo at a scaled-down size, loss and accuracy per hop count k.
         "depo": [Run(f"N{n}", "depo-cpu", QUIET | {"sleep.passes": str(n)}) for n in (1, 2, 4)],
         # Fig. 4/5: arithmetic with distractors, accuracy per op count, hard and sliding eviction.
