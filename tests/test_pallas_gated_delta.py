@@ -1,6 +1,7 @@
-"""Pallas-specific checks (interpret mode on CPU): the padded GPU/TPU layouts, split state-column blocks, the
-dispatcher, and a tiny model trained through the kernels. The shared correctness tests (outputs, final state, all
-six gradients, corner cases, continuation) run "pallas" beside the other implementations in test_ops.py."""
+"""Pallas-specific checks (interpret mode on CPU): the padded GPU/TPU layouts, split state-column blocks, lowering
+for GPU and TPU, the dispatcher, and a tiny model trained through the kernels. The shared correctness tests
+(outputs, final state, all six gradients, corner cases, continuation) run "pallas" beside the other implementations
+in test_ops.py."""
 
 from __future__ import annotations
 
@@ -63,6 +64,34 @@ def test_lowering_sizes():
     assert lowering_sizes(4096, 64, 200, 64, "tpu") == (128, 128, 256)
     with pytest.raises(ValueError, match=r"chunk_size=24 is invalid for pallas on gpu"):
         lowering_sizes(100, 16, 16, 24, "gpu")
+
+
+@pytest.mark.parametrize(
+    ("platform", "layout", "custom_call"),
+    [("cuda", "gpu", "__gpu$xla.gpu.triton"), ("tpu", "tpu", "tpu_custom_call")],
+)
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_forward_and_backward_lower_for_gpu_and_tpu(platform, layout, custom_call, dtype):
+    """Lowers value and gradients for GPU (Triton) and TPU (Mosaic) on this CPU-only machine, through `jax.export`:
+    every block shape and every primitive in the kernel bodies must pass Pallas' lowering rules for that backend.
+    (Compiling the lowered kernels to machine code needs the device; bench.py checks that on a GPU.)"""
+    batch, length, heads, d = 1, 300, 2, 96  # padded in time and head dims
+    args = [
+        jax.ShapeDtypeStruct(shape, dtype) for shape in [(batch, length, heads, d)] * 3 + [(batch, length, heads)] * 2
+    ]
+    args.append(jax.ShapeDtypeStruct((batch, heads, d, d), jnp.float32))
+
+    def loss(*inputs):
+        out, state = gated_delta_rule_pallas(*inputs, 64, interpret=False, layout=layout)
+        return jnp.sum(out.astype(jnp.float32)) + jnp.sum(state)
+
+    exported = jax.export.export(
+        jax.jit(jax.value_and_grad(loss, argnums=tuple(range(6)))),
+        platforms=[platform],
+        disabled_checks=[jax.export.DisabledSafetyCheck.custom_call(custom_call)],
+    )(*args)
+    # Forward: wy, states, output. Backward: wy and states recomputed, then output_bwd, states_bwd, wy_bwd.
+    assert exported.mlir_module().count(f"@{custom_call}(") == 8
 
 
 def test_dispatcher_runs_pallas_and_auto_picks_xla_on_cpu(gdr_inputs):

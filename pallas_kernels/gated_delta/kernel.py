@@ -1,7 +1,8 @@
 """`pl.pallas_call`s of the chunked gated delta rule: three forward stages and their three backward stages.
 
 Layout: heads are folded into the batch and the sequence is padded to whole chunks before these are called
-(`ops.py` does both): q, k (BH, T, d_k); v (BH, T, d_v); g, beta (BH, T); states (BH, d_k, d_v), float32.
+(`ops.py` does both): q, k (BH, T, d_k); v (BH, T, d_v); g, beta (BH, 1, T) (a row per head:
+Mosaic wants the last two block dims (1, C)); states (BH, d_k, d_v), float32.
 
 Forward (SPEC §2, the structure of flash-linear-attention's `chunk_gated_delta_rule`):
   wy      grid (BH, NC), parallel      W, U of each chunk (`chunk.wy`)
@@ -54,6 +55,19 @@ def _load(ref, *index) -> jax.Array:
     return ref[index if index else ...].astype(_F32)
 
 
+def _load_row(ref, index=slice(None)) -> jax.Array:
+    """A per-token vector (g, beta) from its (1, length) block, as a 1-D array."""
+    return ref[0, index].astype(_F32)
+
+
+def _store(ref, value: jax.Array) -> None:
+    """Stores a chunk result; a per-token vector goes to row 0 of its (1, length) block."""
+    if value.ndim == 1:
+        ref[0, :] = value
+    else:
+        ref[...] = value
+
+
 def _call(kernel, config: KernelConfig, grid, in_specs, out_specs, out_shape):
     compiler_params = None
     if not config.interpret and config.target == "gpu":
@@ -72,9 +86,9 @@ def _call(kernel, config: KernelConfig, grid, in_specs, out_specs, out_shape):
 
 
 def _chunk_spec(width: int | None, config: KernelConfig) -> pl.BlockSpec:
-    """One chunk of a (BH, T, width) array, or of a (BH, T) array when width is None; grid (BH, NC)."""
+    """One chunk of a (BH, T, width) array, or of a per-token (BH, 1, T) array when width is None; grid (BH, NC)."""
     if width is None:
-        return pl.BlockSpec((None, config.chunk), lambda bh, n: (bh, n))
+        return pl.BlockSpec((None, 1, config.chunk), lambda bh, n: (bh, 0, n))
     return pl.BlockSpec((None, config.chunk, width), lambda bh, n: (bh, n, 0))
 
 
@@ -86,16 +100,17 @@ def _chunk_state_spec(d_k: int, d_v: int) -> pl.BlockSpec:
 def _sequence_spec(length: int, width: int | None, column_block: bool) -> pl.BlockSpec:
     """The whole sequence of one head (all columns, or the BV-column block j); grid (BH, d_v / BV)."""
     if width is None:
-        return pl.BlockSpec((None, length), lambda bh, j: (bh, 0))
+        return pl.BlockSpec((None, 1, length), lambda bh, j: (bh, 0, 0))
     if column_block:
         return pl.BlockSpec((None, length, width), lambda bh, j: (bh, 0, j))
     return pl.BlockSpec((None, length, width), lambda bh, j: (bh, 0, 0))
 
 
 def _partial_spec(length: int, width: int | None) -> pl.BlockSpec:
-    """Block j's partial sum of a quantity that contracts over d_v: arrays (d_v / BV, BH, T[, width])."""
+    """Block j's partial sum of a quantity that contracts over d_v: arrays (d_v / BV, BH, T, width) or, per token,
+    (d_v / BV, BH, 1, T)."""
     if width is None:
-        return pl.BlockSpec((None, None, length), lambda bh, j: (j, bh, 0))
+        return pl.BlockSpec((None, None, 1, length), lambda bh, j: (j, bh, 0, 0))
     return pl.BlockSpec((None, None, length, width), lambda bh, j: (j, bh, 0, 0))
 
 
@@ -103,7 +118,7 @@ def _partial_spec(length: int, width: int | None) -> pl.BlockSpec:
 
 
 def _wy_kernel(k_ref, v_ref, g_ref, beta_ref, w_ref, u_ref, *, precision):
-    w_ref[...], u_ref[...] = chunk.wy(_load(k_ref), _load(v_ref), _load(g_ref), _load(beta_ref), precision)
+    w_ref[...], u_ref[...] = chunk.wy(_load(k_ref), _load(v_ref), _load_row(g_ref), _load_row(beta_ref), precision)
 
 
 def wy_forward(k, v, g, beta, config: KernelConfig):
@@ -120,9 +135,10 @@ def wy_forward(k, v, g, beta, config: KernelConfig):
 
 
 def _wy_bwd_kernel(k_ref, v_ref, g_ref, beta_ref, dw_ref, du_ref, dk_ref, dv_ref, dg_ref, dbeta_ref, *, precision):
-    grads = chunk.wy_vjp(*(_load(r) for r in (k_ref, v_ref, g_ref, beta_ref, dw_ref, du_ref)), precision)
+    k, v, dw, du = (_load(r) for r in (k_ref, v_ref, dw_ref, du_ref))
+    grads = chunk.wy_vjp(k, v, _load_row(g_ref), _load_row(beta_ref), dw, du, precision)
     for ref, grad in zip((dk_ref, dv_ref, dg_ref, dbeta_ref), grads, strict=True):
-        ref[...] = grad
+        _store(ref, grad)
 
 
 def wy_backward(k, v, g, beta, dw, du, config: KernelConfig):
@@ -146,7 +162,7 @@ def _states_kernel(k_ref, w_ref, u_ref, g_ref, s0_ref, v_new_ref, states_ref, fi
 
     def step(n, state):
         rows, state_rows = pl.ds(n * size, size), pl.ds(n * d_k, d_k)
-        decayed_k, gamma_end = chunk.state_decays(_load(k_ref, rows, slice(None)), _load(g_ref, rows))
+        decayed_k, gamma_end = chunk.state_decays(_load(k_ref, rows, slice(None)), _load_row(g_ref, rows))
         v_new = _load(u_ref, rows, slice(None)) - chunk.dot(_load(w_ref, rows, slice(None)), state, precision)
         states_ref[state_rows, :] = state
         v_new_ref[rows, :] = v_new
@@ -192,12 +208,12 @@ def _states_bwd_kernel(
         rows, state_rows = pl.ds(n * size, size), pl.ds(n * d_k, d_k)
         state = _load(states_ref, state_rows, slice(None))
         (decayed_k, gamma_end), decay_pullback = jax.vjp(
-            chunk.state_decays, _load(k_ref, rows, slice(None)), _load(g_ref, rows)
+            chunk.state_decays, _load(k_ref, rows, slice(None)), _load_row(g_ref, rows)
         )
         d_v_new = _load(dv_new_ref, rows, slice(None)) + chunk.dot(decayed_k, d_state, precision)
         d_decayed_k = chunk.dot_nt(_load(v_new_ref, rows, slice(None)), d_state, precision)
         d_gamma_end = jnp.sum(jnp.sum(state * d_state, axis=1))
-        dk_ref[rows, :], dg_ref[rows] = decay_pullback((d_decayed_k, d_gamma_end))
+        dk_ref[rows, :], dg_ref[0, rows] = decay_pullback((d_decayed_k, d_gamma_end))
         du_ref[rows, :] = d_v_new
         dw_ref[rows, :] = -chunk.dot_nt(d_v_new, state, precision)
         w = _load(w_ref, rows, slice(None))
@@ -225,7 +241,7 @@ def states_backward(k, w, g, v_new, states, dv_new, dstates, dfinal, config: Ker
             jax.ShapeDtypeStruct((bh, length, d_v), _F32),
             jax.ShapeDtypeStruct((blocks, bh, length, d_k), _F32),
             jax.ShapeDtypeStruct((blocks, bh, length, d_k), _F32),
-            jax.ShapeDtypeStruct((blocks, bh, length), _F32),
+            jax.ShapeDtypeStruct((blocks, bh, 1, length), _F32),
             jax.ShapeDtypeStruct((bh, d_k, d_v), _F32),
         ],
     )(k, w, g, v_new, states, dv_new, dstates, dfinal)
@@ -235,7 +251,7 @@ def states_backward(k, w, g, v_new, states, dv_new, dstates, dfinal, config: Ker
 
 
 def _output_kernel(q_ref, k_ref, g_ref, v_new_ref, state_ref, o_ref, *, precision):
-    out = chunk.output(*(_load(r) for r in (q_ref, k_ref, g_ref, v_new_ref, state_ref)), precision)
+    out = chunk.output(_load(q_ref), _load(k_ref), _load_row(g_ref), _load(v_new_ref), _load(state_ref), precision)
     o_ref[...] = out.astype(o_ref.dtype)
 
 
@@ -260,9 +276,9 @@ def _output_bwd_kernel(
     q_ref, k_ref, g_ref, v_new_ref, state_ref, do_ref, dq_ref, dk_ref, dg_ref, dv_new_ref, ds_ref, *, precision
 ):
     output = functools.partial(chunk.output, precision=precision)
-    _, pullback = jax.vjp(output, *(_load(r) for r in (q_ref, k_ref, g_ref, v_new_ref, state_ref)))
+    _, pullback = jax.vjp(output, _load(q_ref), _load(k_ref), _load_row(g_ref), _load(v_new_ref), _load(state_ref))
     for ref, grad in zip((dq_ref, dk_ref, dg_ref, dv_new_ref, ds_ref), pullback(_load(do_ref)), strict=True):
-        ref[...] = grad
+        _store(ref, grad)
 
 
 def output_backward(q, k, g, v_new, states, do, config: KernelConfig):

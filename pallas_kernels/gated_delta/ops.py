@@ -49,13 +49,16 @@ def lowering_sizes(length: int, d_k: int, d_v: int, chunk_size: int, backend: st
     return chunk, max(16, _next_power_of_two(d_k)), max(16, _next_power_of_two(d_v))
 
 
-def _value_block(d_v: int, requested: int) -> int:
+def _value_block(d_v: int, requested: int, backend: str) -> int:
+    """The state-column block BV: `requested` if it tiles d_v (on TPU, a multiple of 128 lanes), else all of d_v."""
+    if backend == "tpu":
+        requested = -(-requested // 128) * 128
     return requested if d_v % requested == 0 else d_v
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(6, 7))
 def _folded(q, k, v, g, beta, s0, config: KernelConfig, out_dtype):
-    """The rule on folded, padded inputs: q, k (BH, T, d_k); v (BH, T, d_v); g, beta (BH, T); s0 (BH, d_k, d_v)."""
+    """The rule on folded, padded inputs: q, k (BH, T, d_k); v (BH, T, d_v); g, beta (BH, 1, T); s0 (BH, d_k, d_v)."""
     return _folded_fwd(q, k, v, g, beta, s0, config, out_dtype)[0]
 
 
@@ -89,11 +92,13 @@ _folded.defvjp(_folded_fwd, _folded_bwd)
 
 
 def _fold(x: jax.Array, length: int, width: int | None) -> jax.Array:
-    """(B, T, H[, d]) -> (B * H, length[, width]), zero-padded at the end of time and of the last dim."""
+    """(B, T, H, d) -> (B * H, length, width), or per token (B, T, H) -> (B * H, 1, length); zero-padded at the
+    end of time and of the last dim."""
     batch, time, heads = x.shape[:3]
     x = jnp.moveaxis(x, 2, 1).reshape(batch * heads, time, *x.shape[3:])
-    pads = [(0, 0), (0, length - time)] + ([(0, width - x.shape[-1])] if width is not None else [])
-    return jnp.pad(x, pads)
+    if width is None:
+        return jnp.pad(x, [(0, 0), (0, length - time)])[:, None, :]
+    return jnp.pad(x, [(0, 0), (0, length - time), (0, width - x.shape[-1])])
 
 
 def _gated_delta_rule_local(
@@ -105,7 +110,7 @@ def _gated_delta_rule_local(
     padded_length = -(-length // chunk) * chunk
     config = KernelConfig(
         chunk=chunk,
-        block_v=_value_block(d_v_pad, block_v),
+        block_v=_value_block(d_v_pad, block_v, layout),
         interpret=interpret,
         target=layout,
         num_warps=num_warps,
