@@ -14,7 +14,7 @@ import pytest
 from conftest import numpy_gated_delta_rule, random_gdr_inputs, relative_error
 from test_ops import ARG_NAMES
 
-from pallas_kernels.gated_delta import gated_delta_rule_pallas, lowering_sizes
+from pallas_kernels.gated_delta import chunk, gated_delta_rule_pallas, lowering_sizes
 from sleeplm import Config, ModelConfig, SleepConfig
 from sleeplm.data import Rule110Config, batched, make_source
 from sleeplm.ops import IMPLEMENTATIONS, gated_delta_rule, resolve_implementation
@@ -54,6 +54,31 @@ def test_padded_layouts_and_column_blocks_match_the_reference(layout, d_k, d_v, 
     ):
         assert actual.shape == expected.shape, name
         assert relative_error(actual, expected) < 1e-5, name
+
+
+@pytest.mark.parametrize(("size", "block"), [(64, 16), (24, 8), (12, 12)])
+@pytest.mark.parametrize("gate_scale", [1.0, 40.0])
+def test_blocked_forward_substitution_matches_a_float64_solve(size, block, gate_scale):
+    """Stage 1 by row blocks (4, 3 and 1 of them) against solving (I + L) [W U] = [diag(beta gamma) K, diag(beta) V]
+    in float64, with L built entry by entry; gate_scale 40 makes decays across blocks underflow."""
+    rng = np.random.default_rng(size + block)
+    k = rng.normal(size=(size, 8)) / np.sqrt(8)
+    v, g, beta = rng.normal(size=(size, 5)), -gate_scale * rng.uniform(size=size), rng.uniform(size=size)
+    cumulative = np.cumsum(g)
+    lower = np.zeros((size, size))
+    for r in range(size):
+        for s in range(r):
+            lower[r, s] = beta[r] * np.exp(np.sum(g[s + 1 : r + 1])) * (k[r] @ k[s])
+    solve = np.linalg.solve(
+        np.eye(size) + lower, np.hstack([(beta * np.exp(cumulative))[:, None] * k, beta[:, None] * v])
+    )
+
+    def blocks(x):
+        return tuple(jnp.asarray(x[start : start + block], jnp.float32) for start in range(0, size, block))
+
+    w, u = chunk.wy(blocks(k), blocks(v), blocks(g), blocks(beta))
+    assert relative_error(np.concatenate(w), solve[:, :8]) < 1e-5
+    assert relative_error(np.concatenate(u), solve[:, 8:]) < 1e-5
 
 
 def test_lowering_sizes():
@@ -102,6 +127,8 @@ def test_dispatcher_runs_pallas_and_auto_picks_xla_on_cpu(gdr_inputs):
     assert relative_error(out, expected_out) < 2e-6 and relative_error(state, expected_state) < 2e-6
     with pytest.raises(ValueError, match=r"layout='cuda' is invalid"):
         gated_delta_rule_pallas(*(gdr_inputs[n] for n in ARG_NAMES), layout="cuda")
+    with pytest.raises(ValueError, match=r"subblock=24 is invalid: it must divide the chunk \(16\)"):
+        gated_delta_rule_pallas(*(gdr_inputs[n] for n in ARG_NAMES), 16, subblock=24)
 
 
 @pytest.mark.slow  # about 35 s of interpret-mode kernels; CI runs it in make test-slow

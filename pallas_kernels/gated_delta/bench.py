@@ -9,13 +9,15 @@
 2. correctness: outputs, final state and all six gradients of pallas and xla against a float64 recurrence (run on
    the device with x64 enabled), float32 and bfloat16 inputs, with padded head dims and a partial last chunk.
    Exits non-zero if a bound is missed.
-3. sweep (not run by default): Triton launch parameters (state-column block, warps), pallas forward+backward.
+3. sweep (not run by default): kernel settings one at a time (stage 1's row block, the state-column block, Triton
+   warps and stages), pallas forward and forward+backward.
 Each section is written to --out as soon as it finishes, so a cut-off run keeps what it measured.
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 import sys
 import traceback
 from pathlib import Path
@@ -148,25 +150,36 @@ def time_implementations(args: argparse.Namespace, results: dict, save) -> dict:
     return results
 
 
+# One kernel setting changed at a time from the defaults (block_v 64, subblock 16, Triton's warps, one stage).
+SWEEP = (
+    {},
+    {"subblock": 64},  # stage 1 by doubling on the whole chunk, as in the first H200 measurement
+    {"subblock": 32},
+    {"block_v": 32},
+    {"block_v": 128},
+    {"num_warps": 8},
+    {"block_v": 32, "num_stages": 2},
+    {"block_v": 32, "num_warps": 8},
+)
+
+
 def sweep_launch_parameters(args: argparse.Namespace) -> dict:
     from pallas_kernels.gated_delta import gated_delta_rule_pallas
-    from sleeplm.ops import IMPLEMENTATIONS
+    from sleeplm.ops import IMPLEMENTATIONS, resolve_implementation
 
     inputs = make_inputs(args.batch, args.length, args.heads, args.dim, jnp.float32)
-    results, default = {}, IMPLEMENTATIONS["pallas"]
+    results, default = {}, IMPLEMENTATIONS[resolve_implementation("pallas")]  # registers it on first use
     try:
-        for block_v in (32, 64, 128):
-            for num_warps in (4, 8):
-                IMPLEMENTATIONS["pallas"] = lambda *a, bv=block_v, nw=num_warps: gated_delta_rule_pallas(
-                    *a, block_v=bv, num_warps=nw
-                )
-                timing = benchmark("pallas", inputs, args.chunk, args.repeats)
-                results[f"block_v={block_v} num_warps={num_warps}"] = timing
-                print(
-                    f"sweep block_v={block_v:<4} num_warps={num_warps}: fwd {1e3 * timing['forward_s']:8.2f} ms, "
-                    f"fwd+bwd {1e3 * timing['forward_backward_s']:8.2f} ms",
-                    flush=True,
-                )
+        for setting in SWEEP:
+            IMPLEMENTATIONS["pallas"] = functools.partial(gated_delta_rule_pallas, **setting)
+            timing = benchmark("pallas", inputs, args.chunk, args.repeats)
+            name = " ".join(f"{key}={value}" for key, value in setting.items()) or "defaults"
+            results[name] = timing
+            print(
+                f"sweep {name:<28}: fwd {1e3 * timing['forward_s']:8.2f} ms, "
+                f"fwd+bwd {1e3 * timing['forward_backward_s']:8.2f} ms",
+                flush=True,
+            )
     finally:
         IMPLEMENTATIONS["pallas"] = default
     return results

@@ -67,7 +67,7 @@ def log_decay_to_end(g: jax.Array) -> jax.Array:
     return jnp.sum(jnp.where(cols > rows, g[None, :], 0.0), axis=1)
 
 
-def unit_lower_inverse(strict_lower: jax.Array, precision: Precision = HIGHEST) -> jax.Array:
+def _doubling_inverse(strict_lower: jax.Array, precision: Precision) -> jax.Array:
     """(I + L)^-1 for strictly lower-triangular L (C, C) by the doubling product, matmuls only.
 
     L is nilpotent, so (I + L)^-1 = sum_i (-L)^i = prod_{j < ceil(log2 C)} (I + (-L)^(2^j)).
@@ -83,6 +83,25 @@ def unit_lower_inverse(strict_lower: jax.Array, precision: Precision = HIGHEST) 
     return inverse
 
 
+@functools.partial(jax.custom_vjp, nondiff_argnums=(1,))
+def unit_lower_inverse(strict_lower: jax.Array, precision: Precision = HIGHEST) -> jax.Array:
+    """(I + L)^-1 for strictly lower-triangular L, differentiated in closed form: for A = (I + L)^-1,
+    dL = -A^T dA A^T (the caller's mask keeps its strictly lower part), not through the doubling product."""
+    return _doubling_inverse(strict_lower, precision)
+
+
+def _inverse_fwd(strict_lower, precision):
+    inverse = _doubling_inverse(strict_lower, precision)
+    return inverse, inverse
+
+
+def _inverse_bwd(precision, inverse, d_inverse):
+    return (-dot_nt(dot_tn(inverse, d_inverse, precision), inverse, precision),)
+
+
+unit_lower_inverse.defvjp(_inverse_fwd, _inverse_bwd)
+
+
 def wy_inputs(
     k: jax.Array, v: jax.Array, g: jax.Array, beta: jax.Array, precision: Precision = HIGHEST
 ) -> tuple[jax.Array, jax.Array, jax.Array]:
@@ -93,34 +112,46 @@ def wy_inputs(
     return lower, beta[:, None] * v, (beta * gamma)[:, None] * k
 
 
+Blocks = tuple[jax.Array, ...]
+
+
 def wy(
-    k: jax.Array, v: jax.Array, g: jax.Array, beta: jax.Array, precision: Precision = HIGHEST
-) -> tuple[jax.Array, jax.Array]:
-    """Stage 1: W = (I + L)^-1 diag(beta gamma) K and U = (I + L)^-1 diag(beta) V."""
-    lower, beta_v, beta_gamma_k = wy_inputs(k, v, g, beta, precision)
-    inverse = unit_lower_inverse(lower, precision)
-    return dot(inverse, beta_gamma_k, precision), dot(inverse, beta_v, precision)
+    k: Blocks, v: Blocks, g: Blocks, beta: Blocks, precision: Precision = HIGHEST, inverse=_doubling_inverse
+) -> tuple[Blocks, Blocks]:
+    """Stage 1: W = (I + L)^-1 diag(beta gamma) K and U = (I + L)^-1 diag(beta) V, by blocked forward substitution.
+
+    The chunk comes as row blocks (k[i] (b, d_k), g[i] (b,), ...; one block is the plain algorithm): block i solves
+    (I + L_ii) W_i = R_i - sum_{j<i} L_ij W_j, with (I + L_ii)^-1 by doubling on b x b: the inverses cost
+    (C / b) 2 log2(b) b^3 multiply-adds instead of 2 log2(C) C^3, and every dot is b-sized (README.md counts it).
+    The coupling L_ij (i > j) has the decay exp(suffix_j[s] + sum of the blocks between + prefix_i[r]):
+    two factors with exponents <= 0, never a difference of cumulative sums. `inverse` inverts I + L_ii (`wy_vjp`
+    passes the one with the closed-form derivative; Triton cannot lower a `custom_vjp` outside a `jax.vjp`).
+    """
+    totals = [jnp.sum(block) for block in g]
+    tail_decayed_k = [jnp.exp(log_decay_to_end(g_j))[:, None] * k_j for g_j, k_j in zip(g, k, strict=True)]
+    w: list[jax.Array] = []
+    u: list[jax.Array] = []
+    for i in range(len(k)):
+        lower, rhs_v, rhs_k = wy_inputs(k[i], v[i], g[i], beta[i], precision)
+        rhs_k = jnp.exp(sum(totals[:i], 0.0)) * rhs_k  # gamma from the chunk start, not the block start
+        prefix = log_decay_from_start(g[i])
+        for j in range(i):
+            row_scale = beta[i] * jnp.exp(prefix + sum(totals[j + 1 : i], 0.0))
+            coupling = row_scale[:, None] * dot_nt(k[i], tail_decayed_k[j], precision)  # L_ij
+            rhs_k = rhs_k - dot(coupling, w[j], precision)
+            rhs_v = rhs_v - dot(coupling, u[j], precision)
+        block_inverse = inverse(lower, precision)
+        w.append(dot(block_inverse, rhs_k, precision))
+        u.append(dot(block_inverse, rhs_v, precision))
+    return tuple(w), tuple(u)
 
 
 def wy_vjp(
-    k: jax.Array,
-    v: jax.Array,
-    g: jax.Array,
-    beta: jax.Array,
-    dw: jax.Array,
-    du: jax.Array,
-    precision: Precision = HIGHEST,
-) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array]:
-    """Cotangents (dk, dv, dg, dbeta) of `wy`, with the inverse differentiated in closed form.
-
-    For A = (I + L)^-1: dA = dW (beta gamma K)^T + dU (beta V)^T and dL = -A^T dA A^T (masked to the strictly
-    lower part by the pullback of `wy_inputs`), rather than differentiating the doubling product.
-    """
-    (lower, beta_v, beta_gamma_k), pullback = jax.vjp(functools.partial(wy_inputs, precision=precision), k, v, g, beta)
-    inverse = unit_lower_inverse(lower, precision)
-    d_inverse = dot_nt(dw, beta_gamma_k, precision) + dot_nt(du, beta_v, precision)
-    d_lower = -dot_nt(dot_tn(inverse, d_inverse, precision), inverse, precision)
-    return pullback((d_lower, dot_tn(inverse, du, precision), dot_tn(inverse, dw, precision)))
+    k: Blocks, v: Blocks, g: Blocks, beta: Blocks, dw: Blocks, du: Blocks, precision: Precision = HIGHEST
+) -> tuple[Blocks, Blocks, Blocks, Blocks]:
+    """Cotangents (dk, dv, dg, dbeta) of `wy`, per block; its diagonal inverses have their closed-form derivative."""
+    _, pullback = jax.vjp(functools.partial(wy, precision=precision, inverse=unit_lower_inverse), k, v, g, beta)
+    return pullback((dw, du))
 
 
 def state_decays(k: jax.Array, g: jax.Array) -> tuple[jax.Array, jax.Array]:

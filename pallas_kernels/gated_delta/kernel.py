@@ -33,15 +33,23 @@ _F32 = jnp.float32
 
 @dataclasses.dataclass(frozen=True)
 class KernelConfig:
-    """Static kernel parameters: chunk length C, state-column block BV, interpret mode (CPU), the backend compiled
-    for, and for GPU the Triton launch parameters (warps per program and pipelining stages; None: Triton's)."""
+    """Static kernel parameters: chunk length C, state-column block BV, the row block b of stage 1's blocked forward
+    substitution (C itself: no blocking), interpret mode (CPU), the backend compiled for, and for GPU the Triton
+    launch parameters (warps per program and pipelining stages; None: Triton's)."""
 
     chunk: int
     block_v: int
     interpret: bool
+    subblock: int | None = None
     target: str = "gpu"
     num_warps: int | None = None
     num_stages: int | None = None
+
+    @property
+    def row_blocks(self) -> list[pl.Slice]:
+        """The row blocks of a chunk for stage 1."""
+        size = self.subblock or self.chunk
+        return [pl.ds(start, size) for start in range(0, self.chunk, size)]
 
     @property
     def precision(self) -> chunk.Precision:
@@ -117,15 +125,37 @@ def _partial_spec(length: int, width: int | None) -> pl.BlockSpec:
 # ---------------------------------------------------------------------------------------------- stage 1: W, U
 
 
-def _wy_kernel(k_ref, v_ref, g_ref, beta_ref, w_ref, u_ref, *, precision):
-    w_ref[...], u_ref[...] = chunk.wy(_load(k_ref), _load(v_ref), _load_row(g_ref), _load_row(beta_ref), precision)
+def _tiles(ref, blocks: list[pl.Slice]) -> tuple[jax.Array, ...]:
+    """The (b, width) row blocks of a (C, width) block."""
+    return tuple(_load(ref, rows, slice(None)) for rows in blocks)
+
+
+def _pieces(ref, blocks: list[pl.Slice]) -> tuple[jax.Array, ...]:
+    """The (b,) pieces of a (1, C) gate row."""
+    return tuple(_load_row(ref, rows) for rows in blocks)
+
+
+def _store_blocks(refs, values, blocks: list[pl.Slice]) -> None:
+    for ref, pieces in zip(refs, values, strict=True):
+        for rows, piece in zip(blocks, pieces, strict=True):
+            if piece.ndim == 1:
+                ref[0, rows] = piece
+            else:
+                ref[rows, :] = piece
+
+
+def _wy_kernel(k_ref, v_ref, g_ref, beta_ref, w_ref, u_ref, *, config: KernelConfig):
+    blocks = config.row_blocks
+    k, v, g, beta = _tiles(k_ref, blocks), _tiles(v_ref, blocks), _pieces(g_ref, blocks), _pieces(beta_ref, blocks)
+    w, u = chunk.wy(k, v, g, beta, config.precision)
+    _store_blocks((w_ref, u_ref), (w, u), blocks)
 
 
 def wy_forward(k, v, g, beta, config: KernelConfig):
     (bh, length, d_k), d_v = k.shape, v.shape[-1]
     specs = [_chunk_spec(d_k, config), _chunk_spec(d_v, config), _chunk_spec(None, config), _chunk_spec(None, config)]
     return _call(
-        functools.partial(_wy_kernel, precision=config.precision),
+        functools.partial(_wy_kernel, config=config),
         config,
         (bh, length // config.chunk),
         specs,
@@ -134,18 +164,18 @@ def wy_forward(k, v, g, beta, config: KernelConfig):
     )(k, v, g, beta)
 
 
-def _wy_bwd_kernel(k_ref, v_ref, g_ref, beta_ref, dw_ref, du_ref, dk_ref, dv_ref, dg_ref, dbeta_ref, *, precision):
-    k, v, dw, du = (_load(r) for r in (k_ref, v_ref, dw_ref, du_ref))
-    grads = chunk.wy_vjp(k, v, _load_row(g_ref), _load_row(beta_ref), dw, du, precision)
-    for ref, grad in zip((dk_ref, dv_ref, dg_ref, dbeta_ref), grads, strict=True):
-        _store(ref, grad)
+def _wy_bwd_kernel(k_ref, v_ref, g_ref, beta_ref, dw_ref, du_ref, dk_ref, dv_ref, dg_ref, dbeta_ref, *, config):
+    blocks = config.row_blocks
+    k, v, dw, du = (_tiles(ref, blocks) for ref in (k_ref, v_ref, dw_ref, du_ref))
+    grads = chunk.wy_vjp(k, v, _pieces(g_ref, blocks), _pieces(beta_ref, blocks), dw, du, config.precision)
+    _store_blocks((dk_ref, dv_ref, dg_ref, dbeta_ref), grads, blocks)
 
 
 def wy_backward(k, v, g, beta, dw, du, config: KernelConfig):
     (bh, length, d_k), d_v = k.shape, v.shape[-1]
     k_spec, v_spec, vec_spec = _chunk_spec(d_k, config), _chunk_spec(d_v, config), _chunk_spec(None, config)
     return _call(
-        functools.partial(_wy_bwd_kernel, precision=config.precision),
+        functools.partial(_wy_bwd_kernel, config=config),
         config,
         (bh, length // config.chunk),
         [k_spec, v_spec, vec_spec, vec_spec, k_spec, v_spec],

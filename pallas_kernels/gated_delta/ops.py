@@ -101,8 +101,17 @@ def _fold(x: jax.Array, length: int, width: int | None) -> jax.Array:
     return jnp.pad(x, [(0, 0), (0, length - time), (0, width - x.shape[-1])])
 
 
+def _row_block(chunk: int, requested: int | None, backend: str) -> int:
+    """Stage 1's row block: `requested`, else 16 where it divides the chunk, except on TPU (its MXU is 128 wide)."""
+    if requested is not None:
+        if chunk % requested:
+            raise ValueError(f"subblock={requested} is invalid: it must divide the chunk ({chunk})")
+        return requested
+    return 16 if backend != "tpu" and chunk % 16 == 0 else chunk
+
+
 def _gated_delta_rule_local(
-    q, k, v, g, beta, initial_state, chunk_size, interpret, block_v, layout, num_warps, num_stages
+    q, k, v, g, beta, initial_state, chunk_size, interpret, block_v, subblock, layout, num_warps, num_stages
 ):
     batch, length, heads, d_k = q.shape
     d_v = v.shape[-1]
@@ -111,6 +120,7 @@ def _gated_delta_rule_local(
     config = KernelConfig(
         chunk=chunk,
         block_v=_value_block(d_v_pad, block_v, layout),
+        subblock=_row_block(chunk, subblock, layout),
         interpret=interpret,
         target=layout,
         num_warps=num_warps,
@@ -152,6 +162,7 @@ def gated_delta_rule_pallas(
     *,
     interpret: bool | None = None,
     block_v: int = 64,
+    subblock: int | None = None,
     layout: str | None = None,
     num_warps: int | None = None,
     num_stages: int | None = 1,
@@ -159,9 +170,11 @@ def gated_delta_rule_pallas(
     """Chunked gated delta rule in Pallas kernels; same signature and results as `sleeplm.ops`' reference.
 
     `interpret` defaults to True on CPU (the same kernels, run by the Pallas interpreter) and False elsewhere.
-    `block_v` is the state-column block of the sequential kernels. `layout` names the backend whose block-size
-    constraints (chunk and head-dim padding, `lowering_sizes`) to apply: by default "cpu" when interpreting (no
-    padding), else the running backend; tests pass "gpu" in interpret mode to check the padded path.
+    `block_v` is the state-column block of the sequential kernels; `subblock` the row block of stage 1's blocked
+    forward substitution (None: 16, or the whole chunk on TPU or where 16 does not divide it). `layout` names the
+    backend whose block-size constraints (chunk and head-dim padding, `lowering_sizes`) to apply: by default "cpu"
+    when interpreting (no padding), else the running backend; tests pass "gpu" in interpret mode to check the
+    padded path.
     `num_warps`, `num_stages`: Triton launch parameters on GPU (None: Triton's defaults). One stage (no software
     pipelining) by default: with Triton's three, the sequential kernels' loads asked an H200 for 279 KB of shared
     memory (it has 227 KB).
@@ -178,6 +191,7 @@ def gated_delta_rule_pallas(
         chunk_size=chunk_size,
         interpret=interpret,
         block_v=block_v,
+        subblock=subblock,
         layout=layout,
         num_warps=num_warps,
         num_stages=num_stages,
