@@ -32,16 +32,17 @@ bench-gpu:
 	$(PYTHON) -m pallas_kernels.gated_delta.bench --out pallas_kernels/gated_delta/results/gpu_bench.json
 
 # The CPU-scale reproduction (experiments/RESULTS.md), figure by figure; finished runs are skipped on a rerun.
-# Rule 110 depth t=3 for the sleep sweep (N=1 learns t=2 within 600 steps and nothing learns t=4), Muon lr 2e-3,
-# as RESULTS.md explains. Many hours on 2 cores.
+# First the N=1 learning rate (Muon 4e-3 won at t=3, the default of run.py since), then the depth where N=1 fails
+# within 600 steps at that rate (t=4), then the sleep sweep and baselines there. Many hours on 2 cores.
+# The first, untuned (2e-3) sweeps: add `--muon-lr 2e-3 --results experiments/results/untuned-lr2e-3`.
 REPRODUCE := $(PY) experiments/run.py
 reproduce-cpu: $(STAMP)
-	$(REPRODUCE) rule110-depth
-	$(REPRODUCE) rule110-depth-N2
 	$(REPRODUCE) rule110-lr-t3
-	$(REPRODUCE) rule110-sleep-t3 --muon-lr 2e-3
-	$(REPRODUCE) rule110-sleep-t4 --muon-lr 2e-3
-	$(REPRODUCE) rule110-baselines-t3 --muon-lr 2e-3
+	$(REPRODUCE) rule110-depth
+	$(REPRODUCE) rule110-lr-t4
+	$(REPRODUCE) rule110-sleep-t4
+	$(REPRODUCE) rule110-baselines-t4
+	$(REPRODUCE) rule110-depth-N2
 	$(REPRODUCE) depo
 	$(REPRODUCE) arith
 	$(PY) experiments/report.py

@@ -1,11 +1,12 @@
 """Runs one sweep of the CPU-scale reproduction and writes its results as they come.
 
     python experiments/run.py SWEEP [--muon-lr LR] [--only NAME,...] [--workdir runs/experiments]
+                                    [--results experiments/results]
 
 SWEEP is one of experiments/sweeps.py's: rule110-depth, rule110-depth-N2, rule110-lr-tT, rule110-sleep-tT,
 rule110-baselines-tT (T the Rule 110 depth), depo, arith. Each run
 trains in WORKDIR/SWEEP/NAME (resuming from its last checkpoint if cut off); when it finishes, its metrics and
-experiment are copied to experiments/results/SWEEP/ and the sweep's summary.json and plot are rewritten, so a
+experiment are copied to RESULTS/SWEEP/ and the sweep's summary.json and plot are rewritten, so a
 sweep stopped halfway keeps every finished run. Finished runs are skipped on a rerun.
 """
 
@@ -67,10 +68,10 @@ def summarize(sweep: str, out: Path, info: dict) -> None:
         plot_runs(runs, "exact", out / "exact.png", title=f"{sweep}: held-out exact accuracy", chance=chance)
 
 
-def finished_twin(experiment) -> Path | None:
-    """A finished run anywhere under experiments/results with exactly this experiment, if any."""
+def finished_twin(experiment, results: Path) -> Path | None:
+    """A finished run of any sweep under `results` with exactly this experiment, if any."""
     wanted = json.loads(json.dumps(experiment.to_json()))
-    for record in RESULTS.glob("*/*/experiment.json"):
+    for record in results.glob("*/*/experiment.json"):
         if (record.parent / "time.json").exists() and json.loads(record.read_text()) == wanted:
             return record.parent
     return None
@@ -84,12 +85,13 @@ def main(argv: list[str] | None = None) -> None:
         "--muon-lr", default=TUNED_MUON_LR, help="the N=1 Muon learning rate (default: tuned by rule110-lr-t3)"
     )
     parser.add_argument("--workdir", type=Path, default=Path("runs/experiments"))
+    parser.add_argument("--results", type=Path, default=RESULTS, help="where finished runs and summaries go")
     parser.add_argument("--only", default="", help="comma-separated run names, run in this order (default: all)")
     args = parser.parse_args(argv)
     all_sweeps = sweeps(args.muon_lr)
     if args.sweep not in all_sweeps:
         parser.error(f"sweep {args.sweep!r} is unknown: choose one of {sorted(all_sweeps)}")
-    out = RESULTS / args.sweep
+    out = args.results / args.sweep
     out.mkdir(parents=True, exist_ok=True)
     info = {"provenance": provenance(argv), "muon_lr": args.muon_lr}
     only = [name for name in args.only.split(",") if name]  # also the order to run them in
@@ -105,9 +107,9 @@ def main(argv: list[str] | None = None) -> None:
             ):
                 sys.exit(f"{out / run.name} holds a different experiment (another --muon-lr?): move it away first")
             continue
-        done = finished_twin(experiment)
+        done = finished_twin(experiment, args.results)
         if done is not None:  # the identical run (same settings and seed) finished in another sweep: reuse it
-            print(f"[{args.sweep}] {run.name}: the same run as {done.relative_to(RESULTS)}, copied", flush=True)
+            print(f"[{args.sweep}] {run.name}: the same run as {done.relative_to(args.results)}, copied", flush=True)
             shutil.copytree(done, out / run.name, dirs_exist_ok=True)
         else:
             print(f"[{args.sweep}] {run.name}: {run.overrides}", flush=True)
