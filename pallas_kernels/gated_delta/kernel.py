@@ -68,12 +68,12 @@ def _load_row(ref, index=slice(None)) -> jax.Array:
     return ref[0, index].astype(_F32)
 
 
-def _store(ref, value: jax.Array) -> None:
-    """Stores a chunk result; a per-token vector goes to row 0 of its (1, length) block."""
+def _store(ref, value: jax.Array, rows=slice(None)) -> None:
+    """Stores rows of a chunk result; a per-token vector goes to row 0 of its (1, length) block."""
     if value.ndim == 1:
-        ref[0, :] = value
+        ref[0, rows] = value
     else:
-        ref[...] = value
+        ref[rows, :] = value
 
 
 def _call(kernel, config: KernelConfig, grid, in_specs, out_specs, out_shape):
@@ -138,10 +138,7 @@ def _pieces(ref, blocks: list[pl.Slice]) -> tuple[jax.Array, ...]:
 def _store_blocks(refs, values, blocks: list[pl.Slice]) -> None:
     for ref, pieces in zip(refs, values, strict=True):
         for rows, piece in zip(blocks, pieces, strict=True):
-            if piece.ndim == 1:
-                ref[0, rows] = piece
-            else:
-                ref[rows, :] = piece
+            _store(ref, piece, rows)
 
 
 def _wy_kernel(k_ref, v_ref, g_ref, beta_ref, w_ref, u_ref, *, config: KernelConfig):
