@@ -44,7 +44,8 @@ def provenance(argv: list[str]) -> dict:
 
 
 def summarize(sweep: str, out: Path, info: dict) -> None:
-    """summary.json (final and best held-out exact accuracy per run, with its config) and exact.png."""
+    """summary.json (final and best held-out exact accuracy per run, with its config) and a plot of the learning
+    curves: exact.png for Rule 110 (chance marked), accuracy.png for Depo and arithmetic."""
     runs = sorted(p for p in out.iterdir() if p.is_dir() and (p / "metrics.jsonl").exists())
     summary = dict(info, runs={})
     for run in runs:
@@ -64,8 +65,9 @@ def summarize(sweep: str, out: Path, info: dict) -> None:
         }
     (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     if runs:
-        chance = 1 / 2 ** json.loads((runs[0] / "experiment.json").read_text())["task"]["num_strings"]
-        plot_runs(runs, "exact", out / "exact.png", title=f"{sweep}: held-out exact accuracy", chance=chance)
+        strings = json.loads((runs[0] / "experiment.json").read_text())["task"].get("num_strings")
+        metric, chance = ("exact", 1 / 2**strings) if strings else ("accuracy", None)
+        plot_runs(runs, metric, out / f"{metric}.png", title=f"{sweep}: held-out {metric}", chance=chance)
 
 
 def finished_twin(experiment, results: Path) -> Path | None:

@@ -1,0 +1,76 @@
+"""The reproduction's bookkeeping (experiments/): every sweep's runs are valid experiments, and run.py skips a
+finished run, copies a run identical to one finished in another sweep, refuses to mix a finished run with other
+settings, and summarises Rule 110, Depo and arithmetic sweeps. No training: a finished run is faked on disk."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).parents[1] / "experiments"))
+import run as run_script
+from sweeps import TUNED_MUON_LR, Run, sweeps
+
+from sleeplm.presets import build_experiment
+
+ALL = sweeps(TUNED_MUON_LR)
+
+
+def test_every_sweep_run_is_a_valid_experiment_with_a_unique_name():
+    for sweep, runs in ALL.items():
+        assert len({run.name for run in runs}) == len(runs), sweep
+        for run in runs:
+            build_experiment(run.preset, run.overrides)
+
+
+def _fake_finished(results: Path, sweep: str, run: Run, exact: float = 0.5) -> None:
+    """What run.py leaves for a finished run: experiment.json, metrics.jsonl with an eval record, time.json."""
+    out = results / sweep / run.name
+    out.mkdir(parents=True)
+    (out / "experiment.json").write_text(json.dumps(build_experiment(run.preset, run.overrides).to_json()))
+    record = {"step": 600, "kind": "eval", "tokens": 10, "loss": 0.1, "exact": exact, "accuracy": 0.9}
+    (out / "metrics.jsonl").write_text(json.dumps(record) + "\n")
+    (out / "time.json").write_text(json.dumps({"seconds": 1.0}))
+
+
+@pytest.fixture
+def no_training(monkeypatch):
+    def train(*args, **kwargs):
+        raise AssertionError("run.py trained a run it should have skipped or copied")
+
+    monkeypatch.setattr(run_script, "run_training", train)
+
+
+def _by_name(sweep: str) -> dict[str, Run]:
+    return {run.name: run for run in ALL[sweep]}
+
+
+def test_finished_runs_are_skipped_identical_ones_copied_and_different_ones_refused(tmp_path, no_training):
+    dirs = ["--results", str(tmp_path), "--workdir", str(tmp_path / "work")]
+    _fake_finished(tmp_path, "rule110-sleep-t4", _by_name("rule110-sleep-t4")["N1-s0"], exact=0.25)
+    run_script.main(["rule110-sleep-t4", "--only", "N1-s0", *dirs])
+    # The learning-rate sweep's run at the tuned rate is the same experiment: copied, not trained.
+    tuned = f"lr{TUNED_MUON_LR}"
+    run_script.main(["rule110-lr-t4", "--only", tuned, *dirs])
+    summary = json.loads((tmp_path / "rule110-lr-t4" / "summary.json").read_text())
+    assert summary["runs"][tuned]["final_exact"] == 0.25
+    assert summary["muon_lr"] == TUNED_MUON_LR and "commit" in summary["provenance"]
+    assert (tmp_path / "rule110-lr-t4" / "exact.png").exists()
+    with pytest.raises(SystemExit, match=r"rule110-sleep-t4/N1-s0 holds a different experiment"):
+        run_script.main(["rule110-sleep-t4", "--only", "N1-s0", "--muon-lr", "1e-3", *dirs])
+
+
+def test_depo_and_arithmetic_sweeps_are_summarised_by_accuracy(tmp_path, no_training):
+    for sweep, name in (("depo", "N1"), ("arith", "hard-N1")):
+        _fake_finished(tmp_path, sweep, _by_name(sweep)[name])
+        run_script.main([sweep, "--only", name, "--results", str(tmp_path)])
+        assert (tmp_path / sweep / "accuracy.png").exists()
+
+
+def test_an_unknown_run_name_is_rejected_with_the_choices(capsys):
+    with pytest.raises(SystemExit):
+        run_script.main(["depo", "--only", "N3"])
+    assert "--only 'N3': depo has the runs ['N1', 'N2', 'N4']" in capsys.readouterr().err
