@@ -45,25 +45,30 @@ def depth_table(n1: dict, n2: dict) -> tuple[list[dict], str]:
 
 
 def sleep_table(runs: dict) -> tuple[dict, str]:
-    by_n: dict[int, list[dict]] = {}
+    """Final exact per N over seeds (runs named "N{n}-s{seed}"), and each N's gain over N=1 on the same seed (same
+    initialisation and data order: a paired comparison)."""
+    by_n: dict[int, dict[str, dict]] = {}
     for name, r in sorted(runs.items()):
-        by_n.setdefault(r["passes"], []).append(dict(r, name=name))
+        by_n.setdefault(r["passes"], {})[name.split("-")[-1]] = r
     table = {}
-    lines = ["| N | seeds | final exact per seed | mean | spread | best exact (mean) | minutes per run |"]
+    lines = ["| N | seeds | final exact per seed | mean | spread | gain over N=1, same seed | minutes per run |"]
     lines.append("|---|---|---|---|---|---|---|")
     for n, rs in sorted(by_n.items()):
-        finals = [r["final_exact"] for r in rs]
+        finals = [r["final_exact"] for r in rs.values()]
+        gains = [r["final_exact"] - by_n[1][seed]["final_exact"] for seed, r in rs.items() if seed in by_n.get(1, {})]
         table[n] = {
+            "seeds": list(rs),
             "final_exact": finals,
             "mean": statistics.mean(finals),
             "spread": max(finals) - min(finals),
-            "best_mean": statistics.mean(r["best_exact"] for r in rs),
-            "minutes": statistics.mean(r["seconds"] for r in rs) / 60,
+            "paired_gain": gains,
+            "minutes": statistics.mean(r["seconds"] for r in rs.values()) / 60,
         }
         row = table[n]
+        paired = ", ".join(f"{g:+.3f}" for g in gains) if n != 1 and gains else "—"
         lines.append(
-            f"| {n} | {len(rs)} | {', '.join(f'{f:.3f}' for f in finals)} | {row['mean']:.3f} | {row['spread']:.3f} "
-            f"| {row['best_mean']:.3f} | {row['minutes']:.1f} |"
+            f"| {n} | {', '.join(rs)} | {', '.join(f'{f:.3f}' for f in finals)} | {row['mean']:.3f} "
+            f"| {row['spread']:.3f} | {paired} | {row['minutes']:.1f} |"
         )
     return table, "\n".join(lines)
 
@@ -110,6 +115,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--results", type=Path, default=RESULTS, help="the folder of sweep results to report on")
     RESULTS = parser.parse_args().results
+    if not RESULTS.is_dir():
+        parser.error(f"--results {RESULTS} is not a folder of sweep results")
     depth_rows, depth_md = depth_table(load("rule110-depth"), load("rule110-depth-N2"))
     report: dict = {"depth": depth_rows}
     sections = ["## Depth\n\n" + depth_md]
