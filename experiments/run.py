@@ -70,9 +70,14 @@ def summarize(sweep: str, out: Path, info: dict) -> None:
         plot_runs(runs, metric, out / f"{metric}.png", title=f"{sweep}: held-out {metric}", chance=chance)
 
 
+def as_recorded(experiment) -> dict:
+    """The experiment as its experiment.json reads back (tuples become lists), for comparing with a finished run."""
+    return json.loads(json.dumps(experiment.to_json()))
+
+
 def finished_twin(experiment, results: Path) -> Path | None:
     """A finished run of any sweep under `results` with exactly this experiment, if any."""
-    wanted = json.loads(json.dumps(experiment.to_json()))
+    wanted = as_recorded(experiment)
     for record in results.glob("*/*/experiment.json"):
         if (record.parent / "time.json").exists() and json.loads(record.read_text()) == wanted:
             return record.parent
@@ -84,7 +89,7 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("sweep")
     parser.add_argument(
-        "--muon-lr", default=TUNED_MUON_LR, help="the N=1 Muon learning rate (default: tuned by rule110-lr-t3)"
+        "--muon-lr", default=TUNED_MUON_LR, help="the N=1 Muon learning rate (default: tuned by rule110-lr-t3 and -t4)"
     )
     parser.add_argument("--workdir", type=Path, default=Path("runs/experiments"))
     parser.add_argument("--results", type=Path, default=RESULTS, help="where finished runs and summaries go")
@@ -104,9 +109,7 @@ def main(argv: list[str] | None = None) -> None:
     for run in [runs[name] for name in only] if only else runs.values():
         experiment = build_experiment(run.preset, run.overrides)
         if (out / run.name / "time.json").exists():
-            if json.loads((out / run.name / "experiment.json").read_text()) != json.loads(
-                json.dumps(experiment.to_json())
-            ):
+            if json.loads((out / run.name / "experiment.json").read_text()) != as_recorded(experiment):
                 sys.exit(f"{out / run.name} holds a different experiment (another --muon-lr?): move it away first")
             continue
         done = finished_twin(experiment, args.results)
