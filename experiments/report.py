@@ -23,9 +23,9 @@ import matplotlib.pyplot as plt
 RESULTS = Path(__file__).parent / "results"
 
 
-def load(sweep: str) -> dict:
-    """The runs of one sweep's summary.json under RESULTS (empty if the sweep never ran)."""
-    path = RESULTS / sweep / "summary.json"
+def load(results: Path, sweep: str) -> dict:
+    """The runs of one sweep's summary.json under `results` (empty if the sweep never ran)."""
+    path = results / sweep / "summary.json"
     return json.loads(path.read_text())["runs"] if path.exists() else {}
 
 
@@ -111,37 +111,35 @@ def final_accuracy_plot(path: Path, xlabel: str, title: str):
 
 
 def main() -> None:
-    global RESULTS
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--results", type=Path, default=RESULTS, help="the folder of sweep results to report on")
-    RESULTS = parser.parse_args().results
-    if not RESULTS.is_dir():
-        parser.error(f"--results {RESULTS} is not a folder of sweep results")
-    depth_rows, depth_md = depth_table(load("rule110-depth"), load("rule110-depth-N2"))
+    results = parser.parse_args().results
+    if not results.is_dir():
+        parser.error(f"--results {results} is not a folder of sweep results")
+    depth_rows, depth_md = depth_table(load(results, "rule110-depth"), load(results, "rule110-depth-N2"))
     report: dict = {"depth": depth_rows}
     sections = ["## Depth\n\n" + depth_md]
-    for path in sorted(RESULTS.glob("rule110-sleep-t*/summary.json")):
+    for path in sorted(results.glob("rule110-sleep-t*/summary.json")):
         sweep = path.parent.name
-        table, markdown = sleep_table(load(sweep))
+        table, markdown = sleep_table(load(results, sweep))
         report[sweep] = table
         sections.append(f"## {sweep}\n\n{markdown}")
-        with final_accuracy_plot(RESULTS / f"{sweep}.png", "passes N", f"Rule 110 {sweep[-2:]}: sleep passes") as axes:
+        with final_accuracy_plot(results / f"{sweep}.png", "passes N", f"Rule 110 {sweep[-2:]}: sleep passes") as axes:
             for n, row in table.items():
                 axes.scatter([n] * len(row["final_exact"]), row["final_exact"], color="C0")
             axes.plot(list(table), [row["mean"] for row in table.values()], color="C0", label="mean over seeds")
     for path in sorted(
-        [*RESULTS.glob("rule110-baselines-t*/summary.json"), *RESULTS.glob("rule110-lr-t*/summary.json")]
+        [*results.glob("rule110-baselines-t*/summary.json"), *results.glob("rule110-lr-t*/summary.json")]
     ):
-        report[path.parent.name] = load(path.parent.name)
-        sections.append(f"## {path.parent.name}\n\n" + plain_table(load(path.parent.name)))
+        report[path.parent.name] = load(results, path.parent.name)
+        sections.append(f"## {path.parent.name}\n\n" + plain_table(load(results, path.parent.name)))
     for sweep, prefix in (("depo", "accuracy@k"), ("arith", "accuracy@ops")):
-        if load(sweep):
-            report[sweep] = load(sweep)
-            sections.append(
-                f"## {sweep} (final held-out accuracy per group)\n\n" + per_group_table(load(sweep), prefix)
-            )
-    (RESULTS / "report.json").write_text(json.dumps(report, indent=2) + "\n")
-    with final_accuracy_plot(RESULTS / "depth_gain.png", "Rule 110 depth t", "Rule 110: depth vs passes") as axes:
+        runs = load(results, sweep)
+        if runs:
+            report[sweep] = runs
+            sections.append(f"## {sweep} (final held-out accuracy per group)\n\n" + per_group_table(runs, prefix))
+    (results / "report.json").write_text(json.dumps(report, indent=2) + "\n")
+    with final_accuracy_plot(results / "depth_gain.png", "Rule 110 depth t", "Rule 110: depth vs passes") as axes:
         for key, label in (("N1", "N=1"), ("N2", "N=2")):
             points = [(r["depth"], r[key]) for r in depth_rows if r[key] is not None]
             if points:
