@@ -91,6 +91,26 @@ def test_lowering_sizes():
         lowering_sizes(100, 16, 16, 24, "gpu")
 
 
+def _exported_kernel_count(platform: str, layout: str, custom_call: str, dtype, **settings) -> int:
+    """Exports value and gradients for `platform` through `jax.export`; returns how many kernels it calls."""
+    batch, length, heads, d = 1, 300, 2, 96  # padded in time and head dims
+    args = [
+        jax.ShapeDtypeStruct(shape, dtype) for shape in [(batch, length, heads, d)] * 3 + [(batch, length, heads)] * 2
+    ]
+    args.append(jax.ShapeDtypeStruct((batch, heads, d, d), jnp.float32))
+
+    def loss(*inputs):
+        out, state = gated_delta_rule_pallas(*inputs, 64, interpret=False, layout=layout, **settings)
+        return jnp.sum(out.astype(jnp.float32)) + jnp.sum(state)
+
+    exported = jax.export.export(
+        jax.jit(jax.value_and_grad(loss, argnums=tuple(range(6)))),
+        platforms=[platform],
+        disabled_checks=[jax.export.DisabledSafetyCheck.custom_call(custom_call)],
+    )(*args)
+    return exported.mlir_module().count(f"@{custom_call}(")
+
+
 @pytest.mark.parametrize(
     ("platform", "layout", "custom_call"),
     [("cuda", "gpu", "__gpu$xla.gpu.triton"), ("tpu", "tpu", "tpu_custom_call")],
@@ -100,23 +120,12 @@ def test_forward_and_backward_lower_for_gpu_and_tpu(platform, layout, custom_cal
     """Lowers value and gradients for GPU (Triton) and TPU (Mosaic) on this CPU-only machine, through `jax.export`:
     every block shape and every primitive in the kernel bodies must pass Pallas' lowering rules for that backend.
     (Compiling the lowered kernels to machine code needs the device; bench.py checks that on a GPU.)"""
-    batch, length, heads, d = 1, 300, 2, 96  # padded in time and head dims
-    args = [
-        jax.ShapeDtypeStruct(shape, dtype) for shape in [(batch, length, heads, d)] * 3 + [(batch, length, heads)] * 2
-    ]
-    args.append(jax.ShapeDtypeStruct((batch, heads, d, d), jnp.float32))
-
-    def loss(*inputs):
-        out, state = gated_delta_rule_pallas(*inputs, 64, interpret=False, layout=layout)
-        return jnp.sum(out.astype(jnp.float32)) + jnp.sum(state)
-
-    exported = jax.export.export(
-        jax.jit(jax.value_and_grad(loss, argnums=tuple(range(6)))),
-        platforms=[platform],
-        disabled_checks=[jax.export.DisabledSafetyCheck.custom_call(custom_call)],
-    )(*args)
     # Forward: wy, states, output. Backward: wy and states recomputed, then output_bwd, states_bwd, wy_bwd.
-    assert exported.mlir_module().count(f"@{custom_call}(") == 8
+    assert _exported_kernel_count(platform, layout, custom_call, dtype) == 8
+
+
+def test_single_pass_tf32_dots_lower_for_gpu():
+    assert _exported_kernel_count("cuda", "gpu", "__gpu$xla.gpu.triton", jnp.float32, precision="tf32") == 8
 
 
 def test_dispatcher_runs_pallas_and_auto_picks_xla_on_cpu(gdr_inputs):
@@ -129,6 +138,8 @@ def test_dispatcher_runs_pallas_and_auto_picks_xla_on_cpu(gdr_inputs):
         gated_delta_rule_pallas(*(gdr_inputs[n] for n in ARG_NAMES), layout="cuda")
     with pytest.raises(ValueError, match=r"subblock=24 is invalid: it must divide the chunk \(16\)"):
         gated_delta_rule_pallas(*(gdr_inputs[n] for n in ARG_NAMES), 16, subblock=24)
+    with pytest.raises(ValueError, match=r"precision='bf16' is invalid: choose 'float32' or 'tf32'"):
+        gated_delta_rule_pallas(*(gdr_inputs[n] for n in ARG_NAMES), 16, precision="bf16")
 
 
 @pytest.mark.slow  # about 35 s of interpret-mode kernels; CI runs it in make test-slow

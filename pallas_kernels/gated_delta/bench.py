@@ -2,15 +2,18 @@
 
     python -m pallas_kernels.gated_delta.bench [--batch 8 --length 4096 --heads 16 --dim 128] [--out FILE]
 
-1. timing: forward and forward+backward times (median of --repeats) of xla, pallas and reference at the benchmark
-   shape, float32 and bfloat16 inputs, with the ratio of each to xla, the achieved TFLOP/s (the count is
+1. timing: forward and forward+backward times (median of --repeats) of xla, pallas and the recurrence at the
+   benchmark shape, float32 and bfloat16 inputs, with the ratio of each to xla, the achieved TFLOP/s (the count is
    documented in `chunk_flops`), and the relative error of each one's outputs and six gradients against the
-   recurrence's at that shape.
-2. correctness: outputs, final state and all six gradients of pallas and xla against a float64 recurrence (run on
+   recurrence's at that shape. The recurrence is timed as "reference-remat", its backward rematerialised per
+   64-step segment: the plain scan keeps every step's state, 130 GiB here.
+2. stages: each of the six Pallas kernels alone at the benchmark shape (float32 inputs, default settings), and
+   their sum against the whole forward+backward (the rest is layout: folding heads, padding, casts).
+3. correctness: outputs, final state and all six gradients of pallas and xla against a float64 recurrence (run on
    the device with x64 enabled), float32 and bfloat16 inputs, with padded head dims and a partial last chunk.
    Exits non-zero if a bound is missed.
-3. sweep (not run by default): kernel settings one at a time (stage 1's row block, the state-column block, Triton
-   warps and stages), pallas forward and forward+backward.
+4. sweep (not run by default): settings one at a time (chunk size, stage 1's row block, the state-column block,
+   Triton warps and stages, single-pass TF32 dots), pallas forward and forward+backward.
 Each section is written to --out as soon as it finishes, so a cut-off run keeps what it measured.
 """
 
@@ -18,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import functools
+import inspect
 import sys
 import traceback
 from pathlib import Path
@@ -30,7 +34,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks"))
 from bench_gated_delta import benchmark, compiled, make_inputs
 from common import write_record
 
-from sleeplm.ops import gated_delta_rule
+from sleeplm.ops import gated_delta_rule, register_implementation
+from sleeplm.ops.reference import gated_delta_rule_reference
 from sleeplm.timing import median_seconds
 
 ARGS = ("q", "k", "v", "g", "beta", "initial_state")
@@ -46,6 +51,23 @@ def chunk_flops(batch: int, length: int, heads: int, d_k: int, d_v: int, chunk: 
     output = 2 * chunk * d_k * d_v + 2 * chunk * chunk * (d_k + d_v)  # Q S, Q K^T, (.) V'
     per_chunk = intra + state + output
     return batch * heads * (length / chunk) * per_chunk
+
+
+def remat_reference(q, k, v, g, beta, initial_state, chunk_size=None, segment: int = 64):
+    """The recurrence, scanned over segments of `segment` steps whose backward is rematerialised (`jax.checkpoint`):
+    the same arithmetic as the reference, with the memory of one segment's steps instead of all of them."""
+    batch, length = q.shape[:2]
+    if length % segment:
+        return gated_delta_rule_reference(q, k, v, g, beta, initial_state)
+
+    @jax.checkpoint
+    def step(state, segment_inputs):
+        out, state = gated_delta_rule_reference(*segment_inputs, state)
+        return state, out
+
+    split = lambda x: jnp.moveaxis(x.reshape(batch, length // segment, segment, *x.shape[2:]), 1, 0)
+    final, out = jax.lax.scan(step, initial_state.astype(jnp.float32), tuple(map(split, (q, k, v, g, beta))))
+    return jnp.moveaxis(out, 0, 1).reshape(*q.shape[:3], v.shape[-1]), final
 
 
 def relative_error(actual, expected) -> float:
@@ -102,14 +124,15 @@ def time_implementations(args: argparse.Namespace, results: dict, save) -> dict:
         produced = {}
         for implementation in args.implementations.split(","):
             key = f"{implementation} {dtype}"
+            repeats = min(args.repeats, 3) if implementation.startswith("reference") else args.repeats  # ~1 s each
             try:
                 forward, forward_backward = compiled(implementation, args.chunk)
                 produced[implementation] = [
                     np.asarray(x, np.float32) for x in (*forward(*inputs), *forward_backward(*inputs)[1])
                 ]
                 timing = {
-                    "forward_s": median_seconds(forward, *inputs, repeats=args.repeats, warmup=False),
-                    "forward_backward_s": median_seconds(forward_backward, *inputs, repeats=args.repeats, warmup=False),
+                    "forward_s": median_seconds(forward, *inputs, repeats=repeats, warmup=False),
+                    "forward_backward_s": median_seconds(forward_backward, *inputs, repeats=repeats, warmup=False),
                 }
             except Exception as error:  # one implementation failing must not lose the others
                 traceback.print_exc()
@@ -136,12 +159,11 @@ def time_implementations(args: argparse.Namespace, results: dict, save) -> dict:
                     f"fwd+bwd {mine['forward_backward_speedup_over_xla']:.2f}x",
                     flush=True,
                 )
-            if implementation in produced and "reference" in produced and implementation != "reference":
+            gold = produced.get("reference-remat")
+            if implementation in produced and gold is not None and implementation != "reference-remat":
                 names = ("out", "final_state", *(f"d{n}" for n in ARGS))
-                agreement = {
-                    n: relative_error(a, b)
-                    for n, a, b in zip(names, produced[implementation], produced["reference"], strict=True)
-                }
+                pairs = zip(names, produced[implementation], gold, strict=True)
+                agreement = {n: relative_error(a, b) for n, a, b in pairs}
                 mine["relative_error_vs_reference"] = agreement
                 print(
                     f"{implementation:<10}{dtype:<10} worst relative error vs reference {max(agreement.values()):.2e}"
@@ -150,31 +172,84 @@ def time_implementations(args: argparse.Namespace, results: dict, save) -> dict:
     return results
 
 
-# One kernel setting changed at a time from the defaults (block_v 64, subblock 16, Triton's warps, one stage).
-SWEEP = (
+def time_stages(args: argparse.Namespace) -> dict:
+    """Each Pallas kernel alone on the folded benchmark inputs (float32, default settings), in the order the
+    forward+backward runs them (the backward reruns wy and states first), and the whole forward+backward."""
+    from pallas_kernels.gated_delta import gated_delta_rule_pallas, kernel
+    from pallas_kernels.gated_delta.ops import fold_inputs
+
+    inputs = make_inputs(args.batch, args.length, args.heads, args.dim, jnp.float32)
+    parameters = inspect.signature(gated_delta_rule_pallas).parameters.values()
+    settings = {p.name: p.default for p in parameters if p.kind is inspect.Parameter.KEYWORD_ONLY}
+    settings["interpret"] = jax.default_backend() == "cpu"  # a dry run of the script on CPU
+    settings["layout"] = "cpu" if settings["interpret"] else jax.default_backend()
+    (q, k, v, g, beta, s0), config = fold_inputs(*inputs, chunk_size=args.chunk, **settings)
+    w, u = kernel.wy_forward(k, v, g, beta, config)
+    v_new, states, final = kernel.states_forward(k, w, u, g, s0, config)
+    cotangent = lambda x, seed: jax.random.normal(jax.random.key(seed), x.shape, x.dtype)
+    d_out = cotangent(v, 1)
+    _, _, _, dv_new, dstates = kernel.output_backward(q, k, g, v_new, states, d_out, config)
+    d_final = cotangent(final, 2)
+    du, dw, *_ = kernel.states_backward(k, w, g, v_new, states, dv_new, dstates, d_final, config)
+    stages = {  # name: (kernel, its array arguments), jitted with the config static
+        "wy_forward": (kernel.wy_forward, (k, v, g, beta)),
+        "states_forward": (kernel.states_forward, (k, w, u, g, s0)),
+        "output_forward": (functools.partial(kernel.output_forward, out_dtype=jnp.float32), (q, k, g, v_new, states)),
+        "output_backward": (kernel.output_backward, (q, k, g, v_new, states, d_out)),
+        "states_backward": (kernel.states_backward, (k, w, g, v_new, states, dv_new, dstates, d_final)),
+        "wy_backward": (kernel.wy_backward, (k, v, g, beta, dw.sum(0), du)),
+    }
+    results = {}
+    for name, (stage, arrays) in stages.items():
+        results[name] = median_seconds(jax.jit(functools.partial(stage, config=config)), *arrays, repeats=args.repeats)
+        print(f"stage {name:<16}: {1e3 * results[name]:8.2f} ms", flush=True)
+    # forward+backward runs wy and states twice (the backward recomputes them); the rest once each
+    kernels = sum(results.values()) + results["wy_forward"] + results["states_forward"]
+    whole = benchmark("pallas", inputs, args.chunk, args.repeats)["forward_backward_s"]
+    results |= {"kernels_in_forward_backward_s": kernels, "forward_backward_s": whole}
+    print(f"stage sum in fwd+bwd: {1e3 * kernels:8.2f} ms of {1e3 * whole:8.2f} ms for the whole", flush=True)
+    return results
+
+
+# One setting changed at a time from the defaults (chunk 64, block_v 64, subblock 16, Triton's warps, one stage,
+# float32-level dots).
+SWEEP = (  # most telling first: a run cut off by its time limit keeps those
     {},
+    {"precision": "tf32"},  # one TF32 product per dot instead of three: what float32-level accuracy costs
     {"subblock": 64},  # stage 1 by doubling on the whole chunk, as in the first H200 measurement
-    {"subblock": 32},
-    {"block_v": 32},
+    {"block_v": 32, "num_stages": 2},
+    {"chunk": 32},
     {"block_v": 128},
     {"num_warps": 8},
-    {"block_v": 32, "num_stages": 2},
+    {"chunk": 128},
+    {"subblock": 32},
+    {"block_v": 32},
     {"block_v": 32, "num_warps": 8},
 )
 
 
-def sweep_launch_parameters(args: argparse.Namespace) -> dict:
+def sweep_settings(args: argparse.Namespace, results: dict, save) -> dict:
+    """Pallas forward and forward+backward times under each of SWEEP's settings (float32 inputs), into `results`,
+    calling `save` after each."""
     from pallas_kernels.gated_delta import gated_delta_rule_pallas
     from sleeplm.ops import IMPLEMENTATIONS, resolve_implementation
 
     inputs = make_inputs(args.batch, args.length, args.heads, args.dim, jnp.float32)
-    results, default = {}, IMPLEMENTATIONS[resolve_implementation("pallas")]  # registers it on first use
+    default = IMPLEMENTATIONS[resolve_implementation("pallas")]  # registers it on first use
     try:
         for setting in SWEEP:
-            IMPLEMENTATIONS["pallas"] = functools.partial(gated_delta_rule_pallas, **setting)
-            timing = benchmark("pallas", inputs, args.chunk, args.repeats)
             name = " ".join(f"{key}={value}" for key, value in setting.items()) or "defaults"
+            kernel_settings = {key: value for key, value in setting.items() if key != "chunk"}
+            IMPLEMENTATIONS["pallas"] = functools.partial(gated_delta_rule_pallas, **kernel_settings)
+            try:
+                timing = benchmark("pallas", inputs, setting.get("chunk", args.chunk), args.repeats)
+            except Exception as error:  # one setting failing to compile must not lose the others
+                traceback.print_exc()
+                results[name] = {"error": f"{type(error).__name__}: {error}"}
+                save()
+                continue
             results[name] = timing
+            save()
             print(
                 f"sweep {name:<28}: fwd {1e3 * timing['forward_s']:8.2f} ms, "
                 f"fwd+bwd {1e3 * timing['forward_backward_s']:8.2f} ms",
@@ -193,11 +268,12 @@ def main() -> None:
     parser.add_argument("--dim", type=int, default=128)
     parser.add_argument("--chunk", type=int, default=64)
     parser.add_argument("--repeats", type=int, default=10)
-    parser.add_argument("--implementations", default="xla,pallas,reference", help="xla first: ratios are to it")
-    parser.add_argument("--sections", default="timing,correctness", help="of timing,correctness,sweep")
+    parser.add_argument("--implementations", default="xla,pallas,reference-remat", help="xla first: ratios are to it")
+    parser.add_argument("--sections", default="timing,stages,correctness", help="of timing,stages,correctness,sweep")
     parser.add_argument("--out", type=Path, help="write the results as JSON here")
     args = parser.parse_args()
     print(f"device: {jax.devices()[0].device_kind}, jax {jax.__version__}", flush=True)
+    register_implementation("reference-remat", remat_reference)
 
     results, failed = {}, False
     sections = {
@@ -205,7 +281,8 @@ def main() -> None:
         "timing": lambda: time_implementations(
             args, results.setdefault("timing", {}), lambda: write_record(args, results)
         ),
-        "sweep": lambda: sweep_launch_parameters(args),
+        "stages": lambda: time_stages(args),
+        "sweep": lambda: sweep_settings(args, results.setdefault("sweep", {}), lambda: write_record(args, results)),
     }
     for name in args.sections.split(","):
         try:

@@ -35,7 +35,8 @@ _F32 = jnp.float32
 class KernelConfig:
     """Static kernel parameters: chunk length C, state-column block BV, the row block b of stage 1's blocked forward
     substitution (C itself: no blocking), interpret mode (CPU), the backend compiled for, and for GPU the Triton
-    launch parameters (warps per program and pipelining stages; None: Triton's)."""
+    launch parameters (warps per program and pipelining stages; None: Triton's); `fast_dots` trades float32-level
+    dots for single-pass ones (`precision`)."""
 
     chunk: int
     block_v: int
@@ -44,6 +45,7 @@ class KernelConfig:
     target: str = "gpu"
     num_warps: int | None = None
     num_stages: int | None = None
+    fast_dots: bool = False
 
     @property
     def row_blocks(self) -> list[pl.Slice]:
@@ -53,10 +55,12 @@ class KernelConfig:
 
     @property
     def precision(self) -> chunk.Precision:
-        """Dot precision: float32-level everywhere; on GPU via three TF32 tensor-core products (see chunk.py)."""
-        if self.target == "gpu" and not self.interpret:
-            return lax.DotAlgorithmPreset.TF32_TF32_F32_X3
-        return chunk.HIGHEST
+        """Dot precision: float32-level everywhere, on GPU via three TF32 tensor-core products (see chunk.py);
+        with `fast_dots`, one TF32 product on GPU and the backend's default precision elsewhere."""
+        on_gpu = self.target == "gpu" and not self.interpret
+        if self.fast_dots:
+            return lax.DotAlgorithmPreset.TF32_TF32_F32 if on_gpu else lax.Precision.DEFAULT
+        return lax.DotAlgorithmPreset.TF32_TF32_F32_X3 if on_gpu else chunk.HIGHEST
 
 
 def _load(ref, *index) -> jax.Array:

@@ -110,9 +110,11 @@ def _row_block(chunk: int, requested: int | None, backend: str) -> int:
     return 16 if backend != "tpu" and chunk % 16 == 0 else chunk
 
 
-def _gated_delta_rule_local(
-    q, k, v, g, beta, initial_state, chunk_size, interpret, block_v, subblock, layout, num_warps, num_stages
-):
+def fold_inputs(
+    q, k, v, g, beta, initial_state, chunk_size, interpret, block_v, subblock, layout, num_warps, num_stages, precision
+) -> tuple[tuple[jax.Array, ...], KernelConfig]:
+    """The kernels' inputs (heads folded into the batch, time padded to whole chunks, head dims padded for the
+    backend) and their static config; `bench.py` times each stage on these."""
     batch, length, heads, d_k = q.shape
     d_v = v.shape[-1]
     chunk, d_k_pad, d_v_pad = lowering_sizes(length, d_k, d_v, chunk_size, layout)
@@ -125,19 +127,32 @@ def _gated_delta_rule_local(
         target=layout,
         num_warps=num_warps,
         num_stages=num_stages,
+        fast_dots=_fast_dots(precision),
     )
     s0 = initial_state.astype(jnp.float32).reshape(batch * heads, d_k, d_v)
     s0 = jnp.pad(s0, [(0, 0), (0, d_k_pad - d_k), (0, d_v_pad - d_v)])
-    out, final = _folded(
+    folded = (
         _fold(q, padded_length, d_k_pad),
         _fold(k, padded_length, d_k_pad),
         _fold(v, padded_length, d_v_pad),
         _fold(g, padded_length, None),
         _fold(beta, padded_length, None),
         s0,
-        config,
-        q.dtype,
     )
+    return folded, config
+
+
+def _fast_dots(precision: str) -> bool:
+    if precision not in ("float32", "tf32"):
+        raise ValueError(f"precision={precision!r} is invalid: choose 'float32' or 'tf32'")
+    return precision == "tf32"
+
+
+def _gated_delta_rule_local(q, k, v, g, beta, initial_state, **settings):
+    batch, length, heads, d_k = q.shape
+    d_v = v.shape[-1]
+    folded, config = fold_inputs(q, k, v, g, beta, initial_state, **settings)
+    out, final = _folded(*folded, config, q.dtype)
     out = jnp.moveaxis(out[:, :length, :d_v].reshape(batch, heads, length, d_v), 1, 2)
     return out, final[:, :d_k, :d_v].reshape(batch, heads, d_k, d_v)
 
@@ -166,6 +181,7 @@ def gated_delta_rule_pallas(
     layout: str | None = None,
     num_warps: int | None = None,
     num_stages: int | None = 1,
+    precision: str = "float32",
 ) -> tuple[jax.Array, jax.Array]:
     """Chunked gated delta rule in Pallas kernels; same signature and results as `sleeplm.ops`' reference.
 
@@ -178,6 +194,8 @@ def gated_delta_rule_pallas(
     `num_warps`, `num_stages`: Triton launch parameters on GPU (None: Triton's defaults). One stage (no software
     pipelining) by default: with Triton's three, the sequential kernels' loads asked an H200 for 279 KB of shared
     memory (it has 227 KB).
+    `precision`: "float32" (the default: every dot float32-level, three TF32 products on GPU) or "tf32" (one TF32
+    product per dot on GPU, relative errors near 1e-3; elsewhere the backend's default dot precision).
     Computes in float32 whatever the input dtype; returns o in q's dtype and the final state in float32.
     """
     if interpret is None:
@@ -195,6 +213,7 @@ def gated_delta_rule_pallas(
         layout=layout,
         num_warps=num_warps,
         num_stages=num_stages,
+        precision=precision,
     )
     mesh = jax.sharding.get_abstract_mesh()
     if mesh.empty or mesh.size == 1:
