@@ -36,18 +36,18 @@ def _value_and_grads(inputs, fn):
 
 
 @pytest.mark.parametrize(
-    ("layout", "d_k", "d_v", "block_v"),
+    ("layout", "d_k", "d_v", "block_v", "subblock"),
     [
-        ("gpu", 12, 24, 16),  # head dims padded to 16 and 32; two state-column blocks; chunk a power of two
-        ("tpu", 8, 8, 64),  # head dims padded to 128, chunk 128
-        ("cpu", 16, 8, 4),  # no padding; two state-column blocks whose dW, dK, dg partials are summed
+        ("gpu", 12, 24, 16, None),  # head dims padded to 16 and 32; two state-column blocks; chunk a power of two
+        ("gpu", 12, 24, 32, 4),  # stage 1 (forward and backward kernels) by blocked substitution over 4 row blocks
+        ("tpu", 8, 8, 64, None),  # head dims padded to 128, chunk 128
+        ("cpu", 16, 8, 4, None),  # no padding; two state-column blocks whose dW, dK, dg partials are summed
     ],
 )
-def test_padded_layouts_and_column_blocks_match_the_reference(layout, d_k, d_v, block_v):
+def test_padded_layouts_and_blocks_match_the_reference(layout, d_k, d_v, block_v, subblock):
     inputs = random_gdr_inputs(7, batch=1, length=37, heads=2, d_k=d_k, d_v=d_v)
-    pallas = _value_and_grads(
-        inputs, lambda *a: gated_delta_rule_pallas(*a, 16, interpret=True, block_v=block_v, layout=layout)
-    )
+    settings = dict(interpret=True, block_v=block_v, subblock=subblock, layout=layout)
+    pallas = _value_and_grads(inputs, lambda *a: gated_delta_rule_pallas(*a, 16, **settings))
     reference = _value_and_grads(inputs, lambda *a: gated_delta_rule(*a, implementation="reference"))
     for name, actual, expected in zip(
         ("out", "state", *ARG_NAMES), (*pallas[0], *pallas[1]), (*reference[0], *reference[1]), strict=True
@@ -91,8 +91,8 @@ def test_lowering_sizes():
         lowering_sizes(100, 16, 16, 24, "gpu")
 
 
-def _exported_kernel_count(platform: str, layout: str, custom_call: str, dtype, **settings) -> int:
-    """Exports value and gradients for `platform` through `jax.export`; returns how many kernels it calls."""
+def _exported_module(platform: str, layout: str, custom_call: str, dtype, **settings) -> str:
+    """Value and gradients exported for `platform` through `jax.export`, as MLIR text without source locations."""
     batch, length, heads, d = 1, 300, 2, 96  # padded in time and head dims
     args = [
         jax.ShapeDtypeStruct(shape, dtype) for shape in [(batch, length, heads, d)] * 3 + [(batch, length, heads)] * 2
@@ -108,7 +108,7 @@ def _exported_kernel_count(platform: str, layout: str, custom_call: str, dtype, 
         platforms=[platform],
         disabled_checks=[jax.export.DisabledSafetyCheck.custom_call(custom_call)],
     )(*args)
-    return exported.mlir_module().count(f"@{custom_call}(")
+    return "\n".join(line for line in exported.mlir_module().splitlines() if not line.startswith("#loc"))
 
 
 @pytest.mark.parametrize(
@@ -121,11 +121,23 @@ def test_forward_and_backward_lower_for_gpu_and_tpu(platform, layout, custom_cal
     every block shape and every primitive in the kernel bodies must pass Pallas' lowering rules for that backend.
     (Compiling the lowered kernels to machine code needs the device; bench.py checks that on a GPU.)"""
     # Forward: wy, states, output. Backward: wy and states recomputed, then output_bwd, states_bwd, wy_bwd.
-    assert _exported_kernel_count(platform, layout, custom_call, dtype) == 8
+    assert _exported_module(platform, layout, custom_call, dtype).count(f"@{custom_call}(") == 8
 
 
-def test_single_pass_tf32_dots_lower_for_gpu():
-    assert _exported_kernel_count("cuda", "gpu", "__gpu$xla.gpu.triton", jnp.float32, precision="tf32") == 8
+@pytest.mark.parametrize(
+    ("dtype", "setting", "same_as_default"),
+    [
+        (jnp.float32, {"precision": "tf32"}, False),  # "auto" gives float32 inputs three-pass dots ...
+        (jnp.bfloat16, {"precision": "float32"}, False),  # ... and 16-bit inputs single-pass ones
+        (jnp.bfloat16, {"precision": "tf32"}, True),
+        (jnp.float32, {"subblock": 16}, False),
+    ],
+)
+def test_dot_precisions_and_blocked_substitution_lower_for_gpu(dtype, setting, same_as_default):
+    gpu = ("cuda", "gpu", "__gpu$xla.gpu.triton")
+    module = _exported_module(*gpu, dtype, **setting)
+    assert module.count(f"@{gpu[2]}(") == 8
+    assert (module == _exported_module(*gpu, dtype)) == same_as_default
 
 
 def test_dispatcher_runs_pallas_and_auto_picks_xla_on_cpu(gdr_inputs):
@@ -138,7 +150,7 @@ def test_dispatcher_runs_pallas_and_auto_picks_xla_on_cpu(gdr_inputs):
         gated_delta_rule_pallas(*(gdr_inputs[n] for n in ARG_NAMES), layout="cuda")
     with pytest.raises(ValueError, match=r"subblock=24 is invalid: it must divide the chunk \(16\)"):
         gated_delta_rule_pallas(*(gdr_inputs[n] for n in ARG_NAMES), 16, subblock=24)
-    with pytest.raises(ValueError, match=r"precision='bf16' is invalid: choose 'float32' or 'tf32'"):
+    with pytest.raises(ValueError, match=r"precision='bf16' is invalid: choose 'auto', 'float32' or 'tf32'"):
         gated_delta_rule_pallas(*(gdr_inputs[n] for n in ARG_NAMES), 16, precision="bf16")
 
 

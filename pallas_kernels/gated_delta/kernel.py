@@ -56,11 +56,11 @@ class KernelConfig:
     @property
     def precision(self) -> chunk.Precision:
         """Dot precision: float32-level everywhere, on GPU via three TF32 tensor-core products (see chunk.py);
-        with `fast_dots`, one TF32 product on GPU and the backend's default precision elsewhere."""
-        on_gpu = self.target == "gpu" and not self.interpret
-        if self.fast_dots:
-            return lax.DotAlgorithmPreset.TF32_TF32_F32 if on_gpu else lax.Precision.DEFAULT
-        return lax.DotAlgorithmPreset.TF32_TF32_F32_X3 if on_gpu else chunk.HIGHEST
+        with `fast_dots`, one TF32 product on GPU (GPU only: Mosaic has no three-pass bf16 dot, TF32's TPU
+        counterpart, and a CPU computes float32 either way)."""
+        if self.target == "gpu" and not self.interpret:
+            return lax.DotAlgorithmPreset.TF32_TF32_F32 if self.fast_dots else lax.DotAlgorithmPreset.TF32_TF32_F32_X3
+        return chunk.HIGHEST
 
 
 def _load(ref, *index) -> jax.Array:
