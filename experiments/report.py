@@ -44,15 +44,24 @@ def depth_table(n1: dict, n2: dict) -> tuple[list[dict], str]:
     return rows, "\n".join(lines)
 
 
+def mean_and_standard_error(values: list[float]) -> tuple[float, float | None]:
+    """The mean, and its standard error (sample standard deviation / sqrt(count); None for fewer than 2 values)."""
+    mean = statistics.mean(values)
+    return mean, (statistics.stdev(values) / len(values) ** 0.5 if len(values) > 1 else None)
+
+
 def sleep_table(runs: dict) -> tuple[dict, str]:
     """Final exact per N over seeds (runs named "N{n}-s{seed}"), and each N's gain over N=1 on the same seed (same
-    initialisation and data order: a paired comparison)."""
+    initialisation and data order: a paired comparison), with the mean gain's standard error."""
     by_n: dict[int, dict[str, dict]] = {}
     for name, r in sorted(runs.items()):
         by_n.setdefault(r["passes"], {})[name.split("-")[-1]] = r
     table = {}
-    lines = ["| N | seeds | final exact per seed | mean | spread | gain over N=1, same seed | minutes per run |"]
-    lines.append("|---|---|---|---|---|---|---|")
+    lines = [
+        "| N | seeds | final exact per seed | mean | spread | gain over N=1, same seed | mean gain ± s.e. "
+        "| minutes per run |"
+    ]
+    lines.append("|---|---|---|---|---|---|---|---|")
     for n, rs in sorted(by_n.items()):
         finals = [r["final_exact"] for r in rs.values()]
         gains = [r["final_exact"] - by_n[1][seed]["final_exact"] for seed, r in rs.items() if seed in by_n.get(1, {})]
@@ -65,10 +74,15 @@ def sleep_table(runs: dict) -> tuple[dict, str]:
             "minutes": statistics.mean(r["seconds"] for r in rs.values()) / 60,
         }
         row = table[n]
-        paired = ", ".join(f"{g:+.3f}" for g in gains) if n != 1 and gains else "—"
+        paired, summary = "—", "—"
+        if n != 1 and gains:
+            paired = ", ".join(f"{g:+.3f}" for g in gains)
+            row["mean_gain"], row["gain_standard_error"] = mean_and_standard_error(gains)
+            error = row["gain_standard_error"]
+            summary = f"{row['mean_gain']:+.3f}" + (f" ± {error:.3f}" if error is not None else "")
         lines.append(
             f"| {n} | {', '.join(rs)} | {', '.join(f'{f:.3f}' for f in finals)} | {row['mean']:.3f} "
-            f"| {row['spread']:.3f} | {paired} | {row['minutes']:.1f} |"
+            f"| {row['spread']:.3f} | {paired} | {summary} | {row['minutes']:.1f} |"
         )
     return table, "\n".join(lines)
 

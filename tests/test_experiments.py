@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 
 sys.path.insert(0, str(Path(__file__).parents[1] / "experiments"))
+import report
 import run as run_script
 from sweeps import TUNED_MUON_LR, Run, sweeps
 
@@ -74,3 +75,14 @@ def test_an_unknown_run_name_is_rejected_with_the_choices(capsys):
     with pytest.raises(SystemExit):
         run_script.main(["depo", "--only", "N3"])
     assert "--only 'N3': depo has the runs ['N1', 'N2', 'N4']" in capsys.readouterr().err
+
+
+def test_sleep_table_pairs_seeds_and_gives_the_mean_gain_with_its_standard_error():
+    finals = {"N1-s0": 0.2, "N1-s1": 0.4, "N1-s2": 0.3, "N2-s0": 0.5, "N2-s1": 0.4, "N2-s2": 0.6, "N4-s1": 0.9}
+    runs = {name: {"passes": int(name[1]), "final_exact": f, "seconds": 60.0} for name, f in finals.items()}
+    table, markdown = report.sleep_table(runs)
+    assert table[2]["paired_gain"] == pytest.approx([0.3, 0.0, 0.3])  # s0, s1, s2 against N=1 on the same seed
+    assert table[2]["mean_gain"] == pytest.approx(0.2)
+    assert table[2]["gain_standard_error"] == pytest.approx(0.1)  # sample sd sqrt(0.03) over sqrt(3)
+    assert table[4]["paired_gain"] == pytest.approx([0.5]) and table[4]["gain_standard_error"] is None
+    assert "| +0.200 ± 0.100 |" in markdown and "| +0.500 |" in markdown
