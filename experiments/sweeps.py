@@ -83,7 +83,7 @@ def sweeps(muon_lr: str) -> dict[str, list[Run]]:
             *(rule110(f"N{n}-s{s}", t, n, s, **lr) for s in MORE_SEEDS for n in (1, 2)),
         ]
         # Baselines the paper does not have: no eviction at all (an upper bound), the same transformer evicted (must
-        # sit at chance), and N=1 trained on 2x and 4x the steps (is sleep better than training longer?).
+        # sit at chance), N=1 trained on 2x and 4x the steps (is sleep better than training longer?), and N=2 on 2x.
         every[f"rule110-baselines-t{t}"] = [
             rule110("full-attention", t, **lr, **{"sleep.eviction": "none", "model.layers": ATTENTION_ONLY}),
             rule110("attention-evicted", t, **lr, **{"model.layers": ATTENTION_ONLY}),
@@ -92,5 +92,7 @@ def sweeps(muon_lr: str) -> dict[str, list[Run]]:
                 for k in (2, 4)
                 for s in SEEDS
             ),
+            # Equal tokens again, at the longer schedule that N=1 is not limited by: does sleep still help?
+            *(rule110(f"N2-2x-steps-s{s}", t, 2, s, **lr, **{"train.steps": "1200"}) for s in SEEDS),
         ]
     return every
