@@ -198,7 +198,7 @@ def gated_delta_rule_pallas(
     pipelining) by default: with Triton's three, the sequential kernels' loads asked an H200 for 279 KB of shared
     memory (it has 227 KB).
     `precision`: "float32" (every dot float32-level: three TF32 tensor-core products on GPU), "tf32" (one TF32
-    product per dot on GPU: relative errors near 4e-4, 2.9x faster on an H100; no change on TPU and CPU), or
+    product per dot on GPU: relative errors near 4e-4, 2.8x faster on an H100; no change on TPU and CPU), or
     "auto" (the default): "tf32" for 16-bit inputs, "float32" otherwise.
     Computes in float32 whatever the input dtype; returns o in q's dtype and the final state in float32.
     """
