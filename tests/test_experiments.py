@@ -86,3 +86,12 @@ def test_sleep_table_pairs_seeds_and_gives_the_mean_gain_with_its_standard_error
     assert table[2]["gain_standard_error"] == pytest.approx(0.1)  # sample sd sqrt(0.03) over sqrt(3)
     assert table[4]["paired_gain"] == pytest.approx([0.5]) and table[4]["gain_standard_error"] is None
     assert "| +0.200 ± 0.100 |" in markdown and "| +0.500 |" in markdown
+
+
+def test_take_off_is_the_first_evaluation_at_or_above_the_threshold(tmp_path):
+    exacts = {50: 0.2, 100: report.TAKE_OFF, 150: 0.4, 200: 0.9}
+    records = [{"step": step, "kind": "eval", "exact": exact} for step, exact in exacts.items()]
+    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    assert report.take_off_step(tmp_path) == 100
+    (tmp_path / "metrics.jsonl").write_text(json.dumps(records[0]) + "\n")
+    assert report.take_off_step(tmp_path) is None
