@@ -6,6 +6,10 @@ in test_ops.py."""
 from __future__ import annotations
 
 import dataclasses
+import json
+import subprocess
+import sys
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -19,6 +23,8 @@ from sleeplm import Config, ModelConfig, SleepConfig
 from sleeplm.data import Rule110Config, batched, make_source
 from sleeplm.ops import IMPLEMENTATIONS, gated_delta_rule, resolve_implementation
 from sleeplm.train import TrainConfig, init_train_state, train_step
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def _value_and_grads(inputs, fn):
@@ -36,17 +42,17 @@ def _value_and_grads(inputs, fn):
 
 
 @pytest.mark.parametrize(
-    ("layout", "d_k", "d_v", "block_v", "subblock"),
+    ("layout", "d_k", "d_v", "block_v"),
     [
-        ("gpu", 12, 24, 16, None),  # head dims padded to 16 and 32; two state-column blocks; chunk a power of two
-        ("gpu", 12, 24, 32, 4),  # stage 1 (forward and backward kernels) by blocked substitution over 4 row blocks
-        ("tpu", 8, 8, 64, None),  # head dims padded to 128, chunk 128
-        ("cpu", 16, 8, 4, None),  # no padding; two state-column blocks whose dW, dK, dg partials are summed
+        ("gpu", 12, 24, 16),  # head dims padded to 16 and 32; two state-column blocks; chunk a power of two
+        ("gpu", 24, 12, 32),  # d_k > d_v, padded to 32 and 16; one state-column block
+        ("tpu", 8, 8, 64),  # head dims padded to 128, chunk 128
+        ("cpu", 16, 8, 4),  # no padding; two state-column blocks whose dW, dK, dg partials are summed
     ],
 )
-def test_padded_layouts_and_blocks_match_the_reference(layout, d_k, d_v, block_v, subblock):
+def test_padded_layouts_and_blocks_match_the_reference(layout, d_k, d_v, block_v):
     inputs = random_gdr_inputs(7, batch=1, length=37, heads=2, d_k=d_k, d_v=d_v)
-    settings = dict(interpret=True, block_v=block_v, subblock=subblock, layout=layout)
+    settings = dict(interpret=True, block_v=block_v, layout=layout)
     pallas = _value_and_grads(inputs, lambda *a: gated_delta_rule_pallas(*a, 16, **settings))
     reference = _value_and_grads(inputs, lambda *a: gated_delta_rule(*a, implementation="reference"))
     for name, actual, expected in zip(
@@ -56,29 +62,47 @@ def test_padded_layouts_and_blocks_match_the_reference(layout, d_k, d_v, block_v
         assert relative_error(actual, expected) < 1e-5, name
 
 
-@pytest.mark.parametrize(("size", "block"), [(64, 16), (24, 8), (12, 12)])
+def _stage1_float64(k, v, g, beta):
+    """W, U and A = (I + L)^-1 by a float64 solve, with L built entry by entry from the gates between r and s."""
+    size = k.shape[0]
+    rows, cols = np.tril_indices(size, -1)
+    between = (
+        jnp.stack(
+            [
+                jnp.sum(jnp.where((s < jnp.arange(size)) & (jnp.arange(size) <= r), g, 0.0))
+                for r, s in zip(rows, cols, strict=True)
+            ]
+        )
+        if size > 1
+        else jnp.zeros(0)
+    )
+    entries = beta[rows] * jnp.exp(between) * jnp.sum(k[rows] * k[cols], axis=1)
+    system = jnp.eye(size).at[rows, cols].set(entries)
+    rhs = jnp.concatenate([(beta * jnp.exp(jnp.cumsum(g)))[:, None] * k, beta[:, None] * v], axis=1)
+    solution = jnp.linalg.solve(system, rhs)
+    return solution[:, : k.shape[1]], solution[:, k.shape[1] :], jnp.linalg.inv(system)
+
+
+@pytest.mark.parametrize("size", [64, 13, 1])
 @pytest.mark.parametrize("gate_scale", [1.0, 40.0])
-def test_blocked_forward_substitution_matches_a_float64_solve(size, block, gate_scale):
-    """Stage 1 by row blocks (4, 3 and 1 of them) against solving (I + L) [W U] = [diag(beta gamma) K, diag(beta) V]
-    in float64, with L built entry by entry; gate_scale 40 makes decays across blocks underflow."""
-    rng = np.random.default_rng(size + block)
+def test_stage1_and_its_backward_match_a_float64_solve(size, gate_scale):
+    """`chunk.wy` (W, U and the inverse, by doubling) and `chunk.wy_vjp` (the closed-form backward from the stored
+    inverse) against a float64 solve and its autodiff; gate_scale 40 makes decays across the chunk underflow."""
+    rng = np.random.default_rng(size)
     k = rng.normal(size=(size, 8)) / np.sqrt(8)
     v, g, beta = rng.normal(size=(size, 5)), -gate_scale * rng.uniform(size=size), rng.uniform(size=size)
-    cumulative = np.cumsum(g)
-    lower = np.zeros((size, size))
-    for r in range(size):
-        for s in range(r):
-            lower[r, s] = beta[r] * np.exp(np.sum(g[s + 1 : r + 1])) * (k[r] @ k[s])
-    solve = np.linalg.solve(
-        np.eye(size) + lower, np.hstack([(beta * np.exp(cumulative))[:, None] * k, beta[:, None] * v])
-    )
-
-    def blocks(x):
-        return tuple(jnp.asarray(x[start : start + block], jnp.float32) for start in range(0, size, block))
-
-    w, u = chunk.wy(blocks(k), blocks(v), blocks(g), blocks(beta))
-    assert relative_error(np.concatenate(w), solve[:, :8]) < 1e-5
-    assert relative_error(np.concatenate(u), solve[:, 8:]) < 1e-5
+    dw, du = rng.normal(size=(size, 8)), rng.normal(size=(size, 5))
+    with jax.enable_x64(True):
+        inputs64 = [jnp.asarray(x, jnp.float64) for x in (k, v, g, beta)]
+        (w64, u64, inverse64), pullback = jax.vjp(_stage1_float64, *inputs64)
+        grads64 = pullback((jnp.asarray(dw), jnp.asarray(du), jnp.zeros((size, size))))
+    inputs = [jnp.asarray(x, jnp.float32) for x in (k, v, g, beta)]
+    w, u, inverse = chunk.wy(*inputs)
+    for actual, expected in zip((w, u, inverse), (w64, u64, inverse64), strict=True):
+        assert relative_error(actual, expected) < 1e-6
+    grads = chunk.wy_vjp(inverse, *inputs, jnp.asarray(dw, jnp.float32), jnp.asarray(du, jnp.float32))
+    for name, actual, expected in zip(("dk", "dv", "dg", "dbeta"), grads, grads64, strict=True):
+        assert relative_error(actual, expected) < 1e-5, name
 
 
 def test_lowering_sizes():
@@ -120,7 +144,8 @@ def test_forward_and_backward_lower_for_gpu_and_tpu(platform, layout, custom_cal
     """Lowers value and gradients for GPU (Triton) and TPU (Mosaic) on this CPU-only machine, through `jax.export`:
     every block shape and every primitive in the kernel bodies must pass Pallas' lowering rules for that backend.
     (Compiling the lowered kernels to machine code needs the device; bench.py checks that on a GPU.)"""
-    # Forward: wy, states, output. Backward: wy and states recomputed, then output_bwd, states_bwd, wy_bwd.
+    # Forward: wy, states, output. Backward: W, U from the stored inverses and states recomputed, then output_bwd,
+    # states_bwd, wy_bwd.
     assert _exported_module(platform, layout, custom_call, dtype).count(f"@{custom_call}(") == 8
 
 
@@ -130,10 +155,9 @@ def test_forward_and_backward_lower_for_gpu_and_tpu(platform, layout, custom_cal
         (jnp.float32, {"precision": "tf32"}, False),  # "auto" gives float32 inputs three-pass dots ...
         (jnp.bfloat16, {"precision": "float32"}, False),  # ... and 16-bit inputs single-pass ones
         (jnp.bfloat16, {"precision": "tf32"}, True),
-        (jnp.float32, {"subblock": 16}, False),
     ],
 )
-def test_dot_precisions_and_blocked_substitution_lower_for_gpu(dtype, setting, same_as_default):
+def test_dot_precisions_lower_for_gpu(dtype, setting, same_as_default):
     gpu = ("cuda", "gpu", "__gpu$xla.gpu.triton")
     module = _exported_module(*gpu, dtype, **setting)
     assert module.count(f"@{gpu[2]}(") == 8
@@ -148,8 +172,6 @@ def test_dispatcher_runs_pallas_and_auto_picks_xla_on_cpu(gdr_inputs):
     assert relative_error(out, expected_out) < 2e-6 and relative_error(state, expected_state) < 2e-6
     with pytest.raises(ValueError, match=r"layout='cuda' is invalid"):
         gated_delta_rule_pallas(*(gdr_inputs[n] for n in ARG_NAMES), layout="cuda")
-    with pytest.raises(ValueError, match=r"subblock=24 is invalid: it must divide the chunk \(16\)"):
-        gated_delta_rule_pallas(*(gdr_inputs[n] for n in ARG_NAMES), 16, subblock=24)
     with pytest.raises(ValueError, match=r"precision='bf16' is invalid: choose 'auto', 'float32' or 'tf32'"):
         gated_delta_rule_pallas(*(gdr_inputs[n] for n in ARG_NAMES), 16, precision="bf16")
 
@@ -174,3 +196,25 @@ def test_tiny_model_trains_the_same_through_the_kernels():
             losses[implementation].append(float(metrics["loss"]))
     np.testing.assert_allclose(losses["pallas"], losses["xla"], rtol=1e-5)
     assert losses["xla"][-1] < losses["xla"][0]
+
+
+@pytest.mark.slow  # about a minute: every section of the GPU script, interpreted at a tiny shape
+def test_the_gpu_benchmark_script_runs_every_section_on_cpu(tmp_path):
+    """A dry run of bench.py, so that the script a lent GPU runs is known to work end to end: every section writes
+    its results, the kernels agree with the recurrence, and the stage times add up to at most the whole."""
+    out = tmp_path / "bench.json"
+    command = [sys.executable, "-m", "pallas_kernels.gated_delta.bench", "--batch", "1", "--length", "128"]
+    command += ["--heads", "2", "--dim", "32", "--chunk", "16", "--repeats", "1", "--out", str(out)]
+    command += ["--sections", "timing,stages,correctness,sweep"]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=600, check=False, cwd=ROOT)
+    assert done.returncode == 0, done.stdout + done.stderr
+    results = json.loads(out.read_text())["results"]
+    assert not results["correctness"]["failures"] and len(results["correctness"]["errors"]) == 4
+    for dtype in ("float32", "bfloat16"):
+        for implementation in ("xla", "pallas"):
+            timing = results["timing"][f"{implementation} {dtype}"]
+            assert max(timing["relative_error_vs_reference"].values()) < 1e-5, (implementation, dtype)
+    stages = results["stages"]
+    assert {"wy_forward", "wy_from_inverse", "states_backward", "wy_backward"} <= stages.keys()
+    assert stages["kernels_in_forward_backward_s"] > 0 and all("error" not in r for r in results["sweep"].values())
+    assert len(results["sweep"]) == 9

@@ -7,13 +7,14 @@
    documented in `chunk_flops`), and the relative error of each one's outputs and six gradients against the
    recurrence's at that shape. The recurrence is timed as "reference-remat", its backward rematerialised per
    64-step segment: the plain scan keeps every step's state, 130 GiB here.
-2. stages: each of the six Pallas kernels alone at the benchmark shape (float32 inputs, default settings), and
-   their sum against the whole forward+backward (the rest is layout: folding heads, padding, casts).
+2. stages: each of the seven Pallas kernels alone at the benchmark shape (float32 inputs, default settings), with
+   the TFLOP/s of the dots it runs, and their sum against the whole forward+backward (the rest is layout: folding
+   heads, padding, casts).
 3. correctness: outputs, final state and all six gradients of pallas and xla against a float64 recurrence (run on
    the device with x64 enabled), float32 and bfloat16 inputs, with padded head dims and a partial last chunk.
    Exits non-zero if a bound is missed.
-4. sweep (not run by default): settings one at a time (chunk size, stage 1's row block, the state-column block,
-   Triton warps and stages, single-pass TF32 dots), pallas forward and forward+backward.
+4. sweep (not run by default): settings one at a time (chunk size, the state-column block, Triton warps and
+   stages, single-pass TF32 dots), pallas forward and forward+backward.
 Each section is written to --out as soon as it finishes, so a cut-off run keeps what it measured.
 """
 
@@ -144,7 +145,7 @@ def time_implementations(args: argparse.Namespace, results: dict, save) -> dict:
             results[key] = timing
             save()
             print(
-                f"{implementation:<10}{dtype:<10} fwd {1e3 * timing['forward_s']:9.2f} ms "
+                f"{implementation:<16}{dtype:<10} fwd {1e3 * timing['forward_s']:9.2f} ms "
                 f"({timing['forward_tflops']:6.2f} TFLOP/s)  fwd+bwd {1e3 * timing['forward_backward_s']:9.2f} ms "
                 f"({timing['forward_backward_tflops']:6.2f} TFLOP/s)",
                 flush=True,
@@ -155,7 +156,7 @@ def time_implementations(args: argparse.Namespace, results: dict, save) -> dict:
                 mine["forward_speedup_over_xla"] = xla["forward_s"] / mine["forward_s"]
                 mine["forward_backward_speedup_over_xla"] = xla["forward_backward_s"] / mine["forward_backward_s"]
                 print(
-                    f"{implementation:<10}{dtype:<10} vs xla: fwd {mine['forward_speedup_over_xla']:.2f}x, "
+                    f"{implementation:<16}{dtype:<10} vs xla: fwd {mine['forward_speedup_over_xla']:.2f}x, "
                     f"fwd+bwd {mine['forward_backward_speedup_over_xla']:.2f}x",
                     flush=True,
                 )
@@ -166,15 +167,35 @@ def time_implementations(args: argparse.Namespace, results: dict, save) -> dict:
                 agreement = {n: relative_error(a, b) for n, a, b in pairs}
                 mine["relative_error_vs_reference"] = agreement
                 print(
-                    f"{implementation:<10}{dtype:<10} worst relative error vs reference {max(agreement.values()):.2e}"
+                    f"{implementation:<16}{dtype:<10} worst relative error vs reference {max(agreement.values()):.2e}"
                 )
         save()
     return results
 
 
+def stage_flops(chunk: int, d_k: int, d_v: int) -> dict[str, float]:
+    """Flops (2 x multiply-adds) of the dots each kernel runs per chunk, as written in chunk.py, with its doubling
+    inverse (2 (ceil(log2 C) - 1) C x C products) and the 0/1 matmul of each decay matrix (C^3) included: what the
+    kernels execute, unlike `chunk_flops`' algorithmic count."""
+    c = chunk
+    cube, square_k, square_v, state = c**3, c * c * d_k, c * c * d_v, c * d_k * d_v
+    doubling = 2 * max(0, (c - 1).bit_length() - 1) * cube
+    macs = {
+        "wy_forward": cube + doubling + 2 * square_k + square_v,  # decays, K K^T, the inverse, W, U
+        "states_forward": 2 * state,  # W S, K^T V'
+        "output_forward": cube + square_k + state + square_v,  # decays, Q K^T, Q S, scores V'
+        "wy_from_inverse": square_k + square_v,  # W, U
+        "output_backward": 2 * cube + 3 * square_k + 2 * square_v + 2 * state,
+        "states_backward": 4 * state,  # K dS, V' dS^T, dV' S^T, W^T dV'
+        "wy_backward": 4 * cube + 4 * square_k + 2 * square_v,  # decays, K K^T, dA, dR, dL, the pullback of K K^T
+    }
+    return {name: 2.0 * count for name, count in macs.items()}
+
+
 def time_stages(args: argparse.Namespace) -> dict:
     """Each Pallas kernel alone on the folded benchmark inputs (float32, default settings), in the order the
-    forward+backward runs them (the backward reruns wy and states first), and the whole forward+backward."""
+    forward+backward runs them (the backward reruns states after W and U from the stored inverses), with the
+    TFLOP/s of the dots it executes (`stage_flops`), and the whole forward+backward."""
     from pallas_kernels.gated_delta import gated_delta_rule_pallas, kernel
     from pallas_kernels.gated_delta.ops import fold_inputs
 
@@ -186,15 +207,16 @@ def time_stages(args: argparse.Namespace) -> dict:
     (q, k, v, g, beta, s0), config = fold_inputs(*inputs, chunk_size=args.chunk, **settings)
     # Each kernel jitted once (config static): the calls that make the next stage's inputs also compile it for timing.
     stage_kernels = {
-        "wy_forward": kernel.wy_forward,
+        "wy_forward": functools.partial(kernel.wy_forward, with_inverse=True),
         "states_forward": kernel.states_forward,
         "output_forward": functools.partial(kernel.output_forward, out_dtype=jnp.float32),
+        "wy_from_inverse": kernel.wy_from_inverse,
         "output_backward": kernel.output_backward,
         "states_backward": kernel.states_backward,
         "wy_backward": kernel.wy_backward,
     }
     jitted = {name: jax.jit(functools.partial(fn, config=config)) for name, fn in stage_kernels.items()}
-    w, u = jitted["wy_forward"](k, v, g, beta)
+    w, u, inverse = jitted["wy_forward"](k, v, g, beta)
     v_new, states, final = jitted["states_forward"](k, w, u, g, s0)
     cotangent = lambda x, seed: jax.random.normal(jax.random.key(seed), x.shape, x.dtype)
     d_out, d_final = cotangent(v, 1), cotangent(final, 2)
@@ -204,36 +226,38 @@ def time_stages(args: argparse.Namespace) -> dict:
         "wy_forward": (k, v, g, beta),
         "states_forward": (k, w, u, g, s0),
         "output_forward": (q, k, g, v_new, states),
+        "wy_from_inverse": (inverse, k, v, g, beta),
         "output_backward": (q, k, g, v_new, states, d_out),
         "states_backward": (k, w, g, v_new, states, dv_new, dstates, d_final),
-        "wy_backward": (k, v, g, beta, dw.sum(0), du),
+        "wy_backward": (inverse, k, v, g, beta, dw.sum(0), du),
     }
+    chunks = q.shape[0] * q.shape[1] / config.chunk
+    flops = stage_flops(config.chunk, q.shape[-1], v.shape[-1])
     results = {}
     for name, stage in jitted.items():
-        results[name] = median_seconds(stage, *arguments[name], repeats=args.repeats)
-        print(f"stage {name:<16}: {1e3 * results[name]:8.2f} ms", flush=True)
-    # forward+backward runs wy and states twice (the backward recomputes them); the rest once each
-    kernels = sum(results.values()) + results["wy_forward"] + results["states_forward"]
+        seconds = median_seconds(stage, *arguments[name], repeats=args.repeats)
+        results[name] = {"seconds": seconds, "tflops": chunks * flops[name] / seconds / 1e12}
+        print(f"stage {name:<16}: {1e3 * seconds:8.2f} ms  {results[name]['tflops']:7.2f} TFLOP/s", flush=True)
+    # forward+backward runs states twice (the backward recomputes it); the rest once each
+    kernels = sum(r["seconds"] for r in results.values()) + results["states_forward"]["seconds"]
     whole = benchmark("pallas", inputs, args.chunk, args.repeats)["forward_backward_s"]
     results |= {"kernels_in_forward_backward_s": kernels, "forward_backward_s": whole}
     print(f"stage sum in fwd+bwd: {1e3 * kernels:8.2f} ms of {1e3 * whole:8.2f} ms for the whole", flush=True)
     return results
 
 
-# One setting changed at a time from the defaults (chunk 64, block_v 64, stage 1 on the whole chunk, Triton's warps,
-# one stage, float32-level dots for these float32 inputs).
+# One setting changed at a time from the defaults (chunk 64, block_v 64, Triton's warps, one stage, float32-level
+# dots for these float32 inputs).
 SWEEP = (  # most telling first: a run cut off by its time limit keeps those
     {},
     {"precision": "tf32"},  # one TF32 product per dot instead of three: what float32-level accuracy costs
-    {"subblock": 16},  # stage 1 by blocked substitution (4x fewer multiply-adds; 2.1x slower on an H100)
-    {"block_v": 32, "num_stages": 2},
+    {"num_warps": 8},  # half the registers per thread for the 64 x 128 float32 tiles
+    {"precision": "tf32", "num_warps": 8},
+    {"block_v": 32, "num_stages": 2},  # smaller state blocks, software-pipelined loads in the chunk loops
     {"chunk": 32},
-    {"block_v": 128},
-    {"num_warps": 8},
     {"chunk": 128},
-    {"subblock": 32},
-    {"block_v": 32},
-    {"block_v": 32, "num_warps": 8},
+    {"block_v": 128},
+    {"precision": "tf32", "num_warps": 8, "block_v": 32, "num_stages": 2},
 )
 
 

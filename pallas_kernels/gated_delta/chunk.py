@@ -16,7 +16,6 @@ negative gates cost no precision and no positive exponent is ever evaluated.
 
 from __future__ import annotations
 
-import functools
 import math
 
 import jax
@@ -67,10 +66,12 @@ def log_decay_to_end(g: jax.Array) -> jax.Array:
     return jnp.sum(jnp.where(cols > rows, g[None, :], 0.0), axis=1)
 
 
-def _doubling_inverse(strict_lower: jax.Array, precision: Precision) -> jax.Array:
+def unit_lower_inverse(strict_lower: jax.Array, precision: Precision = HIGHEST) -> jax.Array:
     """(I + L)^-1 for strictly lower-triangular L (C, C) by the doubling product, matmuls only.
 
-    L is nilpotent, so (I + L)^-1 = sum_i (-L)^i = prod_{j < ceil(log2 C)} (I + (-L)^(2^j)).
+    L is nilpotent, so (I + L)^-1 = sum_i (-L)^i = prod_{j < ceil(log2 C)} (I + (-L)^(2^j)): 2 (ceil(log2 C) - 1)
+    C x C products, whole-chunk dots that keep a GPU's tensor cores busy (README.md: a blocked substitution with 4x
+    fewer multiply-adds ran 2.1x slower on an H100).
     """
     size = strict_lower.shape[0]
     rows, cols = _index_grid(size)
@@ -83,75 +84,55 @@ def _doubling_inverse(strict_lower: jax.Array, precision: Precision) -> jax.Arra
     return inverse
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(1,))
-def unit_lower_inverse(strict_lower: jax.Array, precision: Precision = HIGHEST) -> jax.Array:
-    """(I + L)^-1 for strictly lower-triangular L, differentiated in closed form: for A = (I + L)^-1,
-    dL = -A^T dA A^T (the caller's mask keeps its strictly lower part), not through the doubling product."""
-    return _doubling_inverse(strict_lower, precision)
-
-
-def _inverse_fwd(strict_lower, precision):
-    inverse = _doubling_inverse(strict_lower, precision)
-    return inverse, inverse
-
-
-def _inverse_bwd(precision, inverse, d_inverse):
-    return (-dot_nt(dot_tn(inverse, d_inverse, precision), inverse, precision),)
-
-
-unit_lower_inverse.defvjp(_inverse_fwd, _inverse_bwd)
-
-
-def wy_inputs(
-    k: jax.Array, v: jax.Array, g: jax.Array, beta: jax.Array, precision: Precision = HIGHEST
-) -> tuple[jax.Array, jax.Array, jax.Array]:
-    """The strictly lower L_rs = beta_r Gamma_rs k_r.k_s and the right-hand sides diag(beta) V, diag(beta gamma) K."""
+def wy_lower(k: jax.Array, g: jax.Array, beta: jax.Array, precision: Precision = HIGHEST) -> jax.Array:
+    """The strictly lower L_rs = beta_r Gamma_rs k_r.k_s (r > s) of the chunk's system (I + L) [W U] = R."""
     rows, cols = _index_grid(k.shape[0])
-    lower = jnp.where(rows > cols, beta[:, None] * decay_matrix(g, precision) * dot_nt(k, k, precision), 0.0)
+    return jnp.where(rows > cols, beta[:, None] * decay_matrix(g, precision) * dot_nt(k, k, precision), 0.0)
+
+
+def wy_rhs(k: jax.Array, v: jax.Array, g: jax.Array, beta: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """The right-hand sides R = [diag(beta gamma) K, diag(beta) V], as (R_k, R_v)."""
     gamma = jnp.exp(log_decay_from_start(g))
-    return lower, beta[:, None] * v, (beta * gamma)[:, None] * k
+    return (beta * gamma)[:, None] * k, beta[:, None] * v
 
 
-Blocks = tuple[jax.Array, ...]
+def wy_from_inverse(
+    inverse: jax.Array, k: jax.Array, v: jax.Array, g: jax.Array, beta: jax.Array, precision: Precision = HIGHEST
+) -> tuple[jax.Array, jax.Array]:
+    """W = A R_k and U = A R_v from the chunk's inverse A = (I + L)^-1."""
+    rhs_k, rhs_v = wy_rhs(k, v, g, beta)
+    return dot(inverse, rhs_k, precision), dot(inverse, rhs_v, precision)
 
 
 def wy(
-    k: Blocks, v: Blocks, g: Blocks, beta: Blocks, precision: Precision = HIGHEST, inverse=_doubling_inverse
-) -> tuple[Blocks, Blocks]:
-    """Stage 1: W = (I + L)^-1 diag(beta gamma) K and U = (I + L)^-1 diag(beta) V, by blocked forward substitution.
-
-    The chunk comes as row blocks (k[i] (b, d_k), g[i] (b,), ...; one block is the plain algorithm): block i solves
-    (I + L_ii) W_i = R_i - sum_{j<i} L_ij W_j, with (I + L_ii)^-1 by doubling on b x b: the inverses cost
-    (C / b) 2 log2(b) b^3 multiply-adds instead of 2 log2(C) C^3, and every dot is b-sized (README.md counts it).
-    The coupling L_ij (i > j) has the decay exp(suffix_j[s] + sum of the blocks between + prefix_i[r]):
-    two factors with exponents <= 0, never a difference of cumulative sums. `inverse` inverts I + L_ii (`wy_vjp`
-    passes the one with the closed-form derivative; Triton cannot lower a `custom_vjp` outside a `jax.vjp`).
-    """
-    totals = [jnp.sum(block) for block in g]
-    tail_decayed_k = [jnp.exp(log_decay_to_end(g_j))[:, None] * k_j for g_j, k_j in zip(g, k, strict=True)]
-    w: list[jax.Array] = []
-    u: list[jax.Array] = []
-    for i in range(len(k)):
-        lower, rhs_v, rhs_k = wy_inputs(k[i], v[i], g[i], beta[i], precision)
-        rhs_k = jnp.exp(sum(totals[:i], 0.0)) * rhs_k  # gamma from the chunk start, not the block start
-        prefix = log_decay_from_start(g[i])
-        for j in range(i):
-            row_scale = beta[i] * jnp.exp(prefix + sum(totals[j + 1 : i], 0.0))
-            coupling = row_scale[:, None] * dot_nt(k[i], tail_decayed_k[j], precision)  # L_ij
-            rhs_k = rhs_k - dot(coupling, w[j], precision)
-            rhs_v = rhs_v - dot(coupling, u[j], precision)
-        block_inverse = inverse(lower, precision)
-        w.append(dot(block_inverse, rhs_k, precision))
-        u.append(dot(block_inverse, rhs_v, precision))
-    return tuple(w), tuple(u)
+    k: jax.Array, v: jax.Array, g: jax.Array, beta: jax.Array, precision: Precision = HIGHEST
+) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """Stage 1: (W, U, A), with A = (I + L)^-1 by doubling; the backward reuses A instead of recomputing it."""
+    inverse = unit_lower_inverse(wy_lower(k, g, beta, precision), precision)
+    return *wy_from_inverse(inverse, k, v, g, beta, precision), inverse
 
 
 def wy_vjp(
-    k: Blocks, v: Blocks, g: Blocks, beta: Blocks, dw: Blocks, du: Blocks, precision: Precision = HIGHEST
-) -> tuple[Blocks, Blocks, Blocks, Blocks]:
-    """Cotangents (dk, dv, dg, dbeta) of `wy`, per block; its diagonal inverses have their closed-form derivative."""
-    _, pullback = jax.vjp(functools.partial(wy, precision=precision, inverse=unit_lower_inverse), k, v, g, beta)
-    return pullback((dw, du))
+    inverse: jax.Array,
+    k: jax.Array,
+    v: jax.Array,
+    g: jax.Array,
+    beta: jax.Array,
+    dw: jax.Array,
+    du: jax.Array,
+    precision: Precision = HIGHEST,
+) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array]:
+    """Cotangents (dk, dv, dg, dbeta) of `wy`'s W and U, given its A (no inverse is recomputed):
+    dR = A^T [dW dU], dA = dW R_k^T + dU R_v^T and, from A (I + L) = I, dL = -A^T dA A^T (the pullback of
+    `wy_lower` keeps its strictly lower part)."""
+
+    def system(k, v, g, beta):
+        return wy_lower(k, g, beta, precision), *wy_rhs(k, v, g, beta)
+
+    (_, rhs_k, rhs_v), pullback = jax.vjp(system, k, v, g, beta)
+    d_inverse = dot_nt(dw, rhs_k, precision) + dot_nt(du, rhs_v, precision)
+    d_lower = -dot_nt(dot_tn(inverse, d_inverse, precision), inverse, precision)
+    return pullback((d_lower, dot_tn(inverse, dw, precision), dot_tn(inverse, du, precision)))
 
 
 def state_decays(k: jax.Array, g: jax.Array) -> tuple[jax.Array, jax.Array]:

@@ -1,16 +1,17 @@
-"""`pl.pallas_call`s of the chunked gated delta rule: three forward stages and their three backward stages.
+"""`pl.pallas_call`s of the chunked gated delta rule: three forward stages and four backward ones.
 
 Layout: heads are folded into the batch and the sequence is padded to whole chunks before these are called
 (`ops.py` does both): q, k (BH, T, d_k); v (BH, T, d_v); g, beta (BH, 1, T) (a row per head:
 Mosaic wants the last two block dims (1, C)); states (BH, d_k, d_v), float32.
 
 Forward (SPEC §2, the structure of flash-linear-attention's `chunk_gated_delta_rule`):
-  wy      grid (BH, NC), parallel      W, U of each chunk (`chunk.wy`)
+  wy      grid (BH, NC), parallel      W, U of each chunk and, for the backward, its A = (I + L)^-1 (`chunk.wy`)
   states  grid (BH, d_v / BV)          a loop over chunks carrying the float32 state on chip: each chunk's start
                                        state, its corrected values V' = U - W S, and the final state
   output  grid (BH, NC), parallel      O = (gamma Q) S + ((Q K^T) o Gamma) V'
-Backward, in reverse order: output_bwd (parallel; `jax.vjp` of `chunk.output` in the kernel), states_bwd (a reverse
-loop over chunks carrying dS, which ends as the initial state's gradient), wy_bwd (parallel; `chunk.wy_vjp`).
+Backward: wy_from_inverse (W, U again from the stored A: no doubling product) and states rerun, then in reverse
+order output_bwd (parallel; `jax.vjp` of `chunk.output` in the kernel), states_bwd (a reverse loop over chunks
+carrying dS, which ends as the initial state's gradient), wy_bwd (parallel; `chunk.wy_vjp`, from the stored A).
 The state columns (d_v) are independent, so the sequential kernels split d_v into blocks of BV; their
 contributions to dW, dK and dg (which contract over d_v) come back per block and are summed by the caller.
 """
@@ -33,25 +34,17 @@ _F32 = jnp.float32
 
 @dataclasses.dataclass(frozen=True)
 class KernelConfig:
-    """Static kernel parameters: chunk length C, state-column block BV, the row block b of stage 1's blocked forward
-    substitution (C itself: no blocking), interpret mode (CPU), the backend compiled for, and for GPU the Triton
-    launch parameters (warps per program and pipelining stages; None: Triton's); `fast_dots` trades float32-level
-    dots for single-pass ones (`precision`)."""
+    """Static kernel parameters: chunk length C, state-column block BV, interpret mode (CPU), the backend compiled
+    for, and for GPU the Triton launch parameters (warps per program and pipelining stages; None: Triton's);
+    `fast_dots` trades float32-level dots for single-pass ones (`precision`)."""
 
     chunk: int
     block_v: int
     interpret: bool
-    subblock: int | None = None
     target: str = "gpu"
     num_warps: int | None = None
     num_stages: int | None = None
     fast_dots: bool = False
-
-    @property
-    def row_blocks(self) -> list[pl.Slice]:
-        """The row blocks of a chunk for stage 1."""
-        size = self.subblock or self.chunk
-        return [pl.ds(start, size) for start in range(0, self.chunk, size)]
 
     @property
     def precision(self) -> chunk.Precision:
@@ -72,12 +65,12 @@ def _load_row(ref, index=slice(None)) -> jax.Array:
     return ref[0, index].astype(_F32)
 
 
-def _store(ref, value: jax.Array, rows=slice(None)) -> None:
-    """Stores rows of a chunk result; a per-token vector goes to row 0 of its (1, length) block."""
+def _store(ref, value: jax.Array) -> None:
+    """Stores a chunk result; a per-token vector goes to row 0 of its (1, length) block."""
     if value.ndim == 1:
-        ref[0, rows] = value
+        ref[0, :] = value
     else:
-        ref[rows, :] = value
+        ref[...] = value
 
 
 def _call(kernel, config: KernelConfig, grid, in_specs, out_specs, out_shape):
@@ -129,60 +122,84 @@ def _partial_spec(length: int, width: int | None) -> pl.BlockSpec:
 # ---------------------------------------------------------------------------------------------- stage 1: W, U
 
 
-def _tiles(ref, blocks: list[pl.Slice]) -> tuple[jax.Array, ...]:
-    """The (b, width) row blocks of a (C, width) block."""
-    return tuple(_load(ref, rows, slice(None)) for rows in blocks)
+def _inverse_spec(config: KernelConfig) -> pl.BlockSpec:
+    """Chunk n's inverse (I + L)^-1 in the (BH, T, C) array of them; grid (BH, NC)."""
+    return _chunk_spec(config.chunk, config)
 
 
-def _pieces(ref, blocks: list[pl.Slice]) -> tuple[jax.Array, ...]:
-    """The (b,) pieces of a (1, C) gate row."""
-    return tuple(_load_row(ref, rows) for rows in blocks)
+def _stage1_specs(d_k: int, d_v: int, config: KernelConfig) -> list[pl.BlockSpec]:
+    """k, v, g, beta of one chunk."""
+    return [_chunk_spec(d_k, config), _chunk_spec(d_v, config), _chunk_spec(None, config), _chunk_spec(None, config)]
 
 
-def _store_blocks(refs, values, blocks: list[pl.Slice]) -> None:
-    for ref, pieces in zip(refs, values, strict=True):
-        for rows, piece in zip(blocks, pieces, strict=True):
-            _store(ref, piece, rows)
+def _stage1_inputs(k_ref, v_ref, g_ref, beta_ref) -> tuple[jax.Array, ...]:
+    return _load(k_ref), _load(v_ref), _load_row(g_ref), _load_row(beta_ref)
 
 
-def _wy_kernel(k_ref, v_ref, g_ref, beta_ref, w_ref, u_ref, *, config: KernelConfig):
-    blocks = config.row_blocks
-    k, v, g, beta = _tiles(k_ref, blocks), _tiles(v_ref, blocks), _pieces(g_ref, blocks), _pieces(beta_ref, blocks)
-    w, u = chunk.wy(k, v, g, beta, config.precision)
-    _store_blocks((w_ref, u_ref), (w, u), blocks)
+def _wy_kernel(k_ref, v_ref, g_ref, beta_ref, w_ref, u_ref, *inverse_ref, config: KernelConfig):
+    w, u, inverse = chunk.wy(*_stage1_inputs(k_ref, v_ref, g_ref, beta_ref), config.precision)
+    w_ref[...], u_ref[...] = w, u
+    if inverse_ref:
+        inverse_ref[0][...] = inverse
 
 
-def wy_forward(k, v, g, beta, config: KernelConfig):
+def wy_forward(k, v, g, beta, config: KernelConfig, *, with_inverse: bool = False):
+    """-> (W, U), and each chunk's (I + L)^-1 as (BH, T, C) if `with_inverse` (the backward's residual)."""
     (bh, length, d_k), d_v = k.shape, v.shape[-1]
-    specs = [_chunk_spec(d_k, config), _chunk_spec(d_v, config), _chunk_spec(None, config), _chunk_spec(None, config)]
+    out_specs = [_chunk_spec(d_k, config), _chunk_spec(d_v, config)]
+    out_shape = [jax.ShapeDtypeStruct((bh, length, d_k), _F32), jax.ShapeDtypeStruct((bh, length, d_v), _F32)]
+    if with_inverse:
+        out_specs.append(_inverse_spec(config))
+        out_shape.append(jax.ShapeDtypeStruct((bh, length, config.chunk), _F32))
     return _call(
         functools.partial(_wy_kernel, config=config),
         config,
         (bh, length // config.chunk),
-        specs,
-        [_chunk_spec(d_k, config), _chunk_spec(d_v, config)],
-        [jax.ShapeDtypeStruct((bh, length, d_k), _F32), jax.ShapeDtypeStruct((bh, length, d_v), _F32)],
+        _stage1_specs(d_k, d_v, config),
+        out_specs,
+        out_shape,
     )(k, v, g, beta)
 
 
-def _wy_bwd_kernel(k_ref, v_ref, g_ref, beta_ref, dw_ref, du_ref, dk_ref, dv_ref, dg_ref, dbeta_ref, *, config):
-    blocks = config.row_blocks
-    k, v, dw, du = (_tiles(ref, blocks) for ref in (k_ref, v_ref, dw_ref, du_ref))
-    grads = chunk.wy_vjp(k, v, _pieces(g_ref, blocks), _pieces(beta_ref, blocks), dw, du, config.precision)
-    _store_blocks((dk_ref, dv_ref, dg_ref, dbeta_ref), grads, blocks)
+def _wy_from_inverse_kernel(inverse_ref, k_ref, v_ref, g_ref, beta_ref, w_ref, u_ref, *, config: KernelConfig):
+    inputs = _stage1_inputs(k_ref, v_ref, g_ref, beta_ref)
+    w_ref[...], u_ref[...] = chunk.wy_from_inverse(_load(inverse_ref), *inputs, config.precision)
 
 
-def wy_backward(k, v, g, beta, dw, du, config: KernelConfig):
+def wy_from_inverse(inverse, k, v, g, beta, config: KernelConfig):
+    """-> (W, U) from the stored inverses: the backward's recomputation of stage 1, without the doubling product."""
     (bh, length, d_k), d_v = k.shape, v.shape[-1]
-    k_spec, v_spec, vec_spec = _chunk_spec(d_k, config), _chunk_spec(d_v, config), _chunk_spec(None, config)
+    return _call(
+        functools.partial(_wy_from_inverse_kernel, config=config),
+        config,
+        (bh, length // config.chunk),
+        [_inverse_spec(config), *_stage1_specs(d_k, d_v, config)],
+        [_chunk_spec(d_k, config), _chunk_spec(d_v, config)],
+        [jax.ShapeDtypeStruct((bh, length, d_k), _F32), jax.ShapeDtypeStruct((bh, length, d_v), _F32)],
+    )(inverse, k, v, g, beta)
+
+
+def _wy_bwd_kernel(
+    inverse_ref, k_ref, v_ref, g_ref, beta_ref, dw_ref, du_ref, dk_ref, dv_ref, dg_ref, dbeta_ref, *, config
+):
+    inputs = _stage1_inputs(k_ref, v_ref, g_ref, beta_ref)
+    grads = chunk.wy_vjp(_load(inverse_ref), *inputs, _load(dw_ref), _load(du_ref), config.precision)
+    for ref, grad in zip((dk_ref, dv_ref, dg_ref, dbeta_ref), grads, strict=True):
+        _store(ref, grad)
+
+
+def wy_backward(inverse, k, v, g, beta, dw, du, config: KernelConfig):
+    """-> (dK, dV, dg, dbeta) of stage 1, from the stored inverses and the cotangents of W and U."""
+    (bh, length, d_k), d_v = k.shape, v.shape[-1]
+    specs = _stage1_specs(d_k, d_v, config)
     return _call(
         functools.partial(_wy_bwd_kernel, config=config),
         config,
         (bh, length // config.chunk),
-        [k_spec, v_spec, vec_spec, vec_spec, k_spec, v_spec],
-        [k_spec, v_spec, vec_spec, vec_spec],
+        [_inverse_spec(config), *specs, specs[0], specs[1]],
+        specs,
         [jax.ShapeDtypeStruct(x.shape, _F32) for x in (k, v, g, beta)],
-    )(k, v, g, beta, dw, du)
+    )(inverse, k, v, g, beta, dw, du)
 
 
 # ------------------------------------------------------------------------------------- stage 2: the state pass

@@ -5,8 +5,10 @@ in `sleeplm.ops` (q, k (B, T, H, d_k); v (B, T, H, d_v); g, beta (B, T, H); stat
 into the batch, pads the sequence to whole chunks with no-op tokens (g = 0, beta = 0, q = 0) and, on GPU/TPU, the
 head dims to lowering-friendly sizes with zeros (zero key/value columns never touch the rest of the state).
 
-The backward pass keeps only the inputs: it recomputes W, V' and the chunk start states with the first two forward
-kernels (cheap next to storing d_k x d_v per chunk), then runs the three backward kernels.
+The backward pass keeps the inputs and each chunk's inverse A = (I + L)^-1 (C x C floats per chunk, as
+flash-linear-attention keeps it): it recomputes W and U from A (two products, not the doubling product), V' and the
+chunk start states with the state kernel (cheap next to storing d_k x d_v per chunk), then runs the three backward
+kernels.
 
 Under an active mesh (`jax.set_mesh`), the kernels run per shard through `jax.shard_map`, split over the batch
 axes ("data", "fsdp") and the head axis ("tensor") of the mesh: a pallas_call is opaque to GSPMD, and the rule
@@ -58,34 +60,36 @@ def _value_block(d_v: int, requested: int, backend: str) -> int:
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(6, 7))
 def _folded(q, k, v, g, beta, s0, config: KernelConfig, out_dtype):
-    """The rule on folded, padded inputs: q, k (BH, T, d_k); v (BH, T, d_v); g, beta (BH, 1, T); s0 (BH, d_k, d_v)."""
-    return _folded_fwd(q, k, v, g, beta, s0, config, out_dtype)[0]
+    """The rule on folded, padded inputs: q, k (BH, T, d_k); v (BH, T, d_v); g, beta (BH, 1, T); s0 (BH, d_k, d_v).
+    Without differentiation the inverses are not written."""
+    return _forward(q, k, v, g, beta, s0, config, out_dtype, with_inverse=False)
 
 
-def _chunk_states(k, v, g, beta, s0, config):
-    """Stages 1 and 2: W, V', every chunk's start state, and the final state."""
-    w, u = kernel.wy_forward(k, v, g, beta, config)
-    return w, *kernel.states_forward(k, w, u, g, s0, config)
+def _forward(q, k, v, g, beta, s0, config, out_dtype, with_inverse):
+    """The three forward stages -> (o, final state, and each chunk's inverse if `with_inverse`)."""
+    w, u, *inverse = kernel.wy_forward(k, v, g, beta, config, with_inverse=with_inverse)
+    v_new, states, final = kernel.states_forward(k, w, u, g, s0, config)
+    return kernel.output_forward(q, k, g, v_new, states, out_dtype, config), final, *inverse
 
 
 def _folded_fwd(q, k, v, g, beta, s0, config, out_dtype):
-    _, v_new, states, final = _chunk_states(k, v, g, beta, s0, config)
-    out = kernel.output_forward(q, k, g, v_new, states, out_dtype, config)
-    return (out, final), (q, k, v, g, beta, s0)
+    out, final, inverse = _forward(q, k, v, g, beta, s0, config, out_dtype, with_inverse=True)
+    return (out, final), (q, k, v, g, beta, s0, inverse)
 
 
 def _folded_bwd(config, out_dtype, residuals, cotangents):
     del out_dtype
-    q, k, v, g, beta, s0 = residuals
+    q, k, v, g, beta, s0, inverse = residuals
     d_out, d_final = cotangents
-    w, v_new, states, _ = _chunk_states(k, v, g, beta, s0, config)  # recomputed, not stored
+    w, u = kernel.wy_from_inverse(inverse, k, v, g, beta, config)  # recomputed, not stored
+    v_new, states, _ = kernel.states_forward(k, w, u, g, s0, config)
     dq, dk_out, dg_out, dv_new, dstates = kernel.output_backward(q, k, g, v_new, states, d_out, config)
     du, dw, dk_state, dg_state, ds0 = kernel.states_backward(
         k, w, g, v_new, states, dv_new, dstates, d_final.astype(jnp.float32), config
     )
-    dk_wy, dv, dg_wy, dbeta = kernel.wy_backward(k, v, g, beta, dw.sum(0), du, config)
+    dk_wy, dv, dg_wy, dbeta = kernel.wy_backward(inverse, k, v, g, beta, dw.sum(0), du, config)
     grads = (dq, dk_out + dk_state.sum(0) + dk_wy, dv, dg_out + dg_state.sum(0) + dg_wy, dbeta, ds0)
-    return tuple(grad.astype(x.dtype) for grad, x in zip(grads, residuals, strict=True))
+    return tuple(grad.astype(x.dtype) for grad, x in zip(grads, residuals[:6], strict=True))
 
 
 _folded.defvjp(_folded_fwd, _folded_bwd)
@@ -101,18 +105,8 @@ def _fold(x: jax.Array, length: int, width: int | None) -> jax.Array:
     return jnp.pad(x, [(0, 0), (0, length - time), (0, width - x.shape[-1])])
 
 
-def _row_block(chunk: int, requested: int | None) -> int:
-    """Stage 1's row block: `requested`, else the whole chunk. On an H100, 16-row blocks (4x fewer multiply-adds)
-    made the forward 2.1x slower than one 64-row block: many 16-wide dots leave the tensor cores idle (README.md)."""
-    if requested is None:
-        return chunk
-    if chunk % requested:
-        raise ValueError(f"subblock={requested} is invalid: it must divide the chunk ({chunk})")
-    return requested
-
-
 def fold_inputs(
-    q, k, v, g, beta, initial_state, chunk_size, interpret, block_v, subblock, layout, num_warps, num_stages, precision
+    q, k, v, g, beta, initial_state, chunk_size, interpret, block_v, layout, num_warps, num_stages, precision
 ) -> tuple[tuple[jax.Array, ...], KernelConfig]:
     """The kernels' inputs (heads folded into the batch, time padded to whole chunks, head dims padded for the
     backend) and their static config; `bench.py` times each stage on these."""
@@ -123,7 +117,6 @@ def fold_inputs(
     config = KernelConfig(
         chunk=chunk,
         block_v=_value_block(d_v_pad, block_v, layout),
-        subblock=_row_block(chunk, subblock),
         interpret=interpret,
         target=layout,
         num_warps=num_warps,
@@ -180,7 +173,6 @@ def gated_delta_rule_pallas(
     *,
     interpret: bool | None = None,
     block_v: int = 64,
-    subblock: int | None = None,
     layout: str | None = None,
     num_warps: int | None = None,
     num_stages: int | None = 1,
@@ -189,11 +181,9 @@ def gated_delta_rule_pallas(
     """Chunked gated delta rule in Pallas kernels; same signature and results as `sleeplm.ops`' reference.
 
     `interpret` defaults to True on CPU (the same kernels, run by the Pallas interpreter) and False elsewhere.
-    `block_v` is the state-column block of the sequential kernels; `subblock` the row block of stage 1's blocked
-    forward substitution (None: the whole chunk, no blocking; the fastest measured on GPU). `layout` names the
-    backend whose block-size constraints (chunk and head-dim padding, `lowering_sizes`) to apply: by default "cpu"
-    when interpreting (no padding), else the running backend; tests pass "gpu" in interpret mode to check the
-    padded path.
+    `block_v` is the state-column block of the sequential kernels. `layout` names the backend whose block-size
+    constraints (chunk and head-dim padding, `lowering_sizes`) to apply: by default "cpu" when interpreting (no
+    padding), else the running backend; tests pass "gpu" in interpret mode to check the padded path.
     `num_warps`, `num_stages`: Triton launch parameters on GPU (None: Triton's defaults). One stage (no software
     pipelining) by default: with Triton's three, the sequential kernels' loads asked an H200 for 279 KB of shared
     memory (it has 227 KB).
@@ -213,7 +203,6 @@ def gated_delta_rule_pallas(
         chunk_size=chunk_size,
         interpret=interpret,
         block_v=block_v,
-        subblock=subblock,
         layout=layout,
         num_warps=num_warps,
         num_stages=num_stages,
