@@ -2,19 +2,21 @@
 
     python -m pallas_kernels.gated_delta.bench [--batch 8 --length 4096 --heads 16 --dim 128] [--out FILE]
 
-1. timing: forward and forward+backward times (median of --repeats) of xla, pallas and the recurrence at the
-   benchmark shape, float32 and bfloat16 inputs, with the ratio of each to xla, the achieved TFLOP/s (the count is
-   documented in `chunk_flops`), and the relative error of each one's outputs and six gradients against the
-   recurrence's at that shape. The recurrence is timed as "reference-remat", its backward rematerialised per
-   64-step segment: the plain scan keeps every step's state, 130 GiB here.
-2. stages: each of the seven Pallas kernels alone at the benchmark shape (float32 inputs, default settings), with
+1. timing: forward and forward+backward times (median of --repeats) of xla, pallas (its default dots, and with
+   precision="tf32" and "bfloat16") and the recurrence at the benchmark shape, float32 and bfloat16 inputs, with
+   the ratio of each to xla, the achieved TFLOP/s (the count is documented in `chunk_flops`), and the relative
+   error of each one's outputs and six gradients against the recurrence's at that shape. The recurrence is timed
+   as "reference-remat", its backward rematerialised per 64-step segment: the plain scan keeps every step's
+   state, 130 GiB here.
+2. stages: each of the seven Pallas kernels alone at the benchmark shape (float32 inputs, default settings with
+   --stages-precision dots), with
    the TFLOP/s of the dots it runs, and their sum against the whole forward+backward (the rest is layout: folding
    heads, padding, casts).
-3. correctness: outputs, final state and all six gradients of pallas and xla against a float64 recurrence (run on
-   the device with x64 enabled), float32 and bfloat16 inputs, with padded head dims and a partial last chunk.
-   Exits non-zero if a bound is missed.
+3. correctness: outputs, final state and all six gradients of pallas (each precision) and xla against a float64
+   recurrence (run on the device with x64 enabled), float32 and bfloat16 inputs, with padded head dims and a
+   partial last chunk. Exits non-zero if a bound is missed.
 4. sweep (not run by default): settings one at a time (chunk size, the state-column block, Triton warps and
-   stages, single-pass TF32 dots), pallas forward and forward+backward.
+   stages, TF32 and bfloat16 dots), pallas forward and forward+backward.
 Each section is written to --out as soon as it finishes, so a cut-off run keeps what it measured.
 """
 
@@ -40,7 +42,8 @@ from sleeplm.ops.reference import gated_delta_rule_reference
 from sleeplm.timing import median_seconds
 
 ARGS = ("q", "k", "v", "g", "beta", "initial_state")
-BOUNDS = {"float32": 1e-4, "bfloat16": 2e-2}  # relative RMS error against the float64 recurrence
+# Relative RMS error against the float64 recurrence, by input dtype or dot precision (the coarser of the two counts).
+BOUNDS = {"float32": 1e-4, "tf32": 2e-3, "bfloat16": 2e-2}
 
 
 def chunk_flops(batch: int, length: int, heads: int, d_k: int, d_v: int, chunk: int) -> float:
@@ -69,6 +72,17 @@ def remat_reference(q, k, v, g, beta, initial_state, chunk_size=None, segment: i
     split = lambda x: jnp.moveaxis(x.reshape(batch, length // segment, segment, *x.shape[2:]), 1, 0)
     final, out = jax.lax.scan(step, initial_state.astype(jnp.float32), tuple(map(split, (q, k, v, g, beta))))
     return jnp.moveaxis(out, 0, 1).reshape(*q.shape[:3], v.shape[-1]), final
+
+
+PRECISIONS = ("auto", "float32", "tf32", "bfloat16")
+
+
+def register_pallas_precisions() -> None:
+    """Registers pallas-P, the Pallas kernels with precision=P, for each of PRECISIONS."""
+    from pallas_kernels.gated_delta import gated_delta_rule_pallas
+
+    for precision in PRECISIONS:
+        register_implementation(f"pallas-{precision}", functools.partial(gated_delta_rule_pallas, precision=precision))
 
 
 def relative_error(actual, expected) -> float:
@@ -102,7 +116,8 @@ def check_correctness(chunk: int) -> dict:
                     tuple(jnp.asarray(np.asarray(c), jnp.float64) for c in cotangents),
                     chunk,
                 )
-            for implementation in ("pallas", "xla"):
+            for implementation in ("pallas", "pallas-tf32", "pallas-bfloat16", "xla"):
+                bound = max(BOUNDS[dtype], BOUNDS.get(implementation.removeprefix("pallas-"), 0.0))
                 actual = outputs_and_grads(implementation, inputs, cotangents, chunk)
                 errors = {
                     name: relative_error(a, b)
@@ -111,8 +126,8 @@ def check_correctness(chunk: int) -> dict:
                 key = f"{implementation} B={batch} T={length} H={heads} d={dim} {dtype}"
                 results[key] = errors
                 worst = max(errors.values())
-                failures += [key] if not worst < BOUNDS[dtype] else []
-                print(f"correctness {key}: worst relative error {worst:.2e} (bound {BOUNDS[dtype]:.0e})", flush=True)
+                failures += [key] if not worst < bound else []
+                print(f"correctness {key}: worst relative error {worst:.2e} (bound {bound:.0e})", flush=True)
     return {"errors": results, "bounds": BOUNDS, "failures": failures}
 
 
@@ -193,9 +208,9 @@ def stage_flops(chunk: int, d_k: int, d_v: int) -> dict[str, float]:
 
 
 def time_stages(args: argparse.Namespace) -> dict:
-    """Each Pallas kernel alone on the folded benchmark inputs (float32, default settings), in the order the
-    forward+backward runs them (the backward reruns states after W and U from the stored inverses), with the
-    TFLOP/s of the dots it executes (`stage_flops`), and the whole forward+backward."""
+    """Each Pallas kernel alone on the folded benchmark inputs (float32, default settings but --stages-precision),
+    in the order the forward+backward runs them (the backward reruns states after W and U from the stored
+    inverses), with the TFLOP/s of the dots it executes (`stage_flops`), and the whole forward+backward."""
     from pallas_kernels.gated_delta import gated_delta_rule_pallas, kernel
     from pallas_kernels.gated_delta.ops import fold_inputs
 
@@ -204,6 +219,7 @@ def time_stages(args: argparse.Namespace) -> dict:
     settings = {p.name: p.default for p in parameters if p.kind is inspect.Parameter.KEYWORD_ONLY}
     settings["interpret"] = jax.default_backend() == "cpu"  # a dry run of the script on CPU
     settings["layout"] = "cpu" if settings["interpret"] else jax.default_backend()
+    settings["precision"] = args.stages_precision
     (q, k, v, g, beta, s0), config = fold_inputs(*inputs, chunk_size=args.chunk, **settings)
     # Each kernel jitted once (config static): the calls that make the next stage's inputs also compile it for timing.
     stage_kernels = {
@@ -240,7 +256,7 @@ def time_stages(args: argparse.Namespace) -> dict:
         print(f"stage {name:<16}: {1e3 * seconds:8.2f} ms  {results[name]['tflops']:7.2f} TFLOP/s", flush=True)
     # forward+backward runs states twice (the backward recomputes it); the rest once each
     kernels = sum(r["seconds"] for r in results.values()) + results["states_forward"]["seconds"]
-    whole = benchmark("pallas", inputs, args.chunk, args.repeats)["forward_backward_s"]
+    whole = benchmark(f"pallas-{args.stages_precision}", inputs, args.chunk, args.repeats)["forward_backward_s"]
     results |= {"kernels_in_forward_backward_s": kernels, "forward_backward_s": whole}
     print(f"stage sum in fwd+bwd: {1e3 * kernels:8.2f} ms of {1e3 * whole:8.2f} ms for the whole", flush=True)
     return results
@@ -253,6 +269,8 @@ SWEEP = (  # most telling first: a run cut off by its time limit keeps those
     {"precision": "tf32"},  # one TF32 product per dot instead of three: what float32-level accuracy costs
     {"num_warps": 8},  # half the registers per thread for the 64 x 128 float32 tiles
     {"precision": "tf32", "num_warps": 8},
+    {"precision": "bfloat16"},  # the data dots on bfloat16 operands, as flash-linear-attention computes
+    {"precision": "bfloat16", "num_warps": 8},
     {"block_v": 32, "num_stages": 2},  # smaller state blocks, software-pipelined loads in the chunk loops
     {"chunk": 32},
     {"chunk": 128},
@@ -301,12 +319,18 @@ def main() -> None:
     parser.add_argument("--dim", type=int, default=128)
     parser.add_argument("--chunk", type=int, default=64)
     parser.add_argument("--repeats", type=int, default=10)
-    parser.add_argument("--implementations", default="xla,pallas,reference-remat", help="xla first: ratios are to it")
+    parser.add_argument(
+        "--implementations",
+        default="xla,pallas,pallas-tf32,pallas-bfloat16,reference-remat",
+        help="xla first: ratios are to it; pallas-P is pallas with precision=P",
+    )
+    parser.add_argument("--stages-precision", default="tf32", choices=PRECISIONS, help="the stages section's dots")
     parser.add_argument("--sections", default="timing,stages,correctness", help="of timing,stages,correctness,sweep")
     parser.add_argument("--out", type=Path, help="write the results as JSON here")
     args = parser.parse_args()
     print(f"device: {jax.devices()[0].device_kind}, jax {jax.__version__}", flush=True)
     register_implementation("reference-remat", remat_reference)
+    register_pallas_precisions()
 
     results, failed = {}, False
     sections = {

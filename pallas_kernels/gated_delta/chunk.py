@@ -4,9 +4,10 @@ Every kernel body in `kernel.py` is one of these functions applied to the blocks
 kernels differentiate the same functions with `jax.vjp` inside the kernel, so forward and backward cannot drift
 apart. Shapes: k, q (C, d_k); v, u, v_new (C, d_v); w (C, d_k); g, beta (C,); state (d_k, d_v). All float32.
 
-Every dot takes the `precision` the kernel was configured with: `lax.Precision.HIGHEST` in interpret mode and on
+Every dot takes its precision from the kernel's `Dots`: by default `lax.Precision.HIGHEST` in interpret mode and on
 TPU (float32), and on GPU `TF32_TF32_F32_X3` (three TF32 tensor-core products, float32-level accuracy): Triton
-compiles a float32 IEEE dot into unrolled FMAs, which made the kernels minutes to compile and slow to run.
+compiles a float32 IEEE dot into unrolled FMAs, which made the kernels minutes to compile and slow to run. The
+coarser settings (`kernel.KernelConfig.dots`) lower the data dots only, never the gates' or the inverse's below TF32.
 
 Only operations the Triton and Mosaic lowerings support are used: 2-D dots with one contracting dimension,
 `iota` masks, row/column reductions, `exp`, `where`. The in-chunk cumulative decays are masked sums and a 0/1
@@ -16,6 +17,8 @@ negative gates cost no precision and no positive exponent is ever evaluated.
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 import math
 
 import jax
@@ -23,22 +26,79 @@ import jax.numpy as jnp
 from jax import lax
 
 Precision = lax.Precision | lax.DotAlgorithmPreset
+_F32 = jnp.float32
 HIGHEST = lax.Precision.HIGHEST
+BF16 = "bfloat16"  # a `Dots.data` setting: operands rounded to bfloat16, products accumulated in float32
+_BF16_UNDER_VJP = "bfloat16 under jax.vjp"  # the same, through a custom_vjp (`Dots.for_vjp`)
+Contraction = tuple[tuple[int], tuple[int]]
 
 
-def dot(a: jax.Array, b: jax.Array, precision: Precision = HIGHEST) -> jax.Array:
+@dataclasses.dataclass(frozen=True)
+class Dots:
+    """The precision of a kernel's dots. `data`: products of inputs, states and cotangents, a lax precision or BF16
+    (flash-linear-attention's choice for bf16 training). `exact`: the decay masks' 0/1 matmuls, whose operands are
+    the gates (an error there is amplified by the exponent), and the inverse's doubling product: never below TF32."""
+
+    data: Precision | str = HIGHEST
+    exact: Precision = HIGHEST
+
+    def for_vjp(self) -> Dots:
+        """These dots for a function a kernel differentiates with `jax.vjp`: a bfloat16 dot's autodiff transpose
+        would pair a float32 cotangent with a bfloat16 operand, which Triton cannot lower, so it goes through a
+        custom_vjp instead (which, in turn, Triton lowers only once differentiated: hence not the default)."""
+        return dataclasses.replace(self, data=_BF16_UNDER_VJP) if self.data == BF16 else self
+
+
+def _dot_general(a: jax.Array, b: jax.Array, contraction: Contraction, precision: Precision | str) -> jax.Array:
+    if precision == BF16:
+        return _bf16_dot(a, b, contraction)
+    if precision == _BF16_UNDER_VJP:
+        return _differentiable_bf16_dot(a, b, contraction)
+    return lax.dot_general(a, b, (contraction, ((), ())), precision=precision)
+
+
+def _bf16_dot(a: jax.Array, b: jax.Array, contraction: Contraction) -> jax.Array:
+    """A float32 dot of bfloat16-rounded operands."""
+    bf16 = jnp.bfloat16
+    return lax.dot_general(a.astype(bf16), b.astype(bf16), (contraction, ((), ())), preferred_element_type=_F32)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
+def _differentiable_bf16_dot(a: jax.Array, b: jax.Array, contraction: Contraction) -> jax.Array:
+    """`_bf16_dot`, whose cotangent dots round their operands to bfloat16 too."""
+    return _bf16_dot(a, b, contraction)
+
+
+def _bf16_dot_fwd(a, b, contraction):
+    return _bf16_dot(a, b, contraction), (a, b)
+
+
+def _bf16_dot_bwd(contraction, operands, cotangent):
+    """For c = a . b contracting a's axis i with b's axis j (free axes 1 - i and 1 - j): da pairs c with b over b's
+    free axis, db pairs a with c over a's, each oriented like its operand without a transpose."""
+    a, b = operands
+    a_free, b_free = 1 - contraction[0][0], 1 - contraction[1][0]
+    d_a = _bf16_dot(cotangent, b, ((1,), (b_free,))) if a_free == 0 else _bf16_dot(b, cotangent, ((b_free,), (1,)))
+    d_b = _bf16_dot(a, cotangent, ((a_free,), (0,))) if b_free == 1 else _bf16_dot(cotangent, a, ((0,), (a_free,)))
+    return d_a, d_b
+
+
+_differentiable_bf16_dot.defvjp(_bf16_dot_fwd, _bf16_dot_bwd)
+
+
+def dot(a: jax.Array, b: jax.Array, precision: Precision | str = HIGHEST) -> jax.Array:
     """a @ b."""
-    return lax.dot_general(a, b, (((1,), (0,)), ((), ())), precision=precision)
+    return _dot_general(a, b, ((1,), (0,)), precision)
 
 
-def dot_nt(a: jax.Array, b: jax.Array, precision: Precision = HIGHEST) -> jax.Array:
+def dot_nt(a: jax.Array, b: jax.Array, precision: Precision | str = HIGHEST) -> jax.Array:
     """a @ b.T."""
-    return lax.dot_general(a, b, (((1,), (1,)), ((), ())), precision=precision)
+    return _dot_general(a, b, ((1,), (1,)), precision)
 
 
-def dot_tn(a: jax.Array, b: jax.Array, precision: Precision = HIGHEST) -> jax.Array:
+def dot_tn(a: jax.Array, b: jax.Array, precision: Precision | str = HIGHEST) -> jax.Array:
     """a.T @ b."""
-    return lax.dot_general(a, b, (((0,), (0,)), ((), ())), precision=precision)
+    return _dot_general(a, b, ((0,), (0,)), precision)
 
 
 def _index_grid(size: int) -> tuple[jax.Array, jax.Array]:
@@ -84,10 +144,10 @@ def unit_lower_inverse(strict_lower: jax.Array, precision: Precision = HIGHEST) 
     return inverse
 
 
-def wy_lower(k: jax.Array, g: jax.Array, beta: jax.Array, precision: Precision = HIGHEST) -> jax.Array:
+def wy_lower(k: jax.Array, g: jax.Array, beta: jax.Array, dots: Dots = Dots()) -> jax.Array:
     """The strictly lower L_rs = beta_r Gamma_rs k_r.k_s (r > s) of the chunk's system (I + L) [W U] = R."""
     rows, cols = _index_grid(k.shape[0])
-    return jnp.where(rows > cols, beta[:, None] * decay_matrix(g, precision) * dot_nt(k, k, precision), 0.0)
+    return jnp.where(rows > cols, beta[:, None] * decay_matrix(g, dots.exact) * dot_nt(k, k, dots.data), 0.0)
 
 
 def wy_rhs(k: jax.Array, v: jax.Array, g: jax.Array, beta: jax.Array) -> tuple[jax.Array, jax.Array]:
@@ -97,19 +157,19 @@ def wy_rhs(k: jax.Array, v: jax.Array, g: jax.Array, beta: jax.Array) -> tuple[j
 
 
 def wy_from_inverse(
-    inverse: jax.Array, k: jax.Array, v: jax.Array, g: jax.Array, beta: jax.Array, precision: Precision = HIGHEST
+    inverse: jax.Array, k: jax.Array, v: jax.Array, g: jax.Array, beta: jax.Array, dots: Dots = Dots()
 ) -> tuple[jax.Array, jax.Array]:
     """W = A R_k and U = A R_v from the chunk's inverse A = (I + L)^-1."""
     rhs_k, rhs_v = wy_rhs(k, v, g, beta)
-    return dot(inverse, rhs_k, precision), dot(inverse, rhs_v, precision)
+    return dot(inverse, rhs_k, dots.data), dot(inverse, rhs_v, dots.data)
 
 
 def wy(
-    k: jax.Array, v: jax.Array, g: jax.Array, beta: jax.Array, precision: Precision = HIGHEST
+    k: jax.Array, v: jax.Array, g: jax.Array, beta: jax.Array, dots: Dots = Dots()
 ) -> tuple[jax.Array, jax.Array, jax.Array]:
     """Stage 1: (W, U, A), with A = (I + L)^-1 by doubling; the backward reuses A instead of recomputing it."""
-    inverse = unit_lower_inverse(wy_lower(k, g, beta, precision), precision)
-    return *wy_from_inverse(inverse, k, v, g, beta, precision), inverse
+    inverse = unit_lower_inverse(wy_lower(k, g, beta, dots), dots.exact)
+    return *wy_from_inverse(inverse, k, v, g, beta, dots), inverse
 
 
 def wy_vjp(
@@ -120,19 +180,19 @@ def wy_vjp(
     beta: jax.Array,
     dw: jax.Array,
     du: jax.Array,
-    precision: Precision = HIGHEST,
+    dots: Dots = Dots(),
 ) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array]:
     """Cotangents (dk, dv, dg, dbeta) of `wy`'s W and U, given its A (no inverse is recomputed):
     dR = A^T [dW dU], dA = dW R_k^T + dU R_v^T and, from A (I + L) = I, dL = -A^T dA A^T (the pullback of
     `wy_lower` keeps its strictly lower part)."""
 
     def system(k, v, g, beta):
-        return wy_lower(k, g, beta, precision), *wy_rhs(k, v, g, beta)
+        return wy_lower(k, g, beta, dots.for_vjp()), *wy_rhs(k, v, g, beta)
 
     (_, rhs_k, rhs_v), pullback = jax.vjp(system, k, v, g, beta)
-    d_inverse = dot_nt(dw, rhs_k, precision) + dot_nt(du, rhs_v, precision)
-    d_lower = -dot_nt(dot_tn(inverse, d_inverse, precision), inverse, precision)
-    return pullback((d_lower, dot_tn(inverse, dw, precision), dot_tn(inverse, du, precision)))
+    d_inverse = dot_nt(dw, rhs_k, dots.data) + dot_nt(du, rhs_v, dots.data)
+    d_lower = -dot_nt(dot_tn(inverse, d_inverse, dots.data), inverse, dots.data)
+    return pullback((d_lower, dot_tn(inverse, dw, dots.data), dot_tn(inverse, du, dots.data)))
 
 
 def state_decays(k: jax.Array, g: jax.Array) -> tuple[jax.Array, jax.Array]:
@@ -141,9 +201,9 @@ def state_decays(k: jax.Array, g: jax.Array) -> tuple[jax.Array, jax.Array]:
 
 
 def output(
-    q: jax.Array, k: jax.Array, g: jax.Array, v_new: jax.Array, state: jax.Array, precision: Precision = HIGHEST
+    q: jax.Array, k: jax.Array, g: jax.Array, v_new: jax.Array, state: jax.Array, dots: Dots = Dots()
 ) -> jax.Array:
     """Stage 3: O = (gamma Q) S0 + ((Q K^T) o Gamma) V', with S0 the chunk's start state."""
     gamma = jnp.exp(log_decay_from_start(g))
-    scores = dot_nt(q, k, precision) * decay_matrix(g, precision)
-    return dot(gamma[:, None] * q, state, precision) + dot(scores, v_new, precision)
+    scores = dot_nt(q, k, dots.data) * decay_matrix(g, dots.exact)
+    return dot(gamma[:, None] * q, state, dots.data) + dot(scores, v_new, dots.data)

@@ -35,8 +35,8 @@ _F32 = jnp.float32
 @dataclasses.dataclass(frozen=True)
 class KernelConfig:
     """Static kernel parameters: chunk length C, state-column block BV, interpret mode (CPU), the backend compiled
-    for, and for GPU the Triton launch parameters (warps per program and pipelining stages; None: Triton's);
-    `fast_dots` trades float32-level dots for single-pass ones (`precision`)."""
+    for, for GPU the Triton launch parameters (warps per program and pipelining stages; None: Triton's), and the
+    dot precision ("float32", "tf32" or "bfloat16"; `dots`)."""
 
     chunk: int
     block_v: int
@@ -44,16 +44,22 @@ class KernelConfig:
     target: str = "gpu"
     num_warps: int | None = None
     num_stages: int | None = None
-    fast_dots: bool = False
+    precision: str = "float32"
 
     @property
-    def precision(self) -> chunk.Precision:
-        """Dot precision: float32-level everywhere, on GPU via three TF32 tensor-core products (see chunk.py);
-        with `fast_dots`, one TF32 product on GPU (GPU only: Mosaic has no three-pass bf16 dot, TF32's TPU
-        counterpart, and a CPU computes float32 either way)."""
-        if self.target == "gpu" and not self.interpret:
-            return lax.DotAlgorithmPreset.TF32_TF32_F32 if self.fast_dots else lax.DotAlgorithmPreset.TF32_TF32_F32_X3
-        return chunk.HIGHEST
+    def dots(self) -> chunk.Dots:
+        """The dots' precision. "float32": float32-level everywhere, on GPU three TF32 tensor-core products (see
+        chunk.py). "tf32": one TF32 product on GPU (GPU only: Mosaic has no three-pass bf16 dot, TF32's TPU
+        counterpart, and a CPU computes float32 either way). "bfloat16": the data dots on bfloat16-rounded operands
+        (on every backend, the interpreter included), the gates' and the inverse's at TF32 on GPU, else float32."""
+        compiled_for_gpu = self.target == "gpu" and not self.interpret
+        single, triple = lax.DotAlgorithmPreset.TF32_TF32_F32, lax.DotAlgorithmPreset.TF32_TF32_F32_X3
+        if self.precision == "bfloat16":
+            return chunk.Dots(chunk.BF16, single if compiled_for_gpu else chunk.HIGHEST)
+        if compiled_for_gpu:
+            preset = single if self.precision == "tf32" else triple
+            return chunk.Dots(preset, preset)
+        return chunk.Dots()
 
 
 def _load(ref, *index) -> jax.Array:
@@ -137,7 +143,7 @@ def _stage1_inputs(k_ref, v_ref, g_ref, beta_ref) -> tuple[jax.Array, ...]:
 
 
 def _wy_kernel(k_ref, v_ref, g_ref, beta_ref, w_ref, u_ref, *inverse_ref, config: KernelConfig):
-    w, u, inverse = chunk.wy(*_stage1_inputs(k_ref, v_ref, g_ref, beta_ref), config.precision)
+    w, u, inverse = chunk.wy(*_stage1_inputs(k_ref, v_ref, g_ref, beta_ref), config.dots)
     w_ref[...], u_ref[...] = w, u
     if inverse_ref:
         inverse_ref[0][...] = inverse
@@ -163,7 +169,7 @@ def wy_forward(k, v, g, beta, config: KernelConfig, *, with_inverse: bool = Fals
 
 def _wy_from_inverse_kernel(inverse_ref, k_ref, v_ref, g_ref, beta_ref, w_ref, u_ref, *, config: KernelConfig):
     inputs = _stage1_inputs(k_ref, v_ref, g_ref, beta_ref)
-    w_ref[...], u_ref[...] = chunk.wy_from_inverse(_load(inverse_ref), *inputs, config.precision)
+    w_ref[...], u_ref[...] = chunk.wy_from_inverse(_load(inverse_ref), *inputs, config.dots)
 
 
 def wy_from_inverse(inverse, k, v, g, beta, config: KernelConfig):
@@ -183,7 +189,7 @@ def _wy_bwd_kernel(
     inverse_ref, k_ref, v_ref, g_ref, beta_ref, dw_ref, du_ref, dk_ref, dv_ref, dg_ref, dbeta_ref, *, config
 ):
     inputs = _stage1_inputs(k_ref, v_ref, g_ref, beta_ref)
-    grads = chunk.wy_vjp(_load(inverse_ref), *inputs, _load(dw_ref), _load(du_ref), config.precision)
+    grads = chunk.wy_vjp(_load(inverse_ref), *inputs, _load(dw_ref), _load(du_ref), config.dots)
     for ref, grad in zip((dk_ref, dv_ref, dg_ref, dbeta_ref), grads, strict=True):
         _store(ref, grad)
 
@@ -205,16 +211,16 @@ def wy_backward(inverse, k, v, g, beta, dw, du, config: KernelConfig):
 # ------------------------------------------------------------------------------------- stage 2: the state pass
 
 
-def _states_kernel(k_ref, w_ref, u_ref, g_ref, s0_ref, v_new_ref, states_ref, final_ref, *, size, count, precision):
+def _states_kernel(k_ref, w_ref, u_ref, g_ref, s0_ref, v_new_ref, states_ref, final_ref, *, size, count, dots):
     d_k = k_ref.shape[-1]
 
     def step(n, state):
         rows, state_rows = pl.ds(n * size, size), pl.ds(n * d_k, d_k)
         decayed_k, gamma_end = chunk.state_decays(_load(k_ref, rows, slice(None)), _load_row(g_ref, rows))
-        v_new = _load(u_ref, rows, slice(None)) - chunk.dot(_load(w_ref, rows, slice(None)), state, precision)
+        v_new = _load(u_ref, rows, slice(None)) - chunk.dot(_load(w_ref, rows, slice(None)), state, dots.data)
         states_ref[state_rows, :] = state
         v_new_ref[rows, :] = v_new
-        return gamma_end * state + chunk.dot_tn(decayed_k, v_new, precision)
+        return gamma_end * state + chunk.dot_tn(decayed_k, v_new, dots.data)
 
     final_ref[...] = lax.fori_loop(0, count, step, _load(s0_ref))
 
@@ -223,7 +229,7 @@ def states_forward(k, w, u, g, s0, config: KernelConfig):
     """-> (V' (BH, T, d_v), start states (BH, NC * d_k, d_v), final state (BH, d_k, d_v))."""
     (bh, length, d_k), d_v, bv = k.shape, u.shape[-1], config.block_v
     count = length // config.chunk
-    kernel = functools.partial(_states_kernel, size=config.chunk, count=count, precision=config.precision)
+    kernel = functools.partial(_states_kernel, size=config.chunk, count=count, dots=config.dots)
     column = pl.BlockSpec((None, d_k, bv), lambda b, j: (b, 0, j))
     return _call(
         kernel,
@@ -247,7 +253,7 @@ def states_forward(k, w, u, g, s0, config: KernelConfig):
 
 def _states_bwd_kernel(
     k_ref, w_ref, g_ref, v_new_ref, states_ref, dv_new_ref, dstates_ref, dfinal_ref,
-    du_ref, dw_ref, dk_ref, dg_ref, ds0_ref, *, size, count, precision,
+    du_ref, dw_ref, dk_ref, dg_ref, ds0_ref, *, size, count, dots,
 ):  # fmt: skip
     d_k = k_ref.shape[-1]
 
@@ -258,15 +264,15 @@ def _states_bwd_kernel(
         (decayed_k, gamma_end), decay_pullback = jax.vjp(
             chunk.state_decays, _load(k_ref, rows, slice(None)), _load_row(g_ref, rows)
         )
-        d_v_new = _load(dv_new_ref, rows, slice(None)) + chunk.dot(decayed_k, d_state, precision)
-        d_decayed_k = chunk.dot_nt(_load(v_new_ref, rows, slice(None)), d_state, precision)
+        d_v_new = _load(dv_new_ref, rows, slice(None)) + chunk.dot(decayed_k, d_state, dots.data)
+        d_decayed_k = chunk.dot_nt(_load(v_new_ref, rows, slice(None)), d_state, dots.data)
         d_gamma_end = jnp.sum(jnp.sum(state * d_state, axis=1))
         dk_ref[rows, :], dg_ref[0, rows] = decay_pullback((d_decayed_k, d_gamma_end))
         du_ref[rows, :] = d_v_new
-        dw_ref[rows, :] = -chunk.dot_nt(d_v_new, state, precision)
+        dw_ref[rows, :] = -chunk.dot_nt(d_v_new, state, dots.data)
         w = _load(w_ref, rows, slice(None))
         d_state_out = _load(dstates_ref, state_rows, slice(None))
-        return gamma_end * d_state - chunk.dot_tn(w, d_v_new, precision) + d_state_out
+        return gamma_end * d_state - chunk.dot_tn(w, d_v_new, dots.data) + d_state_out
 
     ds0_ref[...] = lax.fori_loop(0, count, step, _load(dfinal_ref))
 
@@ -275,7 +281,7 @@ def states_backward(k, w, g, v_new, states, dv_new, dstates, dfinal, config: Ker
     """-> (dU, and the per-BV-block partials of dW, dK, dg, and dS0)."""
     (bh, length, d_k), d_v, bv = k.shape, v_new.shape[-1], config.block_v
     count, blocks = length // config.chunk, d_v // bv
-    kernel = functools.partial(_states_bwd_kernel, size=config.chunk, count=count, precision=config.precision)
+    kernel = functools.partial(_states_bwd_kernel, size=config.chunk, count=count, dots=config.dots)
     column = pl.BlockSpec((None, d_k, bv), lambda b, j: (b, 0, j))
     keys, values = _sequence_spec(length, d_k, False), _sequence_spec(length, bv, True)
     states_spec = _sequence_spec(count * d_k, bv, True)
@@ -298,8 +304,8 @@ def states_backward(k, w, g, v_new, states, dv_new, dstates, dfinal, config: Ker
 # ----------------------------------------------------------------------------------------- stage 3: outputs
 
 
-def _output_kernel(q_ref, k_ref, g_ref, v_new_ref, state_ref, o_ref, *, precision):
-    out = chunk.output(_load(q_ref), _load(k_ref), _load_row(g_ref), _load(v_new_ref), _load(state_ref), precision)
+def _output_kernel(q_ref, k_ref, g_ref, v_new_ref, state_ref, o_ref, *, dots):
+    out = chunk.output(_load(q_ref), _load(k_ref), _load_row(g_ref), _load(v_new_ref), _load(state_ref), dots)
     o_ref[...] = out.astype(o_ref.dtype)
 
 
@@ -311,7 +317,7 @@ def _output_specs(d_k: int, d_v: int, config: KernelConfig) -> list[pl.BlockSpec
 def output_forward(q, k, g, v_new, states, out_dtype, config: KernelConfig):
     (bh, length, d_k), d_v = q.shape, v_new.shape[-1]
     return _call(
-        functools.partial(_output_kernel, precision=config.precision),
+        functools.partial(_output_kernel, dots=config.dots),
         config,
         (bh, length // config.chunk),
         _output_specs(d_k, d_v, config),
@@ -321,9 +327,9 @@ def output_forward(q, k, g, v_new, states, out_dtype, config: KernelConfig):
 
 
 def _output_bwd_kernel(
-    q_ref, k_ref, g_ref, v_new_ref, state_ref, do_ref, dq_ref, dk_ref, dg_ref, dv_new_ref, ds_ref, *, precision
+    q_ref, k_ref, g_ref, v_new_ref, state_ref, do_ref, dq_ref, dk_ref, dg_ref, dv_new_ref, ds_ref, *, dots
 ):
-    output = functools.partial(chunk.output, precision=precision)
+    output = functools.partial(chunk.output, dots=dots.for_vjp())
     _, pullback = jax.vjp(output, _load(q_ref), _load(k_ref), _load_row(g_ref), _load(v_new_ref), _load(state_ref))
     for ref, grad in zip((dq_ref, dk_ref, dg_ref, dv_new_ref, ds_ref), pullback(_load(do_ref)), strict=True):
         _store(ref, grad)
@@ -334,7 +340,7 @@ def output_backward(q, k, g, v_new, states, do, config: KernelConfig):
     (bh, length, d_k), d_v = q.shape, v_new.shape[-1]
     specs = _output_specs(d_k, d_v, config)
     return _call(
-        functools.partial(_output_bwd_kernel, precision=config.precision),
+        functools.partial(_output_bwd_kernel, dots=config.dots),
         config,
         (bh, length // config.chunk),
         [*specs, _chunk_spec(d_v, config)],

@@ -121,7 +121,7 @@ def fold_inputs(
         target=layout,
         num_warps=num_warps,
         num_stages=num_stages,
-        fast_dots=_fast_dots(precision, q.dtype),
+        precision=_dot_precision(precision, q.dtype),
     )
     s0 = initial_state.astype(jnp.float32).reshape(batch * heads, d_k, d_v)
     s0 = jnp.pad(s0, [(0, 0), (0, d_k_pad - d_k), (0, d_v_pad - d_v)])
@@ -136,12 +136,14 @@ def fold_inputs(
     return folded, config
 
 
-def _fast_dots(precision: str, input_dtype) -> bool:
-    """Whether the dots are single-pass: "tf32", or "auto" with 16-bit inputs (whose own rounding, ~4e-3, is
-    larger than single-pass TF32's error on an H100, ~4e-4)."""
-    if precision not in ("auto", "float32", "tf32"):
-        raise ValueError(f"precision={precision!r} is invalid: choose 'auto', 'float32' or 'tf32'")
-    return precision == "tf32" or (precision == "auto" and jnp.dtype(input_dtype).itemsize < 4)
+def _dot_precision(precision: str, input_dtype) -> str:
+    """The kernels' dot precision: as asked, or for "auto" "tf32" with 16-bit inputs (whose own rounding, ~4e-3, is
+    larger than single-pass TF32's error on an H100, ~4e-4) and "float32" otherwise."""
+    if precision not in ("auto", "float32", "tf32", "bfloat16"):
+        raise ValueError(f"precision={precision!r} is invalid: choose 'auto', 'float32', 'tf32' or 'bfloat16'")
+    if precision == "auto":
+        return "tf32" if jnp.dtype(input_dtype).itemsize < 4 else "float32"
+    return precision
 
 
 def _gated_delta_rule_local(q, k, v, g, beta, initial_state, **settings):
@@ -188,9 +190,12 @@ def gated_delta_rule_pallas(
     pipelining) by default: with Triton's three, the sequential kernels' loads asked an H200 for 279 KB of shared
     memory (it has 227 KB).
     `precision`: "float32" (every dot float32-level: three TF32 tensor-core products on GPU), "tf32" (one TF32
-    product per dot on GPU: relative errors near 4e-4, 2.8x faster on an H100; no change on TPU and CPU), or
-    "auto" (the default): "tf32" for 16-bit inputs, "float32" otherwise.
-    Computes in float32 whatever the input dtype; returns o in q's dtype and the final state in float32.
+    product per dot on GPU: relative errors near 4e-4, 2.8x faster on an H100; no change on TPU and CPU),
+    "bfloat16" (products of inputs, states and cotangents on bfloat16-rounded operands with float32 accumulation,
+    as flash-linear-attention computes; the gates' and the inverse's dots stay at TF32 or better; on every backend;
+    not yet timed on a GPU), or "auto" (the default): "tf32" for 16-bit inputs, "float32" otherwise.
+    Accumulates and stores in float32 whatever the input dtype; returns o in q's dtype and the final state in
+    float32.
     """
     if interpret is None:
         interpret = jax.default_backend() == "cpu"
