@@ -202,7 +202,7 @@ def stage_flops(chunk: int, d_k: int, d_v: int) -> dict[str, float]:
         "wy_from_inverse": square_k + square_v,  # W, U
         "output_backward": 2 * cube + 3 * square_k + 2 * square_v + 2 * state,
         "states_backward": 4 * state,  # K dS, V' dS^T, dV' S^T, W^T dV'
-        "wy_backward": 4 * cube + 4 * square_k + 2 * square_v,  # decays, K K^T, dA, dR, dL, the pullback of K K^T
+        "wy_backward": 4 * cube + 5 * square_k + 2 * square_v,  # decays, K K^T, dA, dL, dR, the pullback of K K^T
     }
     return {name: 2.0 * count for name, count in macs.items()}
 

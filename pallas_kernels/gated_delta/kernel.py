@@ -35,8 +35,9 @@ _F32 = jnp.float32
 @dataclasses.dataclass(frozen=True)
 class KernelConfig:
     """Static kernel parameters: chunk length C, state-column block BV, interpret mode (CPU), the backend compiled
-    for, for GPU the Triton launch parameters (warps per program and pipelining stages; None: Triton's), and the
-    dot precision ("float32", "tf32" or "bfloat16"; `dots`)."""
+    for, for GPU the Triton launch parameters (warps per program and pipelining stages; None: Triton's), the
+    dot precision ("float32", "tf32" or "bfloat16"; `dots`), and `debug`: print each kernel's jaxpr and lowered
+    module (Pallas' `debug`; tests count the dots in the Triton modules)."""
 
     chunk: int
     block_v: int
@@ -45,6 +46,7 @@ class KernelConfig:
     num_warps: int | None = None
     num_stages: int | None = None
     precision: str = "float32"
+    debug: bool = False
 
     @property
     def dots(self) -> chunk.Dots:
@@ -93,6 +95,7 @@ def _call(kernel, config: KernelConfig, grid, in_specs, out_specs, out_shape):
         out_shape=out_shape,
         interpret=config.interpret,
         compiler_params=compiler_params,
+        debug=config.debug,
     )
 
 
