@@ -5,11 +5,8 @@ in test_ops.py."""
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
-import io
 import json
-import re
 import subprocess
 import sys
 from pathlib import Path
@@ -21,8 +18,8 @@ import pytest
 from conftest import numpy_gated_delta_rule, random_gdr_inputs, relative_error
 from test_ops import ARG_NAMES
 
-from pallas_kernels.gated_delta import chunk, gated_delta_rule_pallas, kernel, lowering_sizes
-from pallas_kernels.gated_delta.ops import fold_inputs
+from pallas_kernels.gated_delta import chunk, gated_delta_rule_pallas, lowering_sizes
+from pallas_kernels.gated_delta.lowered import dot_macs, triton_modules
 from sleeplm import Config, ModelConfig, SleepConfig
 from sleeplm.data import Rule110Config, batched, make_source
 from sleeplm.ops import IMPLEMENTATIONS, gated_delta_rule, resolve_implementation
@@ -232,46 +229,15 @@ def test_the_gpu_benchmark_script_runs_every_section_on_cpu(tmp_path):
     assert len(results["sweep"]) == 11
 
 
-def _lowered_dot_macs(config_changes: dict) -> dict[str, int]:
-    """Multiply-adds of the dots in each kernel's lowered Triton module (one program: a chunk, or for the sequential
-    kernels one chunk step of one state-column block), read from what Pallas prints with `debug`."""
-    (q, k, v, g, beta, s0), config = fold_inputs(
-        *(jnp.zeros(shape, jnp.float32) for shape in [(1, 64, 1, 128)] * 3 + [(1, 64, 1)] * 2 + [(1, 1, 128, 128)]),
-        chunk_size=64, interpret=False, block_v=64, layout="gpu", num_warps=None, num_stages=1, precision="tf32",
-    )  # fmt: skip
-    config = dataclasses.replace(config, debug=True, **config_changes)
-
-    def every_kernel(q, k, v, g, beta, s0):
-        w, u, inverse = kernel.wy_forward(k, v, g, beta, config, with_inverse=True)
-        v_new, states, final = kernel.states_forward(k, w, u, g, s0, config)
-        out = kernel.output_forward(q, k, g, v_new, states, jnp.float32, config)
-        w, u = kernel.wy_from_inverse(inverse, k, v, g, beta, config)
-        _, _, _, dv_new, dstates = kernel.output_backward(q, k, g, v_new, states, out, config)
-        du, dw, *_ = kernel.states_backward(k, w, g, v_new, states, dv_new, dstates, final, config)
-        return kernel.wy_backward(inverse, k, v, g, beta, dw.sum(0), du, config)
-
-    printed = io.StringIO()
-    with contextlib.redirect_stdout(printed):
-        jax.export.export(
-            jax.jit(every_kernel),
-            platforms=["cuda"],
-            disabled_checks=[jax.export.DisabledSafetyCheck.custom_call(GPU[2])],
-        )(q, k, v, g, beta, s0)
-    macs = {}
-    for section in printed.getvalue().split("The Triton module for pallas_call ")[1:]:
-        name = section.split()[0].removeprefix("_").removesuffix("_kernel")
-        shapes = re.findall(r"tt\.dot .*? : tensor<(\d+)x(\d+)x\w+> \* tensor<\d+x(\d+)x\w+>", section)
-        macs[name] = sum(int(m) * int(k) * int(n) for m, k, n in shapes)
-    return macs
-
-
 @pytest.mark.parametrize("changes", [{}, {"precision": "bfloat16"}])
 def test_stage_flops_count_the_dots_the_kernels_run(changes):
     """bench.py's per-stage TFLOP/s divide `stage_flops` by time: it must count exactly the dots in the lowered
     kernels (after Triton-bound dead-code elimination of the primal outputs that `jax.vjp` computes)."""
     from pallas_kernels.gated_delta.bench import stage_flops
 
-    macs = _lowered_dot_macs(changes)
+    modules = triton_modules(**changes)
+    assert not any("#loc" in module or "[unknown]" in module for module in modules.values())  # parseable MLIR
+    macs = {name: dot_macs(module) for name, module in modules.items()}
     column_blocks = 128 // 64  # the sequential kernels run d_v / BV programs per chunk step
     per_chunk = {
         "wy_forward": macs["wy"],

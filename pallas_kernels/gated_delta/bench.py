@@ -211,7 +211,8 @@ def time_stages(args: argparse.Namespace) -> dict:
     """Each Pallas kernel alone on the folded benchmark inputs (float32, default settings but --stages-precision),
     in the order the forward+backward runs them (the backward reruns states after W and U from the stored
     inverses), with the TFLOP/s of the dots it executes (`stage_flops`), and the whole forward+backward."""
-    from pallas_kernels.gated_delta import gated_delta_rule_pallas, kernel
+    from pallas_kernels.gated_delta import gated_delta_rule_pallas
+    from pallas_kernels.gated_delta.lowered import STAGE_KERNELS, run_every_kernel
     from pallas_kernels.gated_delta.ops import fold_inputs
 
     inputs = make_inputs(args.batch, args.length, args.heads, args.dim, jnp.float32)
@@ -222,31 +223,15 @@ def time_stages(args: argparse.Namespace) -> dict:
     settings["precision"] = args.stages_precision
     (q, k, v, g, beta, s0), config = fold_inputs(*inputs, chunk_size=args.chunk, **settings)
     # Each kernel jitted once (config static): the calls that make the next stage's inputs also compile it for timing.
-    stage_kernels = {
-        "wy_forward": functools.partial(kernel.wy_forward, with_inverse=True),
-        "states_forward": kernel.states_forward,
-        "output_forward": functools.partial(kernel.output_forward, out_dtype=jnp.float32),
-        "wy_from_inverse": kernel.wy_from_inverse,
-        "output_backward": kernel.output_backward,
-        "states_backward": kernel.states_backward,
-        "wy_backward": kernel.wy_backward,
-    }
-    jitted = {name: jax.jit(functools.partial(fn, config=config)) for name, fn in stage_kernels.items()}
-    w, u, inverse = jitted["wy_forward"](k, v, g, beta)
-    v_new, states, final = jitted["states_forward"](k, w, u, g, s0)
+    jitted = {name: jax.jit(functools.partial(fn, config=config)) for name, fn in STAGE_KERNELS.items()}
+    arguments = {}
+
+    def call(name, *args):
+        arguments[name] = args
+        return jitted[name](*args)
+
     cotangent = lambda x, seed: jax.random.normal(jax.random.key(seed), x.shape, x.dtype)
-    d_out, d_final = cotangent(v, 1), cotangent(final, 2)
-    _, _, _, dv_new, dstates = jitted["output_backward"](q, k, g, v_new, states, d_out)
-    du, dw, *_ = jitted["states_backward"](k, w, g, v_new, states, dv_new, dstates, d_final)
-    arguments = {
-        "wy_forward": (k, v, g, beta),
-        "states_forward": (k, w, u, g, s0),
-        "output_forward": (q, k, g, v_new, states),
-        "wy_from_inverse": (inverse, k, v, g, beta),
-        "output_backward": (q, k, g, v_new, states, d_out),
-        "states_backward": (k, w, g, v_new, states, dv_new, dstates, d_final),
-        "wy_backward": (inverse, k, v, g, beta, dw.sum(0), du),
-    }
+    run_every_kernel(call, q, k, v, g, beta, s0, cotangent(v, 1), cotangent(s0, 2))
     chunks = q.shape[0] * q.shape[1] / config.chunk
     flops = stage_flops(config.chunk, q.shape[-1], v.shape[-1])
     results = {}
