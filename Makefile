@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: setup demo test test-slow bench bench-gpu reproduce-cpu lint clean
+.PHONY: setup demo test test-slow bench bench-gpu static-check reproduce-cpu lint clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -31,6 +31,14 @@ bench: $(STAMP)
 bench-gpu:
 	$(PYTHON) -m pallas_kernels.gated_delta.bench --out pallas_kernels/gated_delta/results/gpu_bench.json
 
+# Without a GPU: registers, spills and shared memory of each Pallas kernel, compiled offline for an H100 by the
+# standalone Triton package (in its own venv, .venv-triton: its MLIR runtime stays out of jax's process).
+TRITON_PY := .venv-triton/bin/python
+static-check: $(STAMP)
+	test -x $(TRITON_PY) || ($(PYTHON) -m venv .venv-triton && $(TRITON_PY) -m pip install --quiet triton)
+	TRITON_DEFAULT_FP_FUSION=1 $(PY) -m pallas_kernels.gated_delta.static_check --triton-python $(TRITON_PY) \
+		--out pallas_kernels/gated_delta/results/static_check.json
+
 # The CPU-scale reproduction (experiments/RESULTS.md), figure by figure; finished runs are skipped on a rerun.
 # First the N=1 learning rate (Muon 4e-3 won at t=3, the default of run.py since), then the depth where N=1 fails
 # within 600 steps at that rate (t=4), then the sleep sweep and baselines there. Many hours on 2 cores.
@@ -52,4 +60,4 @@ lint: $(STAMP)
 	$(PY) -m ruff format --check .
 
 clean:
-	rm -rf $(VENV) .pytest_cache .ruff_cache
+	rm -rf $(VENV) .venv-triton .pytest_cache .ruff_cache

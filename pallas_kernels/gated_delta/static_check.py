@@ -1,7 +1,8 @@
 """Registers, spills and shared memory of each GPU kernel, read on a machine without a GPU.
 
-    pip install triton            # once; into another venv if you like, then pass --triton-python
-    python -m pallas_kernels.gated_delta.static_check [--precisions float32,tf32,bfloat16] [--warps 4,8] [--out F]
+    make static-check   # installs triton into .venv-triton once, then runs this with --triton-python there
+    python -m pallas_kernels.gated_delta.static_check [--precisions float32,tf32,bfloat16] [--warps 4,8]
+        [--triton-python PYTHON] [--out FILE]
 
 The kernels are lowered to Triton modules here (`lowered.triton_modules`, d = 128, chunk 64, block_v 64), then a
 subprocess compiles each with the standalone Triton package for an H100 (sm_90a, one pipelining stage, each
