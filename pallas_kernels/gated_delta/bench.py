@@ -221,7 +221,7 @@ def time_stages(args: argparse.Namespace) -> dict:
     settings["interpret"] = jax.default_backend() == "cpu"  # a dry run of the script on CPU
     settings["layout"] = "cpu" if settings["interpret"] else jax.default_backend()
     settings["precision"] = args.stages_precision
-    (q, k, v, g, beta, s0), config = fold_inputs(*inputs, chunk_size=args.chunk, **settings)
+    folded, config = fold_inputs(*inputs, chunk_size=args.chunk, **settings)
     # Each kernel jitted once (config static): the calls that make the next stage's inputs also compile it for timing.
     jitted = {name: jax.jit(functools.partial(fn, config=config)) for name, fn in STAGE_KERNELS.items()}
     arguments = {}
@@ -231,7 +231,8 @@ def time_stages(args: argparse.Namespace) -> dict:
         return jitted[name](*args)
 
     cotangent = lambda x, seed: jax.random.normal(jax.random.key(seed), x.shape, x.dtype)
-    run_every_kernel(call, q, k, v, g, beta, s0, cotangent(v, 1), cotangent(s0, 2))
+    q, v, s0 = folded[0], folded[2], folded[-1]
+    run_every_kernel(call, *folded, cotangent(v, 1), cotangent(s0, 2))
     chunks = q.shape[0] * q.shape[1] / config.chunk
     flops = stage_flops(config.chunk, q.shape[-1], v.shape[-1])
     results = {}

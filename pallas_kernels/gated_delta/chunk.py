@@ -120,12 +120,6 @@ def log_decay_from_start(g: jax.Array) -> jax.Array:
     return jnp.sum(jnp.where(cols <= rows, g[None, :], 0.0), axis=1)
 
 
-def log_decay_to_end(g: jax.Array) -> jax.Array:
-    """sum_{i > r} g_i, the log decay from token r to the chunk end."""
-    rows, cols = _index_grid(g.shape[0])
-    return jnp.sum(jnp.where(cols > rows, g[None, :], 0.0), axis=1)
-
-
 def unit_lower_inverse(strict_lower: jax.Array, precision: Precision = HIGHEST) -> jax.Array:
     """(I + L)^-1 for strictly lower-triangular L (C, C) by the doubling product, matmuls only.
 
@@ -193,11 +187,6 @@ def wy_vjp(
     d_inverse = dot_nt(dw, rhs_k, dots.data) + dot_nt(du, rhs_v, dots.data)
     d_lower = -dot_nt(dot_tn(inverse, d_inverse, dots.data), inverse, dots.data)
     return pullback((d_lower, dot_tn(inverse, dw, dots.data), dot_tn(inverse, du, dots.data)))
-
-
-def state_decays(k: jax.Array, g: jax.Array) -> tuple[jax.Array, jax.Array]:
-    """Stage 2's decays: K scaled by its decay to the chunk end, and the whole chunk's decay gamma_C."""
-    return jnp.exp(log_decay_to_end(g))[:, None] * k, jnp.exp(jnp.sum(g))
 
 
 def output(

@@ -214,94 +214,97 @@ def wy_backward(inverse, k, v, g, beta, dw, du, config: KernelConfig):
 # ------------------------------------------------------------------------------------- stage 2: the state pass
 
 
-def _states_kernel(k_ref, w_ref, u_ref, g_ref, s0_ref, v_new_ref, states_ref, final_ref, *, size, count, dots):
+def _states_kernel(
+    k_ref, w_ref, u_ref, g_ref, to_end_ref, s0_ref, v_new_ref, states_ref, final_ref, *, size, count, dots
+):  # fmt: skip
     d_k = k_ref.shape[-1]
 
-    def step(n, state):
+    def step(n, state):  # S_{n+1} = gamma_C S_n + K^T (e o V'), e the decays to the chunk end (ops.decays_to_end)
         rows, state_rows = pl.ds(n * size, size), pl.ds(n * d_k, d_k)
-        decayed_k, gamma_end = chunk.state_decays(_load(k_ref, rows, slice(None)), _load_row(g_ref, rows))
         v_new = _load(u_ref, rows, slice(None)) - chunk.dot(_load(w_ref, rows, slice(None)), state, dots.data)
         states_ref[state_rows, :] = state
         v_new_ref[rows, :] = v_new
-        return gamma_end * state + chunk.dot_tn(decayed_k, v_new, dots.data)
+        decayed_v_new = _load_row(to_end_ref, rows)[:, None] * v_new
+        chunk_decay = jnp.exp(jnp.sum(_load_row(g_ref, rows)))
+        return chunk_decay * state + chunk.dot_tn(_load(k_ref, rows, slice(None)), decayed_v_new, dots.data)
 
     final_ref[...] = lax.fori_loop(0, count, step, _load(s0_ref))
 
 
-def states_forward(k, w, u, g, s0, config: KernelConfig):
-    """-> (V' (BH, T, d_v), start states (BH, NC * d_k, d_v), final state (BH, d_k, d_v))."""
+def states_forward(k, w, u, g, to_end, s0, config: KernelConfig):
+    """-> (V' (BH, T, d_v), start states (BH, NC * d_k, d_v), final state (BH, d_k, d_v)); `to_end` (BH, 1, T)
+    holds each token's decay to its chunk's end."""
     (bh, length, d_k), d_v, bv = k.shape, u.shape[-1], config.block_v
     count = length // config.chunk
     kernel = functools.partial(_states_kernel, size=config.chunk, count=count, dots=config.dots)
     column = pl.BlockSpec((None, d_k, bv), lambda b, j: (b, 0, j))
+    keys, row = _sequence_spec(length, d_k, False), _sequence_spec(length, None, False)
     return _call(
         kernel,
         config,
         (bh, d_v // bv),
-        [
-            _sequence_spec(length, d_k, False),
-            _sequence_spec(length, d_k, False),
-            _sequence_spec(length, bv, True),
-            _sequence_spec(length, None, False),
-            column,
-        ],
+        [keys, keys, _sequence_spec(length, bv, True), row, row, column],
         [_sequence_spec(length, bv, True), _sequence_spec(count * d_k, bv, True), column],
         [
             jax.ShapeDtypeStruct((bh, length, d_v), _F32),
             jax.ShapeDtypeStruct((bh, count * d_k, d_v), _F32),
             jax.ShapeDtypeStruct((bh, d_k, d_v), _F32),
         ],
-    )(k, w, u, g, s0)
+    )(k, w, u, g, to_end, s0)
 
 
 def _states_bwd_kernel(
-    k_ref, w_ref, g_ref, v_new_ref, states_ref, dv_new_ref, dstates_ref, dfinal_ref,
-    du_ref, dw_ref, dk_ref, dg_ref, ds0_ref, *, size, count, dots,
+    k_ref, w_ref, g_ref, to_end_ref, v_new_ref, states_ref, dv_new_ref, dstates_ref, dfinal_ref,
+    du_ref, dw_ref, dk_ref, dg_ref, d_to_end_ref, ds0_ref, *, size, count, dots,
 ):  # fmt: skip
     d_k = k_ref.shape[-1]
 
     def step(i, d_state):  # d_state: the cotangent of chunk n's end state, S_{n+1}
         n = count - 1 - i
         rows, state_rows = pl.ds(n * size, size), pl.ds(n * d_k, d_k)
-        state = _load(states_ref, state_rows, slice(None))
-        (decayed_k, gamma_end), decay_pullback = jax.vjp(
-            chunk.state_decays, _load(k_ref, rows, slice(None)), _load_row(g_ref, rows)
-        )
-        d_v_new = _load(dv_new_ref, rows, slice(None)) + chunk.dot(decayed_k, d_state, dots.data)
-        d_decayed_k = chunk.dot_nt(_load(v_new_ref, rows, slice(None)), d_state, dots.data)
-        d_gamma_end = jnp.sum(jnp.sum(state * d_state, axis=1))
-        dk_ref[rows, :], dg_ref[0, rows] = decay_pullback((d_decayed_k, d_gamma_end))
+        state, k = _load(states_ref, state_rows, slice(None)), _load(k_ref, rows, slice(None))
+        v_new, to_end = _load(v_new_ref, rows, slice(None)), _load_row(to_end_ref, rows)
+        chunk_decay = jnp.exp(jnp.sum(_load_row(g_ref, rows)))
+        d_decayed_v_new = chunk.dot(k, d_state, dots.data)  # of e o V'
+        d_v_new = _load(dv_new_ref, rows, slice(None)) + to_end[:, None] * d_decayed_v_new
+        dk_ref[rows, :] = chunk.dot_nt(to_end[:, None] * v_new, d_state, dots.data)
+        d_to_end_ref[0, rows] = jnp.sum(d_decayed_v_new * v_new, axis=1)
+        # d chunk_decay = <S_n, dS>; chunk_decay = exp(sum g): every gate of the chunk gets d chunk_decay * chunk_decay
+        d_gates = jnp.sum(jnp.sum(state * d_state, axis=1)) * chunk_decay
+        dg_ref[0, rows] = jnp.broadcast_to(d_gates, (size,))
         du_ref[rows, :] = d_v_new
         dw_ref[rows, :] = -chunk.dot_nt(d_v_new, state, dots.data)
         w = _load(w_ref, rows, slice(None))
         d_state_out = _load(dstates_ref, state_rows, slice(None))
-        return gamma_end * d_state - chunk.dot_tn(w, d_v_new, dots.data) + d_state_out
+        return chunk_decay * d_state - chunk.dot_tn(w, d_v_new, dots.data) + d_state_out
 
     ds0_ref[...] = lax.fori_loop(0, count, step, _load(dfinal_ref))
 
 
-def states_backward(k, w, g, v_new, states, dv_new, dstates, dfinal, config: KernelConfig):
-    """-> (dU, and the per-BV-block partials of dW, dK, dg, and dS0)."""
+def states_backward(k, w, g, to_end, v_new, states, dv_new, dstates, dfinal, config: KernelConfig):
+    """-> (dU, and the per-BV-block partials of dW, dK, dg, d to_end, and dS0)."""
     (bh, length, d_k), d_v, bv = k.shape, v_new.shape[-1], config.block_v
     count, blocks = length // config.chunk, d_v // bv
     kernel = functools.partial(_states_bwd_kernel, size=config.chunk, count=count, dots=config.dots)
     column = pl.BlockSpec((None, d_k, bv), lambda b, j: (b, 0, j))
     keys, values = _sequence_spec(length, d_k, False), _sequence_spec(length, bv, True)
-    states_spec = _sequence_spec(count * d_k, bv, True)
+    row, states_spec = _sequence_spec(length, None, False), _sequence_spec(count * d_k, bv, True)
+    key_partial, row_partial = _partial_spec(length, d_k), _partial_spec(length, None)
     return _call(
         kernel,
         config,
         (bh, blocks),
-        [keys, keys, _sequence_spec(length, None, False), values, states_spec, values, states_spec, column],
-        [values, _partial_spec(length, d_k), _partial_spec(length, d_k), _partial_spec(length, None), column],
+        [keys, keys, row, row, values, states_spec, values, states_spec, column],
+        [values, key_partial, key_partial, row_partial, row_partial, column],
         [
             jax.ShapeDtypeStruct((bh, length, d_v), _F32),
             jax.ShapeDtypeStruct((blocks, bh, length, d_k), _F32),
             jax.ShapeDtypeStruct((blocks, bh, length, d_k), _F32),
             jax.ShapeDtypeStruct((blocks, bh, 1, length), _F32),
+            jax.ShapeDtypeStruct((blocks, bh, 1, length), _F32),
             jax.ShapeDtypeStruct((bh, d_k, d_v), _F32),
         ],
-    )(k, w, g, v_new, states, dv_new, dstates, dfinal)
+    )(k, w, g, to_end, v_new, states, dv_new, dstates, dfinal)
 
 
 # ----------------------------------------------------------------------------------------- stage 3: outputs

@@ -39,16 +39,16 @@ STAGE_KERNELS = {
 }
 
 
-def run_every_kernel(call: Callable[..., tuple], q, k, v, g, beta, s0, d_out, d_final) -> tuple:
+def run_every_kernel(call: Callable[..., tuple], q, k, v, g, beta, to_end, s0, d_out, d_final) -> tuple:
     """Runs each of STAGE_KERNELS once as `call(name, *args)`, on folded inputs (`ops.fold_inputs`) and the
     cotangents of o and the final state, feeding each kernel the outputs of those before it (the backward's W, U
     and start states recomputed, as `ops` does; the partial sums over state-column blocks summed)."""
     w, u, inverse = call("wy_forward", k, v, g, beta)
-    v_new, states, _ = call("states_forward", k, w, u, g, s0)
+    v_new, states, _ = call("states_forward", k, w, u, g, to_end, s0)
     call("output_forward", q, k, g, v_new, states)
     w, u = call("wy_from_inverse", inverse, k, v, g, beta)
     _, _, _, dv_new, dstates = call("output_backward", q, k, g, v_new, states, d_out)
-    du, dw, *_ = call("states_backward", k, w, g, v_new, states, dv_new, dstates, d_final)
+    du, dw, *_ = call("states_backward", k, w, g, to_end, v_new, states, dv_new, dstates, d_final)
     return call("wy_backward", inverse, k, v, g, beta, dw.sum(0), du)
 
 
@@ -61,9 +61,9 @@ def triton_modules(dim: int = 128, chunk: int = 64, **settings) -> dict[str, str
     inputs, config = fold_inputs(*zeros, chunk_size=chunk, interpret=False, layout="gpu", **settings)
     config = dataclasses.replace(config, debug=True)
 
-    def every_kernel(q, k, v, g, beta, s0):
+    def every_kernel(q, k, v, g, beta, to_end, s0):
         call = lambda name, *args: STAGE_KERNELS[name](*args, config=config)
-        return run_every_kernel(call, q, k, v, g, beta, s0, jnp.zeros_like(v), s0)
+        return run_every_kernel(call, q, k, v, g, beta, to_end, s0, jnp.zeros_like(v), s0)
 
     printed = io.StringIO()
     with contextlib.redirect_stdout(printed):

@@ -58,38 +58,50 @@ def _value_block(d_v: int, requested: int, backend: str) -> int:
     return requested if d_v % requested == 0 else d_v
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(6, 7))
-def _folded(q, k, v, g, beta, s0, config: KernelConfig, out_dtype):
-    """The rule on folded, padded inputs: q, k (BH, T, d_k); v (BH, T, d_v); g, beta (BH, 1, T); s0 (BH, d_k, d_v).
-    Without differentiation the inverses are not written."""
-    return _forward(q, k, v, g, beta, s0, config, out_dtype, with_inverse=False)
+def decays_to_end(g: jax.Array, chunk: int) -> jax.Array:
+    """exp(sum of the gates after each token up to its chunk's end), for folded gates (BH, 1, T): the state pass's
+    per-token decays, computed here (differentiable, parallel) so that the sequential kernels only load them.
+    A reverse cumulative sum of the (same-signed) gates within each chunk, shifted by one: no difference of sums."""
+    batch_heads, _, length = g.shape
+    chunks = g.reshape(batch_heads, length // chunk, chunk)
+    from_each_on = jnp.flip(jnp.cumsum(jnp.flip(chunks, -1), axis=-1), -1)  # sum_{i >= r}
+    after_each = jnp.pad(from_each_on[..., 1:], [(0, 0), (0, 0), (0, 1)])  # sum_{i > r}
+    return jnp.exp(after_each).reshape(batch_heads, 1, length)
 
 
-def _forward(q, k, v, g, beta, s0, config, out_dtype, with_inverse):
+@functools.partial(jax.custom_vjp, nondiff_argnums=(7, 8))
+def _folded(q, k, v, g, beta, to_end, s0, config: KernelConfig, out_dtype):
+    """The rule on folded, padded inputs: q, k (BH, T, d_k); v (BH, T, d_v); g, beta and the decays to the chunk
+    ends (BH, 1, T); s0 (BH, d_k, d_v). Without differentiation the inverses are not written."""
+    return _forward(q, k, v, g, beta, to_end, s0, config, out_dtype, with_inverse=False)
+
+
+def _forward(q, k, v, g, beta, to_end, s0, config, out_dtype, with_inverse):
     """The three forward stages -> (o, final state, and each chunk's inverse if `with_inverse`)."""
     w, u, *inverse = kernel.wy_forward(k, v, g, beta, config, with_inverse=with_inverse)
-    v_new, states, final = kernel.states_forward(k, w, u, g, s0, config)
+    v_new, states, final = kernel.states_forward(k, w, u, g, to_end, s0, config)
     return kernel.output_forward(q, k, g, v_new, states, out_dtype, config), final, *inverse
 
 
-def _folded_fwd(q, k, v, g, beta, s0, config, out_dtype):
-    out, final, inverse = _forward(q, k, v, g, beta, s0, config, out_dtype, with_inverse=True)
-    return (out, final), (q, k, v, g, beta, s0, inverse)
+def _folded_fwd(q, k, v, g, beta, to_end, s0, config, out_dtype):
+    out, final, inverse = _forward(q, k, v, g, beta, to_end, s0, config, out_dtype, with_inverse=True)
+    return (out, final), (q, k, v, g, beta, to_end, s0, inverse)
 
 
 def _folded_bwd(config, out_dtype, residuals, cotangents):
     del out_dtype
-    q, k, v, g, beta, s0, inverse = residuals
+    q, k, v, g, beta, to_end, s0, inverse = residuals
     d_out, d_final = cotangents
     w, u = kernel.wy_from_inverse(inverse, k, v, g, beta, config)  # recomputed, not stored
-    v_new, states, _ = kernel.states_forward(k, w, u, g, s0, config)
+    v_new, states, _ = kernel.states_forward(k, w, u, g, to_end, s0, config)
     dq, dk_out, dg_out, dv_new, dstates = kernel.output_backward(q, k, g, v_new, states, d_out, config)
-    du, dw, dk_state, dg_state, ds0 = kernel.states_backward(
-        k, w, g, v_new, states, dv_new, dstates, d_final.astype(jnp.float32), config
+    du, dw, dk_state, dg_state, d_to_end, ds0 = kernel.states_backward(
+        k, w, g, to_end, v_new, states, dv_new, dstates, d_final.astype(jnp.float32), config
     )
     dk_wy, dv, dg_wy, dbeta = kernel.wy_backward(inverse, k, v, g, beta, dw.sum(0), du, config)
-    grads = (dq, dk_out + dk_state.sum(0) + dk_wy, dv, dg_out + dg_state.sum(0) + dg_wy, dbeta, ds0)
-    return tuple(grad.astype(x.dtype) for grad, x in zip(grads, residuals[:6], strict=True))
+    dk = dk_out + dk_state.sum(0) + dk_wy
+    grads = (dq, dk, dv, dg_out + dg_state.sum(0) + dg_wy, dbeta, d_to_end.sum(0), ds0)
+    return tuple(grad.astype(x.dtype) for grad, x in zip(grads, residuals[:7], strict=True))
 
 
 _folded.defvjp(_folded_fwd, _folded_bwd)
@@ -125,12 +137,14 @@ def fold_inputs(
     )
     s0 = initial_state.astype(jnp.float32).reshape(batch * heads, d_k, d_v)
     s0 = jnp.pad(s0, [(0, 0), (0, d_k_pad - d_k), (0, d_v_pad - d_v)])
+    gates = _fold(g, padded_length, None)
     folded = (
         _fold(q, padded_length, d_k_pad),
         _fold(k, padded_length, d_k_pad),
         _fold(v, padded_length, d_v_pad),
-        _fold(g, padded_length, None),
+        gates,
         _fold(beta, padded_length, None),
+        decays_to_end(gates.astype(jnp.float32), chunk),
         s0,
     )
     return folded, config
