@@ -77,8 +77,7 @@ def _stage1_float64(k, v, g, beta):
     return solution[:, : k.shape[1]], solution[:, k.shape[1] :], jnp.linalg.inv(system)
 
 
-@pytest.mark.parametrize("size", [64, 13, 1])
-@pytest.mark.parametrize("gate_scale", [1.0, 40.0])
+@pytest.mark.parametrize(("size", "gate_scale"), [(64, 1.0), (64, 40.0), (13, 1.0), (1, 1.0)])
 def test_stage1_and_its_backward_match_a_float64_solve(size, gate_scale):
     """`chunk.wy` (W, U and the inverse, by doubling) and `chunk.wy_vjp` (the closed-form backward from the stored
     inverse) against a float64 solve and its autodiff; gate_scale 40 makes decays across the chunk underflow."""
@@ -160,7 +159,10 @@ def test_dot_precisions_lower(backend, dtype, setting, same_as_default):
     assert (module == _exported_module(*backend, dtype)) == same_as_default
 
 
-@pytest.mark.parametrize(("gate_scale", "length"), [(0.02, 128), (40.0, 48)])  # long memory; strong decay
+@pytest.mark.parametrize(
+    ("gate_scale", "length"),
+    [(0.02, 128), pytest.param(40.0, 48, marks=pytest.mark.slow)],  # long memory over 8 chunks; strong decay
+)
 def test_bfloat16_dots_err_like_bfloat16_rounding(gate_scale, length):
     """precision="bfloat16" rounds the data dots' operands (in interpret mode as on a device): every output and
     gradient within 1e-2 of the recurrence (bf16's unit roundoff is 3.9e-3), and not float32-close (it took effect)."""
