@@ -9,9 +9,8 @@
    as "reference-remat", its backward rematerialised per 64-step segment: the plain scan keeps every step's
    state, 130 GiB here.
 2. stages: each of the seven Pallas kernels alone at the benchmark shape (float32 inputs, default settings with
-   --stages-precision dots), with
-   the TFLOP/s of the dots it runs, and their sum against the whole forward+backward (the rest is layout: folding
-   heads, padding, casts).
+   --stages-precision dots), with the TFLOP/s of the dots it runs (`stage_flops`), and their sum against the whole
+   forward+backward (the rest is layout: folding heads, padding, casts).
 3. correctness: outputs, final state and all six gradients of pallas (each precision) and xla against a float64
    recurrence (run on the device with x64 enabled), float32 and bfloat16 inputs, with padded head dims and a
    partial last chunk. Exits non-zero if a bound is missed.
