@@ -141,6 +141,12 @@ def _stage1_specs(d_k: int, d_v: int, config: KernelConfig) -> list[pl.BlockSpec
     return [_chunk_spec(d_k, config), _chunk_spec(d_v, config), _chunk_spec(None, config), _chunk_spec(None, config)]
 
 
+def _wu_outputs(bh: int, length: int, d_k: int, d_v: int, config: KernelConfig) -> tuple[list, list]:
+    """Specs and shapes of W (BH, T, d_k) and U (BH, T, d_v)."""
+    shapes = [jax.ShapeDtypeStruct((bh, length, d_k), _F32), jax.ShapeDtypeStruct((bh, length, d_v), _F32)]
+    return [_chunk_spec(d_k, config), _chunk_spec(d_v, config)], shapes
+
+
 def _stage1_inputs(k_ref, v_ref, g_ref, beta_ref) -> tuple[jax.Array, ...]:
     return _load(k_ref), _load(v_ref), _load_row(g_ref), _load_row(beta_ref)
 
@@ -155,8 +161,7 @@ def _wy_kernel(k_ref, v_ref, g_ref, beta_ref, w_ref, u_ref, *inverse_ref, config
 def wy_forward(k, v, g, beta, config: KernelConfig, *, with_inverse: bool = False):
     """-> (W, U), and each chunk's (I + L)^-1 as (BH, T, C) if `with_inverse` (the backward's residual)."""
     (bh, length, d_k), d_v = k.shape, v.shape[-1]
-    out_specs = [_chunk_spec(d_k, config), _chunk_spec(d_v, config)]
-    out_shape = [jax.ShapeDtypeStruct((bh, length, d_k), _F32), jax.ShapeDtypeStruct((bh, length, d_v), _F32)]
+    out_specs, out_shape = _wu_outputs(bh, length, d_k, d_v, config)
     if with_inverse:
         out_specs.append(_inverse_spec(config))
         out_shape.append(jax.ShapeDtypeStruct((bh, length, config.chunk), _F32))
@@ -183,8 +188,7 @@ def wy_from_inverse(inverse, k, v, g, beta, config: KernelConfig):
         config,
         (bh, length // config.chunk),
         [_inverse_spec(config), *_stage1_specs(d_k, d_v, config)],
-        [_chunk_spec(d_k, config), _chunk_spec(d_v, config)],
-        [jax.ShapeDtypeStruct((bh, length, d_k), _F32), jax.ShapeDtypeStruct((bh, length, d_v), _F32)],
+        *_wu_outputs(bh, length, d_k, d_v, config),
     )(inverse, k, v, g, beta)
 
 

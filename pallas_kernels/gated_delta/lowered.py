@@ -41,8 +41,9 @@ STAGE_KERNELS = {
 
 def run_every_kernel(call: Callable[..., tuple], q, k, v, g, beta, to_end, s0, d_out, d_final) -> tuple:
     """Runs each of STAGE_KERNELS once as `call(name, *args)`, on folded inputs (`ops.fold_inputs`) and the
-    cotangents of o and the final state, feeding each kernel the outputs of those before it (the backward's W, U
-    and start states recomputed, as `ops` does; the partial sums over state-column blocks summed)."""
+    cotangents of o and the final state, feeding each kernel the outputs of those before it: W and U recomputed
+    from the inverses as `ops` does (the start states are the forward's, the values its rerun gives), dW's
+    partial sums over state-column blocks summed."""
     w, u, inverse = call("wy_forward", k, v, g, beta)
     v_new, states, _ = call("states_forward", k, w, u, g, to_end, s0)
     call("output_forward", q, k, g, v_new, states)
