@@ -36,7 +36,7 @@ bench-gpu:
 TRITON_PY := .venv-triton/bin/python
 static-check: $(STAMP)
 	test -x $(TRITON_PY) || ($(PYTHON) -m venv .venv-triton && $(TRITON_PY) -m pip install --quiet triton)
-	TRITON_DEFAULT_FP_FUSION=1 $(PY) -m pallas_kernels.gated_delta.static_check --triton-python $(TRITON_PY) \
+	$(PY) -m pallas_kernels.gated_delta.static_check --triton-python $(TRITON_PY) \
 		--out pallas_kernels/gated_delta/results/static_check.json
 
 # The CPU-scale reproduction (experiments/RESULTS.md), figure by figure; finished runs are skipped on a rerun.

@@ -44,6 +44,18 @@ def _value_and_grads(inputs, fn):
     return outputs, grads
 
 
+def _errors_against_reference(inputs, fn) -> dict[str, float]:
+    """Relative error of `fn`'s outputs, final state and six gradients against the recurrent reference's."""
+    actual = _value_and_grads(inputs, fn)
+    expected = _value_and_grads(inputs, lambda *a: gated_delta_rule(*a, implementation="reference"))
+    pairs = zip(("out", "state", *ARG_NAMES), (*actual[0], *actual[1]), (*expected[0], *expected[1]), strict=True)
+    errors = {}
+    for name, a, b in pairs:
+        assert a.shape == b.shape, name
+        errors[name] = relative_error(a, b)
+    return errors
+
+
 @pytest.mark.parametrize(
     ("layout", "d_k", "d_v", "block_v"),
     [
@@ -56,13 +68,9 @@ def _value_and_grads(inputs, fn):
 def test_padded_layouts_and_blocks_match_the_reference(layout, d_k, d_v, block_v):
     inputs = random_gdr_inputs(7, batch=1, length=37, heads=2, d_k=d_k, d_v=d_v)
     settings = dict(interpret=True, block_v=block_v, layout=layout)
-    pallas = _value_and_grads(inputs, lambda *a: gated_delta_rule_pallas(*a, 16, **settings))
-    reference = _value_and_grads(inputs, lambda *a: gated_delta_rule(*a, implementation="reference"))
-    for name, actual, expected in zip(
-        ("out", "state", *ARG_NAMES), (*pallas[0], *pallas[1]), (*reference[0], *reference[1]), strict=True
-    ):
-        assert actual.shape == expected.shape, name
-        assert relative_error(actual, expected) < 1e-5, name
+    errors = _errors_against_reference(inputs, lambda *a: gated_delta_rule_pallas(*a, 16, **settings))
+    for name, error in errors.items():
+        assert error < 1e-5, name
 
 
 def _stage1_float64(k, v, g, beta):
@@ -167,12 +175,9 @@ def test_bfloat16_dots_err_like_bfloat16_rounding(gate_scale, length):
     """precision="bfloat16" rounds the data dots' operands (in interpret mode as on a device): every output and
     gradient within 1e-2 of the recurrence (bf16's unit roundoff is 3.9e-3), and not float32-close (it took effect)."""
     inputs = random_gdr_inputs(3, batch=1, length=length, heads=2, d_k=32, d_v=16, gate_scale=gate_scale)
-    pallas = _value_and_grads(inputs, lambda *a: gated_delta_rule_pallas(*a, 16, precision="bfloat16"))
-    reference = _value_and_grads(inputs, lambda *a: gated_delta_rule(*a, implementation="reference"))
-    for name, actual, expected in zip(
-        ("out", "state", *ARG_NAMES), (*pallas[0], *pallas[1]), (*reference[0], *reference[1]), strict=True
-    ):
-        assert 1e-4 < relative_error(actual, expected) < 1e-2, name
+    errors = _errors_against_reference(inputs, lambda *a: gated_delta_rule_pallas(*a, 16, precision="bfloat16"))
+    for name, error in errors.items():
+        assert 1e-4 < error < 1e-2, name
 
 
 def test_dispatcher_runs_pallas_and_auto_picks_xla_on_cpu(gdr_inputs):

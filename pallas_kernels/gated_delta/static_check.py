@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import re
 import subprocess
 import sys
@@ -80,7 +81,10 @@ def main() -> None:
             for kernel, module in triton_modules(precision=precision).items():
                 (Path(directory) / f"{precision}-{kernel}.ttir").write_text(module)
         command = [args.triton_python, __file__, "--warps", args.warps]  # by path: the package's import needs jax
-        done = subprocess.run([*command, "--compile-only", directory], capture_output=True, text=True, check=False)
+        environment = os.environ | {"TRITON_DEFAULT_FP_FUSION": "1"}  # Triton 3.9's default, set to silence its warning
+        done = subprocess.run(
+            [*command, "--compile-only", directory], capture_output=True, text=True, check=False, env=environment
+        )
     if done.returncode:
         sys.exit(f"compiling with {args.triton_python} failed (is triton installed there?):\n{done.stderr[-3000:]}")
     rows = json.loads(done.stdout.splitlines()[-1])
