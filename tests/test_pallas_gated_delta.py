@@ -6,6 +6,7 @@ in test_ops.py."""
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import subprocess
 import sys
@@ -116,6 +117,7 @@ def test_lowering_sizes():
         lowering_sizes(100, 16, 16, 24, "gpu")
 
 
+@functools.cache  # the default settings' module is compared against by several tests
 def _exported_module(platform: str, layout: str, custom_call: str, dtype, **settings) -> str:
     """Value and gradients exported for `platform` through `jax.export`, as MLIR text without source locations."""
     batch, length, heads, d = 1, 300, 2, 96  # padded in time and head dims
