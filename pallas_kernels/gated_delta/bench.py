@@ -199,8 +199,8 @@ def stage_flops(chunk: int, d_k: int, d_v: int) -> dict[str, float]:
         "states_forward": 2 * state,  # W S, K^T V'
         "output_forward": cube + square_k + state + square_v,  # decays, Q K^T, Q S, scores V'
         "wy_from_inverse": square_k + square_v,  # W, U
-        "output_backward": 2 * cube + 3 * square_k + 2 * square_v + 2 * state,
-        "states_backward": 4 * state,  # K dS, V' dS^T, dV' S^T, W^T dV'
+        "output_backward": 2 * cube + 3 * square_k + 2 * square_v + state,
+        "states_backward": 5 * state,  # K dS, V' dS^T, dV' S^T, W^T dV', (gamma Q)^T dO
         "wy_backward": 4 * cube + 5 * square_k + 2 * square_v,  # decays, K K^T, dA, dL, dR, the pullback of K K^T
     }
     return {name: 2.0 * count for name, count in macs.items()}
@@ -231,7 +231,7 @@ def time_stages(args: argparse.Namespace) -> dict:
 
     cotangent = lambda x, seed: jax.random.normal(jax.random.key(seed), x.shape, x.dtype)
     q, v, s0 = folded[0], folded[2], folded[-1]
-    run_every_kernel(call, *folded, cotangent(v, 1), cotangent(s0, 2))
+    run_every_kernel(call, config.chunk, *folded, cotangent(v, 1), cotangent(s0, 2))
     chunks = q.shape[0] * q.shape[1] / config.chunk
     flops = stage_flops(config.chunk, q.shape[-1], v.shape[-1])
     results = {}

@@ -10,8 +10,9 @@ Forward (SPEC §2, the structure of flash-linear-attention's `chunk_gated_delta_
                                        state, its corrected values V' = U - W S, and the final state
   output  grid (BH, NC), parallel      O = (gamma Q) S + ((Q K^T) o Gamma) V'
 Backward: wy_from_inverse (W, U again from the stored A: no doubling product) and states rerun, then in reverse
-order output_bwd (parallel; `jax.vjp` of `chunk.output` in the kernel), states_bwd (a reverse loop over chunks
-carrying dS, which ends as the initial state's gradient), wy_bwd (parallel; `chunk.wy_vjp`, from the stored A).
+order output_bwd (parallel; `jax.vjp` of `chunk.output` in the kernel, for all but the start state), states_bwd (a
+reverse loop over chunks carrying dS, into which it adds the outputs' share (gamma Q)^T dO; it ends as the initial
+state's gradient), wy_bwd (parallel; `chunk.wy_vjp`, from the stored A).
 The state columns (d_v) are independent, so the sequential kernels split d_v into blocks of BV; their
 contributions to dW, dK and dg (which contract over d_v) come back per block and are summed by the caller.
 """
@@ -258,7 +259,7 @@ def states_forward(k, w, u, g, to_end, s0, config: KernelConfig):
 
 
 def _states_bwd_kernel(
-    k_ref, w_ref, g_ref, to_end_ref, v_new_ref, states_ref, dv_new_ref, dstates_ref, dfinal_ref,
+    q_ref, k_ref, w_ref, g_ref, from_start_ref, to_end_ref, v_new_ref, states_ref, dv_new_ref, do_ref, dfinal_ref,
     du_ref, dw_ref, dk_ref, dg_ref, d_to_end_ref, ds0_ref, *, size, count, dots,
 ):  # fmt: skip
     d_k = k_ref.shape[-1]
@@ -279,14 +280,18 @@ def _states_bwd_kernel(
         du_ref[rows, :] = d_v_new
         dw_ref[rows, :] = -chunk.dot_nt(d_v_new, state, dots.data)
         w = _load(w_ref, rows, slice(None))
-        d_state_out = _load(dstates_ref, state_rows, slice(None))
+        # The chunk's outputs read S_n through (gamma Q) S_n: their cotangent of it, formed here, not stored.
+        decayed_q = _load_row(from_start_ref, rows)[:, None] * _load(q_ref, rows, slice(None))
+        d_state_out = chunk.dot_tn(decayed_q, _load(do_ref, rows, slice(None)), dots.data)
         return chunk_decay * d_state - chunk.dot_tn(w, d_v_new, dots.data) + d_state_out
 
     ds0_ref[...] = lax.fori_loop(0, count, step, _load(dfinal_ref))
 
 
-def states_backward(k, w, g, to_end, v_new, states, dv_new, dstates, dfinal, config: KernelConfig):
-    """-> (dU, and the per-BV-block partials of dW, dK, dg, d to_end, and dS0)."""
+def states_backward(q, k, w, g, from_start, to_end, v_new, states, dv_new, do, dfinal, config: KernelConfig):
+    """-> (dU, and the per-BV-block partials of dW, dK, dg, d to_end, and dS0). `dv_new` holds the outputs'
+    cotangent of V' (`output_backward`); the outputs' cotangent of each start state, (gamma Q)^T dO, is formed in
+    the loop from q, the decays from each chunk's start `from_start` (BH, 1, T) and `do`."""
     (bh, length, d_k), d_v, bv = k.shape, v_new.shape[-1], config.block_v
     count, blocks = length // config.chunk, d_v // bv
     kernel = functools.partial(_states_bwd_kernel, size=config.chunk, count=count, dots=config.dots)
@@ -298,7 +303,7 @@ def states_backward(k, w, g, to_end, v_new, states, dv_new, dstates, dfinal, con
         kernel,
         config,
         (bh, blocks),
-        [keys, keys, row, row, values, states_spec, values, states_spec, column],
+        [keys, keys, keys, row, row, row, values, states_spec, values, values, column],
         [values, key_partial, key_partial, row_partial, row_partial, column],
         [
             jax.ShapeDtypeStruct((bh, length, d_v), _F32),
@@ -308,7 +313,7 @@ def states_backward(k, w, g, to_end, v_new, states, dv_new, dstates, dfinal, con
             jax.ShapeDtypeStruct((blocks, bh, 1, length), _F32),
             jax.ShapeDtypeStruct((bh, d_k, d_v), _F32),
         ],
-    )(k, w, g, to_end, v_new, states, dv_new, dstates, dfinal)
+    )(q, k, w, g, from_start, to_end, v_new, states, dv_new, do, dfinal)
 
 
 # ----------------------------------------------------------------------------------------- stage 3: outputs
@@ -336,17 +341,19 @@ def output_forward(q, k, g, v_new, states, out_dtype, config: KernelConfig):
     )(q, k, g, v_new, states)
 
 
-def _output_bwd_kernel(
-    q_ref, k_ref, g_ref, v_new_ref, state_ref, do_ref, dq_ref, dk_ref, dg_ref, dv_new_ref, ds_ref, *, dots
-):
-    output = functools.partial(chunk.output, dots=dots.for_vjp())
-    _, pullback = jax.vjp(output, _load(q_ref), _load(k_ref), _load_row(g_ref), _load(v_new_ref), _load(state_ref))
-    for ref, grad in zip((dq_ref, dk_ref, dg_ref, dv_new_ref, ds_ref), pullback(_load(do_ref)), strict=True):
+def _output_bwd_kernel(q_ref, k_ref, g_ref, v_new_ref, state_ref, do_ref, dq_ref, dk_ref, dg_ref, dv_new_ref, *, dots):
+    state = _load(state_ref)  # read, not differentiated: `states_backward` forms the start state's cotangent
+
+    def output(q, k, g, v_new):
+        return chunk.output(q, k, g, v_new, state, dots.for_vjp())
+
+    _, pullback = jax.vjp(output, _load(q_ref), _load(k_ref), _load_row(g_ref), _load(v_new_ref))
+    for ref, grad in zip((dq_ref, dk_ref, dg_ref, dv_new_ref), pullback(_load(do_ref)), strict=True):
         _store(ref, grad)
 
 
 def output_backward(q, k, g, v_new, states, do, config: KernelConfig):
-    """-> (dQ, dK, dg, dV', d start states), each in float32."""
+    """-> (dQ, dK, dg, dV') of the outputs, each in float32 (the start states' cotangent: `states_backward`)."""
     (bh, length, d_k), d_v = q.shape, v_new.shape[-1]
     specs = _output_specs(d_k, d_v, config)
     return _call(
@@ -354,6 +361,6 @@ def output_backward(q, k, g, v_new, states, do, config: KernelConfig):
         config,
         (bh, length // config.chunk),
         [*specs, _chunk_spec(d_v, config)],
-        specs,
-        [jax.ShapeDtypeStruct(x.shape, _F32) for x in (q, k, g, v_new, states)],
+        specs[:4],
+        [jax.ShapeDtypeStruct(x.shape, _F32) for x in (q, k, g, v_new)],
     )(q, k, g, v_new, states, do)

@@ -20,7 +20,7 @@ import jax
 import jax.numpy as jnp
 
 from pallas_kernels.gated_delta import kernel
-from pallas_kernels.gated_delta.ops import fold_inputs
+from pallas_kernels.gated_delta.ops import decays_from_start, fold_inputs
 
 _HEADER = "The Triton module for pallas_call "
 _KERNEL_NAMES = re.compile(r"^_(\w+?)(?:_kernel)?\b")
@@ -39,17 +39,18 @@ STAGE_KERNELS = {
 }
 
 
-def run_every_kernel(call: Callable[..., tuple], q, k, v, g, beta, to_end, s0, d_out, d_final) -> tuple:
+def run_every_kernel(call: Callable[..., tuple], chunk: int, q, k, v, g, beta, to_end, s0, d_out, d_final) -> tuple:
     """Runs each of STAGE_KERNELS once as `call(name, *args)`, on folded inputs (`ops.fold_inputs`) and the
     cotangents of o and the final state, feeding each kernel the outputs of those before it: W and U recomputed
     from the inverses as `ops` does (the start states are the forward's, the values its rerun gives), dW's
-    partial sums over state-column blocks summed."""
+    partial sums over state-column blocks summed. `chunk`: the kernels' chunk length."""
     w, u, inverse = call("wy_forward", k, v, g, beta)
     v_new, states, _ = call("states_forward", k, w, u, g, to_end, s0)
     call("output_forward", q, k, g, v_new, states)
     w, u = call("wy_from_inverse", inverse, k, v, g, beta)
-    _, _, _, dv_new, dstates = call("output_backward", q, k, g, v_new, states, d_out)
-    du, dw, *_ = call("states_backward", k, w, g, to_end, v_new, states, dv_new, dstates, d_final)
+    _, _, _, dv_new = call("output_backward", q, k, g, v_new, states, d_out)
+    from_start = decays_from_start(g, chunk)
+    du, dw, *_ = call("states_backward", q, k, w, g, from_start, to_end, v_new, states, dv_new, d_out, d_final)
     return call("wy_backward", inverse, k, v, g, beta, dw.sum(0), du)
 
 
@@ -64,7 +65,7 @@ def triton_modules(dim: int = 128, chunk: int = 64, **settings) -> dict[str, str
 
     def every_kernel(q, k, v, g, beta, to_end, s0):
         call = lambda name, *args: STAGE_KERNELS[name](*args, config=config)
-        return run_every_kernel(call, q, k, v, g, beta, to_end, s0, jnp.zeros_like(v), s0)
+        return run_every_kernel(call, config.chunk, q, k, v, g, beta, to_end, s0, jnp.zeros_like(v), s0)
 
     printed = io.StringIO()
     with contextlib.redirect_stdout(printed):

@@ -8,7 +8,7 @@ head dims to lowering-friendly sizes with zeros (zero key/value columns never to
 The backward pass keeps the inputs and each chunk's inverse A = (I + L)^-1 (C x C floats per chunk, as
 flash-linear-attention keeps it): it recomputes W and U from A (two products, not the doubling product), V' and the
 chunk start states with the state kernel (cheap next to storing d_k x d_v per chunk), then runs the three backward
-kernels.
+kernels; the start states' cotangents are formed inside the reverse state pass, never stored.
 
 Under an active mesh (`jax.set_mesh`), the kernels run per shard through `jax.shard_map`, split over the batch
 axes ("data", "fsdp") and the head axis ("tensor") of the mesh: a pallas_call is opaque to GSPMD, and the rule
@@ -69,6 +69,14 @@ def decays_to_end(g: jax.Array, chunk: int) -> jax.Array:
     return jnp.exp(after_each).reshape(batch_heads, 1, length)
 
 
+def decays_from_start(g: jax.Array, chunk: int) -> jax.Array:
+    """exp(sum of the gates from each token's chunk start through it), for folded gates (BH, 1, T): gamma, which
+    the backward's state pass needs to form the outputs' cotangent of each start state, (gamma Q)^T dO."""
+    batch_heads, _, length = g.shape
+    through_each = jnp.cumsum(g.reshape(batch_heads, length // chunk, chunk), axis=-1)
+    return jnp.exp(through_each).reshape(batch_heads, 1, length)
+
+
 @functools.partial(jax.custom_vjp, nondiff_argnums=(7, 8))
 def _folded(q, k, v, g, beta, to_end, s0, config: KernelConfig, out_dtype):
     """The rule on folded, padded inputs: q, k (BH, T, d_k); v (BH, T, d_v); g, beta and the decays to the chunk
@@ -94,9 +102,10 @@ def _folded_bwd(config, out_dtype, residuals, cotangents):
     d_out, d_final = cotangents
     w, u = kernel.wy_from_inverse(inverse, k, v, g, beta, config)  # recomputed, not stored
     v_new, states, _ = kernel.states_forward(k, w, u, g, to_end, s0, config)
-    dq, dk_out, dg_out, dv_new, dstates = kernel.output_backward(q, k, g, v_new, states, d_out, config)
+    dq, dk_out, dg_out, dv_new = kernel.output_backward(q, k, g, v_new, states, d_out, config)
+    from_start = decays_from_start(g.astype(jnp.float32), config.chunk)
     du, dw, dk_state, dg_state, d_to_end, ds0 = kernel.states_backward(
-        k, w, g, to_end, v_new, states, dv_new, dstates, d_final.astype(jnp.float32), config
+        q, k, w, g, from_start, to_end, v_new, states, dv_new, d_out, d_final.astype(jnp.float32), config
     )
     dk_wy, dv, dg_wy, dbeta = kernel.wy_backward(inverse, k, v, g, beta, dw.sum(0), du, config)
     dk = dk_out + dk_state.sum(0) + dk_wy
