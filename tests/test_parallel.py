@@ -26,8 +26,6 @@ def results() -> dict:
     return json.loads(lines[-1][len("RESULTS ") :])
 
 
-pytestmark = pytest.mark.xdist_group("multidevice")  # one worker runs the (module-scoped) subprocess once
-
 MESHES = ["(8, 1, 1)", "(2, 4, 1)", "(2, 2, 2)", "(1, 2, 4)"]
 
 
