@@ -86,14 +86,31 @@ def _stage1_float64(k, v, g, beta):
     return solution[:, : k.shape[1]], solution[:, k.shape[1] :], jnp.linalg.inv(system)
 
 
-@pytest.mark.parametrize(("size", "gate_scale"), [(64, 1.0), (64, 40.0), (13, 1.0), (1, 1.0)])
-def test_stage1_and_its_backward_match_a_float64_solve(size, gate_scale):
+def _wy_vjp_on_arrays(inverse, k, v, g, beta, dw, du, block):
+    """`chunk.wy_vjp` on whole arrays, read and written in blocks of `block` columns -> (dk, dv, dg, dbeta)."""
+    written = {}
+
+    def side(name, x, dx):
+        store = lambda start, size, grad: written.setdefault(name, []).append((start, grad))
+        load = lambda start, size: (x[:, start : start + size], dx[:, start : start + size])
+        return chunk.ColumnBlocks(chunk.column_spans(x.shape[1], block), load, store)
+
+    dg, dbeta = chunk.wy_vjp(inverse, g, beta, side("k", k, dw), side("v", v, du))
+    dk, dv = (jnp.concatenate([grad for _, grad in sorted(written[name], key=lambda w: w[0])], 1) for name in "kv")
+    return dk, dv, dg, dbeta
+
+
+@pytest.mark.parametrize(
+    ("size", "gate_scale", "block"), [(64, 1.0, 4), (64, 40.0, 4), (13, 1.0, 6), (1, 1.0, 4), (16, 1.0, 64)]
+)
+def test_stage1_and_its_backward_match_a_float64_solve(size, gate_scale, block):
     """`chunk.wy` (W, U and the inverse, by doubling) and `chunk.wy_vjp` (the closed-form backward from the stored
-    inverse) against a float64 solve and its autodiff; gate_scale 40 makes decays across the chunk underflow."""
+    inverse, in column blocks: 4 splits keys (8 wide) and values (12), 6 the values only, 64 neither) against a
+    float64 solve and its autodiff; gate_scale 40 makes decays across the chunk underflow."""
     rng = np.random.default_rng(size)
     k = rng.normal(size=(size, 8)) / np.sqrt(8)
-    v, g, beta = rng.normal(size=(size, 5)), -gate_scale * rng.uniform(size=size), rng.uniform(size=size)
-    dw, du = rng.normal(size=(size, 8)), rng.normal(size=(size, 5))
+    v, g, beta = rng.normal(size=(size, 12)), -gate_scale * rng.uniform(size=size), rng.uniform(size=size)
+    dw, du = rng.normal(size=(size, 8)), rng.normal(size=(size, 12))
     with jax.enable_x64(True):
         inputs64 = [jnp.asarray(x, jnp.float64) for x in (k, v, g, beta)]
         (w64, u64, inverse64), pullback = jax.vjp(_stage1_float64, *inputs64)
@@ -102,7 +119,8 @@ def test_stage1_and_its_backward_match_a_float64_solve(size, gate_scale):
     w, u, inverse = chunk.wy(*inputs)
     for actual, expected in zip((w, u, inverse), (w64, u64, inverse64), strict=True):
         assert relative_error(actual, expected) < 1e-6
-    grads = chunk.wy_vjp(inverse, *inputs, jnp.asarray(dw, jnp.float32), jnp.asarray(du, jnp.float32))
+    cotangents = [jnp.asarray(x, jnp.float32) for x in (dw, du)]
+    grads = _wy_vjp_on_arrays(inverse, *inputs, *cotangents, block)
     for name, actual, expected in zip(("dk", "dv", "dg", "dbeta"), grads, grads64, strict=True):
         assert relative_error(actual, expected) < 1e-5, name
 

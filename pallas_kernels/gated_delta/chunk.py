@@ -20,6 +20,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
+from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
@@ -166,27 +167,68 @@ def wy(
     return *wy_from_inverse(inverse, k, v, g, beta, dots), inverse
 
 
+@dataclasses.dataclass(frozen=True)
+class ColumnBlocks:
+    """One side of stage 1's backward (K with its cotangent dW, or V with dU), visited one block of columns at a
+    time so that no whole (C, d) tile of it stays live (whole tiles spill registers on a GPU). `spans`: each
+    block's (start, size); `load(start, size)` -> (the input's block, the cotangent's block); `store(start, size,
+    gradient)` writes the gradient's block."""
+
+    spans: tuple[tuple[int, int], ...]
+    load: Callable[[int, int], tuple[jax.Array, jax.Array]]
+    store: Callable[[int, int, jax.Array], None]
+
+
+def column_spans(width: int, block: int) -> tuple[tuple[int, int], ...]:
+    """(start, size) of each block of `block` columns of `width` (one block of all of them unless `block` tiles it)."""
+    block = block if 0 < block < width and width % block == 0 else width
+    return tuple((start, block) for start in range(0, width, block))
+
+
 def wy_vjp(
-    inverse: jax.Array,
-    k: jax.Array,
-    v: jax.Array,
-    g: jax.Array,
-    beta: jax.Array,
-    dw: jax.Array,
-    du: jax.Array,
-    dots: Dots = Dots(),
-) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array]:
-    """Cotangents (dk, dv, dg, dbeta) of `wy`'s W and U, given its A (no inverse is recomputed):
-    dR = A^T [dW dU], dA = dW R_k^T + dU R_v^T and, from A (I + L) = I, dL = -A^T dA A^T (the pullback of
-    `wy_lower` keeps its strictly lower part)."""
+    inverse: jax.Array, g: jax.Array, beta: jax.Array, keys: ColumnBlocks, values: ColumnBlocks, dots: Dots = Dots()
+) -> tuple[jax.Array, jax.Array]:
+    """The backward of `wy` from its A (no inverse is recomputed): writes dK and dV through `keys` and `values`
+    and returns (dg, dbeta). With R = [R_k R_v] = [diag(beta gamma) K, diag(beta) V] and W, U = A R:
 
-    def system(k, v, g, beta):
-        return wy_lower(k, g, beta, dots.for_vjp()), *wy_rhs(k, v, g, beta)
+        dR = A^T [dW dU]     dA = dW R_k^T + dU R_v^T     dL = -A^T dA A^T (strictly lower: P)
+        L = beta o Gamma o (K K^T)  =>  d(K K^T) = beta o Gamma o P =: G,   dK += (G + G^T) K
 
-    (_, rhs_k, rhs_v), pullback = jax.vjp(system, k, v, g, beta)
-    d_inverse = dot_nt(dw, rhs_k, dots.data) + dot_nt(du, rhs_v, dots.data)
-    d_lower = -dot_nt(dot_tn(inverse, d_inverse, dots.data), inverse, dots.data)
-    return pullback((d_lower, dot_tn(inverse, dw, dots.data), dot_tn(inverse, du, dots.data)))
+    and the gates and beta collect what reaches gamma, Gamma and beta. Two passes over the key columns (the first
+    accumulates K K^T and dA, the second needs dL) and one over the value columns."""
+    gamma = jnp.exp(log_decay_from_start(g))
+    scale_k = beta * gamma
+    gram = d_inverse = 0.0
+    for start, size in keys.spans:
+        k, dw = keys.load(start, size)
+        gram += dot_nt(k, k, dots.data)
+        d_inverse += dot_nt(dw, scale_k[:, None] * k, dots.data)
+    d_beta = 0.0
+    for start, size in values.spans:  # dV = beta o A^T dU; beta's share of R_v: rowsum(A^T dU o V)
+        v, du = values.load(start, size)
+        d_inverse += dot_nt(du, beta[:, None] * v, dots.data)
+        d_rhs_v = dot_tn(inverse, du, dots.data)
+        values.store(start, size, beta[:, None] * d_rhs_v)
+        d_beta += jnp.sum(d_rhs_v * v, axis=1)
+    rows, cols = _index_grid(g.shape[0])
+    d_lower = jnp.where(rows > cols, -dot_nt(dot_tn(inverse, d_inverse, dots.data), inverse, dots.data), 0.0)
+    decayed = d_lower * decay_matrix(g, dots.exact)  # P o Gamma
+    d_gram = beta[:, None] * decayed
+    d_beta += jnp.sum(decayed * gram, axis=1)
+    d_rhs_k_dot_k = 0.0
+    for start, size in keys.spans:  # dK = beta gamma o A^T dW + (G + G^T) K
+        k, dw = keys.load(start, size)
+        d_rhs_k = dot_tn(inverse, dw, dots.data)
+        keys.store(start, size, scale_k[:, None] * d_rhs_k + dot(d_gram, k, dots.data) + dot_tn(d_gram, k, dots.data))
+        d_rhs_k_dot_k += jnp.sum(d_rhs_k * k, axis=1)
+    d_beta += gamma * d_rhs_k_dot_k
+    # The gates: Gamma_rs = exp(sum_{s < i <= r} g_i) gives g_i the sum of F = G o K K^T over r >= i > s (a 0/1
+    # matmul and a masked column sum, as `decay_matrix` forms it: no difference of sums); gamma_r = exp(sum_{i <= r}
+    # g_i) gives g_i the sum over r >= i of gamma's cotangent times gamma.
+    past = dot(d_gram * gram, (rows < cols).astype(g.dtype), dots.exact)  # [r, i] = sum_{s < i} F_rs
+    from_gamma = scale_k * d_rhs_k_dot_k
+    d_g = jnp.sum(jnp.where(rows >= cols, past + from_gamma[:, None], 0.0), axis=0)
+    return d_g, d_beta
 
 
 def output(

@@ -12,7 +12,7 @@ Forward (SPEC §2, the structure of flash-linear-attention's `chunk_gated_delta_
 Backward: wy_from_inverse (W, U again from the stored A: no doubling product) and states rerun, then in reverse
 order output_bwd (parallel; `jax.vjp` of `chunk.output` in the kernel, for all but the start state), states_bwd (a
 reverse loop over chunks carrying dS, into which it adds the outputs' share (gamma Q)^T dO; it ends as the initial
-state's gradient), wy_bwd (parallel; `chunk.wy_vjp`, from the stored A).
+state's gradient), wy_bwd (parallel; `chunk.wy_vjp`, from the stored A, in column blocks of BV).
 The state columns (d_v) are independent, so the sequential kernels split d_v into blocks of BV; their
 contributions to dW, dK and dg (which contract over d_v) come back per block and are summed by the caller.
 """
@@ -35,7 +35,8 @@ _F32 = jnp.float32
 
 @dataclasses.dataclass(frozen=True)
 class KernelConfig:
-    """Static kernel parameters: chunk length C, state-column block BV, interpret mode (CPU), the backend compiled
+    """Static kernel parameters: chunk length C, state-column block BV (also the column block in which `wy_bwd`
+    reads K, V and their cotangents, where it tiles them), interpret mode (CPU), the backend compiled
     for, for GPU the Triton launch parameters (warps per program and pipelining stages; None: Triton's), the
     dot precision ("float32", "tf32" or "bfloat16"; `dots`), and `debug`: print each kernel's jaxpr and lowered
     module (Pallas' `debug`; tests count the dots in the Triton modules)."""
@@ -193,13 +194,28 @@ def wy_from_inverse(inverse, k, v, g, beta, config: KernelConfig):
     )(inverse, k, v, g, beta)
 
 
+def _column_blocks(value_ref, cotangent_ref, grad_ref, block: int) -> chunk.ColumnBlocks:
+    """A (C, d) input with its cotangent and gradient blocks, in blocks of `block` columns (`chunk.ColumnBlocks`)."""
+
+    def load(start, size):
+        columns = pl.ds(start, size)
+        return _load(value_ref, slice(None), columns), _load(cotangent_ref, slice(None), columns)
+
+    def store(start, size, gradient):
+        grad_ref[:, pl.ds(start, size)] = gradient
+
+    return chunk.ColumnBlocks(chunk.column_spans(value_ref.shape[-1], block), load, store)
+
+
 def _wy_bwd_kernel(
     inverse_ref, k_ref, v_ref, g_ref, beta_ref, dw_ref, du_ref, dk_ref, dv_ref, dg_ref, dbeta_ref, *, config
 ):
-    inputs = _stage1_inputs(k_ref, v_ref, g_ref, beta_ref)
-    grads = chunk.wy_vjp(_load(inverse_ref), *inputs, _load(dw_ref), _load(du_ref), config.dots)
-    for ref, grad in zip((dk_ref, dv_ref, dg_ref, dbeta_ref), grads, strict=True):
-        _store(ref, grad)
+    keys = _column_blocks(k_ref, dw_ref, dk_ref, config.block_v)
+    values = _column_blocks(v_ref, du_ref, dv_ref, config.block_v)
+    g, beta = _load_row(g_ref), _load_row(beta_ref)
+    d_g, d_beta = chunk.wy_vjp(_load(inverse_ref), g, beta, keys, values, config.dots)
+    _store(dg_ref, d_g)
+    _store(dbeta_ref, d_beta)
 
 
 def wy_backward(inverse, k, v, g, beta, dw, du, config: KernelConfig):

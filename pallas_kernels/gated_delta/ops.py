@@ -206,9 +206,10 @@ def gated_delta_rule_pallas(
     """Chunked gated delta rule in Pallas kernels; same signature and results as `sleeplm.ops`' reference.
 
     `interpret` defaults to True on CPU (the same kernels, run by the Pallas interpreter) and False elsewhere.
-    `block_v` is the state-column block of the sequential kernels. `layout` names the backend whose block-size
-    constraints (chunk and head-dim padding, `lowering_sizes`) to apply: by default "cpu" when interpreting (no
-    padding), else the running backend; tests pass "gpu" in interpret mode to check the padded path.
+    `block_v` is the state-column block of the sequential kernels and the column block of stage 1's backward.
+    `layout` names the backend whose block-size constraints (chunk and head-dim padding, `lowering_sizes`) to
+    apply: by default "cpu" when interpreting (no padding), else the running backend; tests pass "gpu" in
+    interpret mode to check the padded path.
     `num_warps`, `num_stages`: Triton launch parameters on GPU (None: Triton's defaults). One stage (no software
     pipelining) by default: with Triton's three, the sequential kernels' loads asked an H200 for 279 KB of shared
     memory (it has 227 KB).
