@@ -1,8 +1,8 @@
 """The chunk-local math of the gated delta rule, on one (batch, head) chunk as plain 2-D arrays.
 
-Every kernel body in `kernel.py` is one of these functions applied to the blocks it loads, and the backward
-kernels differentiate the same functions with `jax.vjp` inside the kernel, so forward and backward cannot drift
-apart. Shapes: k, q (C, d_k); v, u, v_new (C, d_v); w (C, d_k); g, beta (C,); state (d_k, d_v). All float32.
+Every kernel body in `kernel.py` is one of these functions applied to the blocks it loads. The output's backward
+differentiates `output` with `jax.vjp` inside the kernel; stage 1's (`wy_vjp`) is written out, to visit its
+operands in column blocks, and a test holds it to a float64 solve's autodiff. Shapes: k, q (C, d_k); v, u, v_new (C, d_v); w (C, d_k); g, beta (C,); state (d_k, d_v). All float32.
 
 Every dot takes its precision from the kernel's `Dots`: by default `lax.Precision.HIGHEST` in interpret mode and on
 TPU (float32), and on GPU `TF32_TF32_F32_X3` (three TF32 tensor-core products, float32-level accuracy): Triton
