@@ -86,18 +86,16 @@ def _stage1_float64(k, v, g, beta):
     return solution[:, : k.shape[1]], solution[:, k.shape[1] :], jnp.linalg.inv(system)
 
 
-def _wy_vjp_on_arrays(inverse, k, v, g, beta, dw, du, block):
-    """`chunk.wy_vjp` on whole arrays, read and written in blocks of `block` columns -> (dk, dv, dg, dbeta)."""
-    written = {}
+def _blocks(written: dict, name: str, block: int, *arrays) -> chunk.ColumnBlocks:
+    """`chunk.ColumnBlocks` over whole arrays: loads their column blocks, keeps what is stored in `written[name]`."""
+    store = lambda start, size, *grads: written.setdefault(name, []).append((start, grads))
+    load = lambda start, size: tuple(x[:, start : start + size] for x in arrays)
+    return chunk.ColumnBlocks(chunk.column_spans(arrays[0].shape[1], block), load, store)
 
-    def side(name, x, dx):
-        store = lambda start, size, grad: written.setdefault(name, []).append((start, grad))
-        load = lambda start, size: (x[:, start : start + size], dx[:, start : start + size])
-        return chunk.ColumnBlocks(chunk.column_spans(x.shape[1], block), load, store)
 
-    dg, dbeta = chunk.wy_vjp(inverse, g, beta, side("k", k, dw), side("v", v, du))
-    dk, dv = (jnp.concatenate([grad for _, grad in sorted(written[name], key=lambda w: w[0])], 1) for name in "kv")
-    return dk, dv, dg, dbeta
+def _joined(written: dict, name: str, index: int = 0) -> jax.Array:
+    """The `index`-th gradient stored under `name`, its column blocks joined in order."""
+    return jnp.concatenate([grads[index] for _, grads in sorted(written[name], key=lambda w: w[0])], axis=1)
 
 
 @pytest.mark.parametrize(
@@ -119,9 +117,32 @@ def test_stage1_and_its_backward_match_a_float64_solve(size, gate_scale, block):
     w, u, inverse = chunk.wy(*inputs)
     for actual, expected in zip((w, u, inverse), (w64, u64, inverse64), strict=True):
         assert relative_error(actual, expected) < 1e-6
-    cotangents = [jnp.asarray(x, jnp.float32) for x in (dw, du)]
-    grads = _wy_vjp_on_arrays(inverse, *inputs, *cotangents, block)
+    (k, v, g, beta), (dw, du), written = inputs, (jnp.asarray(x, jnp.float32) for x in (dw, du)), {}
+    keys, values = _blocks(written, "k", block, k, dw), _blocks(written, "v", block, v, du)
+    dg, dbeta = chunk.wy_vjp(inverse, g, beta, keys, values)
+    grads = (_joined(written, "k"), _joined(written, "v"), dg, dbeta)
     for name, actual, expected in zip(("dk", "dv", "dg", "dbeta"), grads, grads64, strict=True):
+        assert relative_error(actual, expected) < 1e-5, name
+
+
+@pytest.mark.parametrize(("size", "gate_scale", "block"), [(64, 1.0, 4), (64, 40.0, 4), (13, 1.0, 6), (1, 1.0, 64)])
+def test_output_backward_matches_autodiff_of_the_output_in_float64(size, gate_scale, block):
+    """`chunk.output_vjp` (written out, in column blocks as for `wy_vjp`) against `jax.vjp` of `chunk.output`, the
+    forward kernel's function, in float64."""
+    rng = np.random.default_rng(size)
+    q, k = rng.normal(size=(size, 8)) / np.sqrt(8), rng.normal(size=(size, 8)) / np.sqrt(8)
+    g, v_new, d_out = -gate_scale * rng.uniform(size=size), rng.normal(size=(size, 12)), rng.normal(size=(size, 12))
+    state = rng.normal(size=(8, 12))
+    with jax.enable_x64(True):
+        _, pullback = jax.vjp(chunk.output, *(jnp.asarray(x, jnp.float64) for x in (q, k, g, v_new, state)))
+        dq64, dk64, dg64, dv64, _ = pullback(jnp.asarray(d_out))
+    q, k, g, v_new, state, d_out = (jnp.asarray(x, jnp.float32) for x in (q, k, g, v_new, state, d_out))
+    written = {}
+    queries, values = _blocks(written, "qk", block, q, k), _blocks(written, "v", block, v_new, d_out)
+    state_block = lambda rows, cols: state[rows[0] : rows[0] + rows[1], cols[0] : cols[0] + cols[1]]
+    dg = chunk.output_vjp(g, queries, values, state_block)
+    grads = (_joined(written, "qk", 0), _joined(written, "qk", 1), dg, _joined(written, "v"))
+    for name, actual, expected in zip(("dq", "dk", "dg", "dv_new"), grads, (dq64, dk64, dg64, dv64), strict=True):
         assert relative_error(actual, expected) < 1e-5, name
 
 

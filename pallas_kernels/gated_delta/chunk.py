@@ -1,8 +1,9 @@
 """The chunk-local math of the gated delta rule, on one (batch, head) chunk as plain 2-D arrays.
 
-Every kernel body in `kernel.py` is one of these functions applied to the blocks it loads. The output's backward
-differentiates `output` with `jax.vjp` inside the kernel; stage 1's (`wy_vjp`) is written out, to visit its
-operands in column blocks, and a test holds it to a float64 solve's autodiff. Shapes: k, q (C, d_k); v, u, v_new (C, d_v); w (C, d_k); g, beta (C,); state (d_k, d_v). All float32.
+Every kernel body in `kernel.py` is one of these functions applied to the blocks it loads. The backward ones
+(`output_vjp`, `wy_vjp`) are written out rather than taken with `jax.vjp`, to visit their operands in column
+blocks; tests hold them to autodiff of `output` and of a float64 solve. Shapes: k, q (C, d_k); v, u, v_new
+(C, d_v); w (C, d_k); g, beta (C,); state (d_k, d_v). All float32.
 
 Every dot takes its precision from the kernel's `Dots`: by default `lax.Precision.HIGHEST` in interpret mode and on
 TPU (float32), and on GPU `TF32_TF32_F32_X3` (three TF32 tensor-core products, float32-level accuracy): Triton
@@ -18,7 +19,6 @@ negative gates cost no precision and no positive exponent is ever evaluated.
 from __future__ import annotations
 
 import dataclasses
-import functools
 import math
 from collections.abc import Callable
 
@@ -30,7 +30,6 @@ Precision = lax.Precision | lax.DotAlgorithmPreset
 _F32 = jnp.float32
 HIGHEST = lax.Precision.HIGHEST
 BF16 = "bfloat16"  # a `Dots.data` setting: operands rounded to bfloat16, products accumulated in float32
-_BF16_UNDER_VJP = "bfloat16 under jax.vjp"  # the same, through a custom_vjp (`Dots.for_vjp`)
 Contraction = tuple[tuple[int], tuple[int]]
 
 
@@ -43,48 +42,12 @@ class Dots:
     data: Precision | str = HIGHEST
     exact: Precision = HIGHEST
 
-    def for_vjp(self) -> Dots:
-        """These dots for a function a kernel differentiates with `jax.vjp`: a bfloat16 dot's autodiff transpose
-        would pair a float32 cotangent with a bfloat16 operand, which Triton cannot lower, so it goes through a
-        custom_vjp instead (which, in turn, Triton lowers only once differentiated: hence not the default)."""
-        return dataclasses.replace(self, data=_BF16_UNDER_VJP) if self.data == BF16 else self
-
 
 def _dot_general(a: jax.Array, b: jax.Array, contraction: Contraction, precision: Precision | str) -> jax.Array:
-    if precision == BF16:
-        return _bf16_dot(a, b, contraction)
-    if precision == _BF16_UNDER_VJP:
-        return _differentiable_bf16_dot(a, b, contraction)
+    if precision == BF16:  # a float32 dot of bfloat16-rounded operands
+        bf16 = jnp.bfloat16
+        return lax.dot_general(a.astype(bf16), b.astype(bf16), (contraction, ((), ())), preferred_element_type=_F32)
     return lax.dot_general(a, b, (contraction, ((), ())), precision=precision)
-
-
-def _bf16_dot(a: jax.Array, b: jax.Array, contraction: Contraction) -> jax.Array:
-    """A float32 dot of bfloat16-rounded operands."""
-    bf16 = jnp.bfloat16
-    return lax.dot_general(a.astype(bf16), b.astype(bf16), (contraction, ((), ())), preferred_element_type=_F32)
-
-
-@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
-def _differentiable_bf16_dot(a: jax.Array, b: jax.Array, contraction: Contraction) -> jax.Array:
-    """`_bf16_dot`, whose cotangent dots round their operands to bfloat16 too."""
-    return _bf16_dot(a, b, contraction)
-
-
-def _bf16_dot_fwd(a, b, contraction):
-    return _bf16_dot(a, b, contraction), (a, b)
-
-
-def _bf16_dot_bwd(contraction, operands, cotangent):
-    """For c = a . b contracting a's axis i with b's axis j (free axes 1 - i and 1 - j): da pairs c with b over b's
-    free axis, db pairs a with c over a's, each oriented like its operand without a transpose."""
-    a, b = operands
-    a_free, b_free = 1 - contraction[0][0], 1 - contraction[1][0]
-    d_a = _bf16_dot(cotangent, b, ((1,), (b_free,))) if a_free == 0 else _bf16_dot(b, cotangent, ((b_free,), (1,)))
-    d_b = _bf16_dot(a, cotangent, ((a_free,), (0,))) if b_free == 1 else _bf16_dot(cotangent, a, ((0,), (a_free,)))
-    return d_a, d_b
-
-
-_differentiable_bf16_dot.defvjp(_bf16_dot_fwd, _bf16_dot_bwd)
 
 
 def dot(a: jax.Array, b: jax.Array, precision: Precision | str = HIGHEST) -> jax.Array:
@@ -169,14 +132,14 @@ def wy(
 
 @dataclasses.dataclass(frozen=True)
 class ColumnBlocks:
-    """One side of stage 1's backward (K with its cotangent dW, or V with dU), visited one block of columns at a
-    time so that no whole (C, d) tile of it stays live (whole tiles spill registers on a GPU). `spans`: each
-    block's (start, size); `load(start, size)` -> (the input's block, the cotangent's block); `store(start, size,
-    gradient)` writes the gradient's block."""
+    """(C, d) operands of a backward that share their columns (K with its cotangent dW, Q with K, ...), visited one
+    block of columns at a time so that no whole (C, d) tile of them stays live (whole tiles spill registers on a
+    GPU). `spans`: each block's (start, size); `load(start, size)` -> the operands' blocks; `store(start, size,
+    *gradients)` writes the gradients' blocks."""
 
     spans: tuple[tuple[int, int], ...]
-    load: Callable[[int, int], tuple[jax.Array, jax.Array]]
-    store: Callable[[int, int, jax.Array], None]
+    load: Callable[[int, int], tuple[jax.Array, ...]]
+    store: Callable[..., None]
 
 
 def column_spans(width: int, block: int) -> tuple[tuple[int, int], ...]:
@@ -222,13 +185,17 @@ def wy_vjp(
         keys.store(start, size, scale_k[:, None] * d_rhs_k + dot(d_gram, k, dots.data) + dot_tn(d_gram, k, dots.data))
         d_rhs_k_dot_k += jnp.sum(d_rhs_k * k, axis=1)
     d_beta += gamma * d_rhs_k_dot_k
-    # The gates: Gamma_rs = exp(sum_{s < i <= r} g_i) gives g_i the sum of F = G o K K^T over r >= i > s (a 0/1
-    # matmul and a masked column sum, as `decay_matrix` forms it: no difference of sums); gamma_r = exp(sum_{i <= r}
-    # g_i) gives g_i the sum over r >= i of gamma's cotangent times gamma.
-    past = dot(d_gram * gram, (rows < cols).astype(g.dtype), dots.exact)  # [r, i] = sum_{s < i} F_rs
-    from_gamma = scale_k * d_rhs_k_dot_k
-    d_g = jnp.sum(jnp.where(rows >= cols, past + from_gamma[:, None], 0.0), axis=0)
-    return d_g, d_beta
+    return _gates_cotangent(d_gram * gram, scale_k * d_rhs_k_dot_k, dots), d_beta
+
+
+def _gates_cotangent(decay_term: jax.Array, log_gamma_term: jax.Array, dots: Dots) -> jax.Array:
+    """dg from the cotangents that reach the decays: Gamma_rs = exp(sum_{s < i <= r} g_i) gives g_i the sum of
+    `decay_term` (Gamma's cotangent times Gamma) over r >= i > s, by a 0/1 matmul and a masked column sum as
+    `decay_matrix` forms Gamma (no difference of sums); gamma_r = exp(sum_{i <= r} g_i) gives g_i the sum over
+    r >= i of `log_gamma_term` (gamma's cotangent times gamma)."""
+    rows, cols = _index_grid(decay_term.shape[0])
+    past = dot(decay_term, (rows < cols).astype(decay_term.dtype), dots.exact)  # [r, i] = sum_{s < i} F_rs
+    return jnp.sum(jnp.where(rows >= cols, past + log_gamma_term[:, None], 0.0), axis=0)
 
 
 def output(
@@ -238,3 +205,46 @@ def output(
     gamma = jnp.exp(log_decay_from_start(g))
     scores = dot_nt(q, k, dots.data) * decay_matrix(g, dots.exact)
     return dot(gamma[:, None] * q, state, dots.data) + dot(scores, v_new, dots.data)
+
+
+def output_vjp(
+    g: jax.Array,
+    queries: ColumnBlocks,
+    values: ColumnBlocks,
+    state: Callable[[tuple[int, int], tuple[int, int]], jax.Array],
+    dots: Dots = Dots(),
+) -> jax.Array:
+    """The backward of `output` for all but the start state (`states_bwd` forms its cotangent): writes dQ, dK
+    through `queries` (blocks of Q and K; store(dQ, dK)) and dV' through `values` (blocks of V' and dO; store(dV'))
+    and returns dg. `state(rows, cols)` reads a block of the start state, spans as in `ColumnBlocks`. With
+    scores = (Q K^T) o Gamma:
+
+        dscores = dO V'^T      dV' = scores^T dO      dQ = gamma o (dO S^T) + (dscores o Gamma) K
+        dK = (dscores o Gamma)^T Q,   Gamma's cotangent times Gamma = dscores o scores
+
+    One pass over the key columns for Q K^T, one over the value columns, and one over the key columns that reads
+    each block of S and dO again for dO S^T."""
+    gamma = jnp.exp(log_decay_from_start(g))
+    scores = 0.0
+    for start, size in queries.spans:
+        q, k = queries.load(start, size)
+        scores += dot_nt(q, k, dots.data)
+    decay = decay_matrix(g, dots.exact)
+    scores *= decay
+    d_scores = 0.0
+    for start, size in values.spans:
+        v_new, d_out = values.load(start, size)
+        d_scores += dot_nt(d_out, v_new, dots.data)
+        values.store(start, size, dot_tn(scores, d_out, dots.data))
+    d_decayed_qk = d_scores * decay
+    d_log_gamma = 0.0
+    for start, size in queries.spans:
+        q, k = queries.load(start, size)
+        d_decayed_q = 0.0  # (dO S^T) for these key columns
+        for v_start, v_size in values.spans:
+            d_out = values.load(v_start, v_size)[1]
+            d_decayed_q += dot_nt(d_out, state((start, size), (v_start, v_size)), dots.data)
+        d_q = gamma[:, None] * d_decayed_q + dot(d_decayed_qk, k, dots.data)
+        queries.store(start, size, d_q, dot_tn(d_decayed_qk, q, dots.data))
+        d_log_gamma += gamma * jnp.sum(d_decayed_q * q, axis=1)
+    return _gates_cotangent(d_scores * scores, d_log_gamma, dots)

@@ -10,7 +10,7 @@ Forward (SPEC §2, the structure of flash-linear-attention's `chunk_gated_delta_
                                        state, its corrected values V' = U - W S, and the final state
   output  grid (BH, NC), parallel      O = (gamma Q) S + ((Q K^T) o Gamma) V'
 Backward: wy_from_inverse (W, U again from the stored A: no doubling product) and states rerun, then in reverse
-order output_bwd (parallel; `jax.vjp` of `chunk.output` in the kernel, for all but the start state), states_bwd (a
+order output_bwd (parallel; `chunk.output_vjp`, for all but the start state, in column blocks), states_bwd (a
 reverse loop over chunks carrying dS, into which it adds the outputs' share (gamma Q)^T dO; it ends as the initial
 state's gradient), wy_bwd (parallel; `chunk.wy_vjp`, from the stored A, in column blocks of BV).
 The state columns (d_v) are independent, so the sequential kernels split d_v into blocks of BV; their
@@ -194,24 +194,24 @@ def wy_from_inverse(inverse, k, v, g, beta, config: KernelConfig):
     )(inverse, k, v, g, beta)
 
 
-def _column_blocks(value_ref, cotangent_ref, grad_ref, block: int) -> chunk.ColumnBlocks:
-    """A (C, d) input with its cotangent and gradient blocks, in blocks of `block` columns (`chunk.ColumnBlocks`)."""
+def _column_blocks(inputs: tuple, outputs: tuple, block: int) -> chunk.ColumnBlocks:
+    """(C, d) input refs read, and output refs written, together in blocks of `block` columns (`chunk.ColumnBlocks`)."""
 
     def load(start, size):
-        columns = pl.ds(start, size)
-        return _load(value_ref, slice(None), columns), _load(cotangent_ref, slice(None), columns)
+        return tuple(_load(ref, slice(None), pl.ds(start, size)) for ref in inputs)
 
-    def store(start, size, gradient):
-        grad_ref[:, pl.ds(start, size)] = gradient
+    def store(start, size, *values):
+        for ref, value in zip(outputs, values, strict=True):
+            ref[:, pl.ds(start, size)] = value
 
-    return chunk.ColumnBlocks(chunk.column_spans(value_ref.shape[-1], block), load, store)
+    return chunk.ColumnBlocks(chunk.column_spans(inputs[0].shape[-1], block), load, store)
 
 
 def _wy_bwd_kernel(
     inverse_ref, k_ref, v_ref, g_ref, beta_ref, dw_ref, du_ref, dk_ref, dv_ref, dg_ref, dbeta_ref, *, config
 ):
-    keys = _column_blocks(k_ref, dw_ref, dk_ref, config.block_v)
-    values = _column_blocks(v_ref, du_ref, dv_ref, config.block_v)
+    keys = _column_blocks((k_ref, dw_ref), (dk_ref,), config.block_v)
+    values = _column_blocks((v_ref, du_ref), (dv_ref,), config.block_v)
     g, beta = _load_row(g_ref), _load_row(beta_ref)
     d_g, d_beta = chunk.wy_vjp(_load(inverse_ref), g, beta, keys, values, config.dots)
     _store(dg_ref, d_g)
@@ -357,15 +357,16 @@ def output_forward(q, k, g, v_new, states, out_dtype, config: KernelConfig):
     )(q, k, g, v_new, states)
 
 
-def _output_bwd_kernel(q_ref, k_ref, g_ref, v_new_ref, state_ref, do_ref, dq_ref, dk_ref, dg_ref, dv_new_ref, *, dots):
-    state = _load(state_ref)  # read, not differentiated: `states_backward` forms the start state's cotangent
+def _output_bwd_kernel(
+    q_ref, k_ref, g_ref, v_new_ref, state_ref, do_ref, dq_ref, dk_ref, dg_ref, dv_new_ref, *, config: KernelConfig
+):
+    queries = _column_blocks((q_ref, k_ref), (dq_ref, dk_ref), config.block_v)
+    values = _column_blocks((v_new_ref, do_ref), (dv_new_ref,), config.block_v)
 
-    def output(q, k, g, v_new):
-        return chunk.output(q, k, g, v_new, state, dots.for_vjp())
+    def state(rows, cols):  # read, not differentiated: `states_backward` forms the start state's cotangent
+        return _load(state_ref, pl.ds(*rows), pl.ds(*cols))
 
-    _, pullback = jax.vjp(output, _load(q_ref), _load(k_ref), _load_row(g_ref), _load(v_new_ref))
-    for ref, grad in zip((dq_ref, dk_ref, dg_ref, dv_new_ref), pullback(_load(do_ref)), strict=True):
-        _store(ref, grad)
+    _store(dg_ref, chunk.output_vjp(_load_row(g_ref), queries, values, state, config.dots))
 
 
 def output_backward(q, k, g, v_new, states, do, config: KernelConfig):
@@ -373,7 +374,7 @@ def output_backward(q, k, g, v_new, states, do, config: KernelConfig):
     (bh, length, d_k), d_v = q.shape, v_new.shape[-1]
     specs = _output_specs(d_k, d_v, config)
     return _call(
-        functools.partial(_output_bwd_kernel, dots=config.dots),
+        functools.partial(_output_bwd_kernel, config=config),
         config,
         (bh, length // config.chunk),
         [*specs, _chunk_spec(d_v, config)],
