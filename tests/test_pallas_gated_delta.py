@@ -125,22 +125,40 @@ def test_stage1_and_its_backward_match_a_float64_solve(size, gate_scale, block):
         assert relative_error(actual, expected) < 1e-5, name
 
 
+def _state_block(state: jax.Array) -> chunk.StateBlock:
+    return lambda rows, cols: state[rows[0] : rows[0] + rows[1], cols[0] : cols[0] + cols[1]]
+
+
+def _output_on_arrays(q, k, g, v_new, state, block):
+    """`chunk.output` on whole arrays, in column blocks."""
+    written = {}
+    chunk.output(g, _blocks(written, "qk", block, q, k), _blocks(written, "o", block, v_new), _state_block(state))
+    return _joined(written, "o")
+
+
+def _output_float64(q, k, g, v_new, state):
+    """O = (gamma Q) S0 + ((Q K^T) o Gamma) V' in float64, Gamma and gamma from differences of cumulative sums."""
+    cumulative, causal = jnp.cumsum(g), jnp.tri(g.shape[0], dtype=bool)
+    decays = jnp.where(causal, jnp.exp(jnp.where(causal, cumulative[:, None] - cumulative[None, :], 0.0)), 0.0)
+    return (jnp.exp(cumulative)[:, None] * q) @ state + ((q @ k.T) * decays) @ v_new
+
+
 @pytest.mark.parametrize(("size", "gate_scale", "block"), [(64, 1.0, 4), (64, 40.0, 4), (13, 1.0, 6), (1, 1.0, 64)])
-def test_output_backward_matches_autodiff_of_the_output_in_float64(size, gate_scale, block):
-    """`chunk.output_vjp` (written out, in column blocks as for `wy_vjp`) against `jax.vjp` of `chunk.output`, the
-    forward kernel's function, in float64."""
+def test_output_and_its_backward_match_float64(size, gate_scale, block):
+    """`chunk.output` and `chunk.output_vjp` (written out), both in column blocks as the kernels run them (4 splits
+    keys (8 wide) and values (12), 6 the values only, 64 neither), against a float64 formula and its autodiff."""
     rng = np.random.default_rng(size)
     q, k = rng.normal(size=(size, 8)) / np.sqrt(8), rng.normal(size=(size, 8)) / np.sqrt(8)
     g, v_new, d_out = -gate_scale * rng.uniform(size=size), rng.normal(size=(size, 12)), rng.normal(size=(size, 12))
     state = rng.normal(size=(8, 12))
     with jax.enable_x64(True):
-        _, pullback = jax.vjp(chunk.output, *(jnp.asarray(x, jnp.float64) for x in (q, k, g, v_new, state)))
+        out64, pullback = jax.vjp(_output_float64, *(jnp.asarray(x, jnp.float64) for x in (q, k, g, v_new, state)))
         dq64, dk64, dg64, dv64, _ = pullback(jnp.asarray(d_out))
     q, k, g, v_new, state, d_out = (jnp.asarray(x, jnp.float32) for x in (q, k, g, v_new, state, d_out))
+    assert relative_error(_output_on_arrays(q, k, g, v_new, state, block), out64) < 1e-6
     written = {}
     queries, values = _blocks(written, "qk", block, q, k), _blocks(written, "v", block, v_new, d_out)
-    state_block = lambda rows, cols: state[rows[0] : rows[0] + rows[1], cols[0] : cols[0] + cols[1]]
-    dg = chunk.output_vjp(g, queries, values, state_block)
+    dg = chunk.output_vjp(g, queries, values, _state_block(state))
     grads = (_joined(written, "qk", 0), _joined(written, "qk", 1), dg, _joined(written, "v"))
     for name, actual, expected in zip(("dq", "dk", "dg", "dv_new"), grads, (dq64, dk64, dg64, dv64), strict=True):
         assert relative_error(actual, expected) < 1e-5, name

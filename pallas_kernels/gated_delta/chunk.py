@@ -198,26 +198,43 @@ def _gates_cotangent(decay_term: jax.Array, log_gamma_term: jax.Array, dots: Dot
     return jnp.sum(jnp.where(rows >= cols, past + log_gamma_term[:, None], 0.0), axis=0)
 
 
-def output(
-    q: jax.Array, k: jax.Array, g: jax.Array, v_new: jax.Array, state: jax.Array, dots: Dots = Dots()
-) -> jax.Array:
-    """Stage 3: O = (gamma Q) S0 + ((Q K^T) o Gamma) V', with S0 the chunk's start state."""
+StateBlock = Callable[[tuple[int, int], tuple[int, int]], jax.Array]  # (rows span, columns span) -> a block of S
+
+
+def _scores(g: jax.Array, queries: ColumnBlocks, dots: Dots) -> tuple[jax.Array, jax.Array]:
+    """((Q K^T) o Gamma, Gamma), Q K^T summed over the key-column blocks of `queries` (blocks of Q and K)."""
+    scores = 0.0
+    for start, size in queries.spans:
+        q, k = queries.load(start, size)[:2]
+        scores += dot_nt(q, k, dots.data)
+    decay = decay_matrix(g, dots.exact)
+    return scores * decay, decay
+
+
+def output(g: jax.Array, queries: ColumnBlocks, values: ColumnBlocks, state: StateBlock, dots: Dots = Dots()) -> None:
+    """Stage 3: O = (gamma Q) S0 + ((Q K^T) o Gamma) V', with S0 the chunk's start state, written through `values`
+    (blocks of V'; store(O)) one block of value columns at a time. `queries`: blocks of Q and K; `state(rows,
+    cols)` reads a block of S0."""
     gamma = jnp.exp(log_decay_from_start(g))
-    scores = dot_nt(q, k, dots.data) * decay_matrix(g, dots.exact)
-    return dot(gamma[:, None] * q, state, dots.data) + dot(scores, v_new, dots.data)
+    scores, _ = _scores(g, queries, dots)
+    for v_start, v_size in values.spans:
+        out = dot(scores, values.load(v_start, v_size)[0], dots.data)
+        for start, size in queries.spans:
+            q = queries.load(start, size)[0]
+            out += dot(gamma[:, None] * q, state((start, size), (v_start, v_size)), dots.data)
+        values.store(v_start, v_size, out)
 
 
 def output_vjp(
     g: jax.Array,
     queries: ColumnBlocks,
     values: ColumnBlocks,
-    state: Callable[[tuple[int, int], tuple[int, int]], jax.Array],
+    state: StateBlock,
     dots: Dots = Dots(),
 ) -> jax.Array:
     """The backward of `output` for all but the start state (`states_bwd` forms its cotangent): writes dQ, dK
     through `queries` (blocks of Q and K; store(dQ, dK)) and dV' through `values` (blocks of V' and dO; store(dV'))
-    and returns dg. `state(rows, cols)` reads a block of the start state, spans as in `ColumnBlocks`. With
-    scores = (Q K^T) o Gamma:
+    and returns dg. `state(rows, cols)` reads a block of the start state. With scores = (Q K^T) o Gamma:
 
         dscores = dO V'^T      dV' = scores^T dO      dQ = gamma o (dO S^T) + (dscores o Gamma) K
         dK = (dscores o Gamma)^T Q,   Gamma's cotangent times Gamma = dscores o scores
@@ -225,12 +242,7 @@ def output_vjp(
     One pass over the key columns for Q K^T, one over the value columns, and one over the key columns that reads
     each block of S and dO again for dO S^T."""
     gamma = jnp.exp(log_decay_from_start(g))
-    scores = 0.0
-    for start, size in queries.spans:
-        q, k = queries.load(start, size)
-        scores += dot_nt(q, k, dots.data)
-    decay = decay_matrix(g, dots.exact)
-    scores *= decay
+    scores, decay = _scores(g, queries, dots)
     d_scores = 0.0
     for start, size in values.spans:
         v_new, d_out = values.load(start, size)

@@ -202,7 +202,7 @@ def _column_blocks(inputs: tuple, outputs: tuple, block: int) -> chunk.ColumnBlo
 
     def store(start, size, *values):
         for ref, value in zip(outputs, values, strict=True):
-            ref[:, pl.ds(start, size)] = value
+            ref[:, pl.ds(start, size)] = value.astype(ref.dtype)
 
     return chunk.ColumnBlocks(chunk.column_spans(inputs[0].shape[-1], block), load, store)
 
@@ -335,9 +335,15 @@ def states_backward(q, k, w, g, from_start, to_end, v_new, states, dv_new, do, d
 # ----------------------------------------------------------------------------------------- stage 3: outputs
 
 
-def _output_kernel(q_ref, k_ref, g_ref, v_new_ref, state_ref, o_ref, *, dots):
-    out = chunk.output(_load(q_ref), _load(k_ref), _load_row(g_ref), _load(v_new_ref), _load(state_ref), dots)
-    o_ref[...] = out.astype(o_ref.dtype)
+def _state_blocks(state_ref) -> chunk.StateBlock:
+    """Blocks of a chunk's start state, read as the output kernels need them."""
+    return lambda rows, cols: _load(state_ref, pl.ds(*rows), pl.ds(*cols))
+
+
+def _output_kernel(q_ref, k_ref, g_ref, v_new_ref, state_ref, o_ref, *, config: KernelConfig):
+    queries = _column_blocks((q_ref, k_ref), (), config.block_v)
+    values = _column_blocks((v_new_ref,), (o_ref,), config.block_v)
+    chunk.output(_load_row(g_ref), queries, values, _state_blocks(state_ref), config.dots)
 
 
 def _output_specs(d_k: int, d_v: int, config: KernelConfig) -> list[pl.BlockSpec]:
@@ -348,7 +354,7 @@ def _output_specs(d_k: int, d_v: int, config: KernelConfig) -> list[pl.BlockSpec
 def output_forward(q, k, g, v_new, states, out_dtype, config: KernelConfig):
     (bh, length, d_k), d_v = q.shape, v_new.shape[-1]
     return _call(
-        functools.partial(_output_kernel, dots=config.dots),
+        functools.partial(_output_kernel, config=config),
         config,
         (bh, length // config.chunk),
         _output_specs(d_k, d_v, config),
@@ -363,10 +369,8 @@ def _output_bwd_kernel(
     queries = _column_blocks((q_ref, k_ref), (dq_ref, dk_ref), config.block_v)
     values = _column_blocks((v_new_ref, do_ref), (dv_new_ref,), config.block_v)
 
-    def state(rows, cols):  # read, not differentiated: `states_backward` forms the start state's cotangent
-        return _load(state_ref, pl.ds(*rows), pl.ds(*cols))
-
-    _store(dg_ref, chunk.output_vjp(_load_row(g_ref), queries, values, state, config.dots))
+    # The start state is read, not differentiated: `states_backward` forms its cotangent.
+    _store(dg_ref, chunk.output_vjp(_load_row(g_ref), queries, values, _state_blocks(state_ref), config.dots))
 
 
 def output_backward(q, k, g, v_new, states, do, config: KernelConfig):
