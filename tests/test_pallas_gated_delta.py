@@ -103,8 +103,9 @@ def _joined(written: dict, name: str, index: int = 0) -> jax.Array:
 )
 def test_stage1_and_its_backward_match_a_float64_solve(size, gate_scale, block):
     """`chunk.wy` (W, U and the inverse, by doubling) and `chunk.wy_vjp` (the closed-form backward from the stored
-    inverse, in column blocks: 4 splits keys (8 wide) and values (12), 6 the values only, 64 neither) against a
-    float64 solve and its autodiff; gate_scale 40 makes decays across the chunk underflow."""
+    inverse), both in column blocks as the kernels run them (4 splits keys (8 wide) and values (12), 6 the values
+    only, 64 neither), against a float64 solve and its autodiff; gate_scale 40 makes decays across the chunk
+    underflow."""
     rng = np.random.default_rng(size)
     k = rng.normal(size=(size, 8)) / np.sqrt(8)
     v, g, beta = rng.normal(size=(size, 12)), -gate_scale * rng.uniform(size=size), rng.uniform(size=size)
@@ -113,11 +114,12 @@ def test_stage1_and_its_backward_match_a_float64_solve(size, gate_scale, block):
         inputs64 = [jnp.asarray(x, jnp.float64) for x in (k, v, g, beta)]
         (w64, u64, inverse64), pullback = jax.vjp(_stage1_float64, *inputs64)
         grads64 = pullback((jnp.asarray(dw), jnp.asarray(du), jnp.zeros((size, size))))
-    inputs = [jnp.asarray(x, jnp.float32) for x in (k, v, g, beta)]
-    w, u, inverse = chunk.wy(*inputs)
+    (k, v, g, beta), written = (jnp.asarray(x, jnp.float32) for x in (k, v, g, beta)), {}
+    inverse = chunk.wy(g, beta, _blocks(written, "w", block, k), _blocks(written, "u", block, v))
+    w, u = _joined(written, "w"), _joined(written, "u")
     for actual, expected in zip((w, u, inverse), (w64, u64, inverse64), strict=True):
         assert relative_error(actual, expected) < 1e-6
-    (k, v, g, beta), (dw, du), written = inputs, (jnp.asarray(x, jnp.float32) for x in (dw, du)), {}
+    (dw, du), written = (jnp.asarray(x, jnp.float32) for x in (dw, du)), {}
     keys, values = _blocks(written, "k", block, k, dw), _blocks(written, "v", block, v, du)
     dg, dbeta = chunk.wy_vjp(inverse, g, beta, keys, values)
     grads = (_joined(written, "k"), _joined(written, "v"), dg, dbeta)

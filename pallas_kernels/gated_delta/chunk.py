@@ -102,34 +102,6 @@ def unit_lower_inverse(strict_lower: jax.Array, precision: Precision = HIGHEST) 
     return inverse
 
 
-def wy_lower(k: jax.Array, g: jax.Array, beta: jax.Array, dots: Dots = Dots()) -> jax.Array:
-    """The strictly lower L_rs = beta_r Gamma_rs k_r.k_s (r > s) of the chunk's system (I + L) [W U] = R."""
-    rows, cols = _index_grid(k.shape[0])
-    return jnp.where(rows > cols, beta[:, None] * decay_matrix(g, dots.exact) * dot_nt(k, k, dots.data), 0.0)
-
-
-def wy_rhs(k: jax.Array, v: jax.Array, g: jax.Array, beta: jax.Array) -> tuple[jax.Array, jax.Array]:
-    """The right-hand sides R = [diag(beta gamma) K, diag(beta) V], as (R_k, R_v)."""
-    gamma = jnp.exp(log_decay_from_start(g))
-    return (beta * gamma)[:, None] * k, beta[:, None] * v
-
-
-def wy_from_inverse(
-    inverse: jax.Array, k: jax.Array, v: jax.Array, g: jax.Array, beta: jax.Array, dots: Dots = Dots()
-) -> tuple[jax.Array, jax.Array]:
-    """W = A R_k and U = A R_v from the chunk's inverse A = (I + L)^-1."""
-    rhs_k, rhs_v = wy_rhs(k, v, g, beta)
-    return dot(inverse, rhs_k, dots.data), dot(inverse, rhs_v, dots.data)
-
-
-def wy(
-    k: jax.Array, v: jax.Array, g: jax.Array, beta: jax.Array, dots: Dots = Dots()
-) -> tuple[jax.Array, jax.Array, jax.Array]:
-    """Stage 1: (W, U, A), with A = (I + L)^-1 by doubling; the backward reuses A instead of recomputing it."""
-    inverse = unit_lower_inverse(wy_lower(k, g, beta, dots), dots.exact)
-    return *wy_from_inverse(inverse, k, v, g, beta, dots), inverse
-
-
 @dataclasses.dataclass(frozen=True)
 class ColumnBlocks:
     """(C, d) operands of a backward that share their columns (K with its cotangent dW, Q with K, ...), visited one
@@ -146,6 +118,31 @@ def column_spans(width: int, block: int) -> tuple[tuple[int, int], ...]:
     """(start, size) of each block of `block` columns of `width` (one block of all of them unless `block` tiles it)."""
     block = block if 0 < block < width and width % block == 0 else width
     return tuple((start, block) for start in range(0, width, block))
+
+
+def wy_from_inverse(
+    inverse: jax.Array, g: jax.Array, beta: jax.Array, keys: ColumnBlocks, values: ColumnBlocks, dots: Dots = Dots()
+) -> None:
+    """W = A diag(beta gamma) K and U = A diag(beta) V from the chunk's inverse A = (I + L)^-1, written through
+    `keys` (blocks of K; store(W)) and `values` (blocks of V; store(U))."""
+    scale_k = beta * jnp.exp(log_decay_from_start(g))
+    for side, scale in ((keys, scale_k), (values, beta)):
+        for start, size in side.spans:
+            side.store(start, size, dot(inverse, scale[:, None] * side.load(start, size)[0], dots.data))
+
+
+def wy(g: jax.Array, beta: jax.Array, keys: ColumnBlocks, values: ColumnBlocks, dots: Dots = Dots()) -> jax.Array:
+    """Stage 1: writes W and U (`wy_from_inverse`) and returns A = (I + L)^-1, L_rs = beta_r Gamma_rs k_r.k_s
+    (r > s), by doubling; the backward reuses A instead of recomputing it."""
+    gram = 0.0
+    for start, size in keys.spans:
+        k = keys.load(start, size)[0]
+        gram += dot_nt(k, k, dots.data)
+    rows, cols = _index_grid(g.shape[0])
+    lower = jnp.where(rows > cols, beta[:, None] * decay_matrix(g, dots.exact) * gram, 0.0)
+    inverse = unit_lower_inverse(lower, dots.exact)
+    wy_from_inverse(inverse, g, beta, keys, values, dots)
+    return inverse
 
 
 def wy_vjp(

@@ -130,6 +130,19 @@ def _partial_spec(length: int, width: int | None) -> pl.BlockSpec:
     return pl.BlockSpec((None, None, length, width), lambda bh, j: (j, bh, 0, 0))
 
 
+def _column_blocks(inputs: tuple, outputs: tuple, block: int) -> chunk.ColumnBlocks:
+    """(C, d) input refs read, and output refs written, together in blocks of `block` columns (`chunk.ColumnBlocks`)."""
+
+    def load(start, size):
+        return tuple(_load(ref, slice(None), pl.ds(start, size)) for ref in inputs)
+
+    def store(start, size, *values):
+        for ref, value in zip(outputs, values, strict=True):
+            ref[:, pl.ds(start, size)] = value.astype(ref.dtype)
+
+    return chunk.ColumnBlocks(chunk.column_spans(inputs[0].shape[-1], block), load, store)
+
+
 # ---------------------------------------------------------------------------------------------- stage 1: W, U
 
 
@@ -149,13 +162,14 @@ def _wu_outputs(bh: int, length: int, d_k: int, d_v: int, config: KernelConfig) 
     return [_chunk_spec(d_k, config), _chunk_spec(d_v, config)], shapes
 
 
-def _stage1_inputs(k_ref, v_ref, g_ref, beta_ref) -> tuple[jax.Array, ...]:
-    return _load(k_ref), _load(v_ref), _load_row(g_ref), _load_row(beta_ref)
+def _wu_blocks(k_ref, v_ref, w_ref, u_ref, config: KernelConfig) -> tuple[chunk.ColumnBlocks, chunk.ColumnBlocks]:
+    """K read and W written, V read and U written, in column blocks."""
+    return _column_blocks((k_ref,), (w_ref,), config.block_v), _column_blocks((v_ref,), (u_ref,), config.block_v)
 
 
 def _wy_kernel(k_ref, v_ref, g_ref, beta_ref, w_ref, u_ref, *inverse_ref, config: KernelConfig):
-    w, u, inverse = chunk.wy(*_stage1_inputs(k_ref, v_ref, g_ref, beta_ref), config.dots)
-    w_ref[...], u_ref[...] = w, u
+    blocks = _wu_blocks(k_ref, v_ref, w_ref, u_ref, config)
+    inverse = chunk.wy(_load_row(g_ref), _load_row(beta_ref), *blocks, config.dots)
     if inverse_ref:
         inverse_ref[0][...] = inverse
 
@@ -178,8 +192,8 @@ def wy_forward(k, v, g, beta, config: KernelConfig, *, with_inverse: bool = Fals
 
 
 def _wy_from_inverse_kernel(inverse_ref, k_ref, v_ref, g_ref, beta_ref, w_ref, u_ref, *, config: KernelConfig):
-    inputs = _stage1_inputs(k_ref, v_ref, g_ref, beta_ref)
-    w_ref[...], u_ref[...] = chunk.wy_from_inverse(_load(inverse_ref), *inputs, config.dots)
+    blocks = _wu_blocks(k_ref, v_ref, w_ref, u_ref, config)
+    chunk.wy_from_inverse(_load(inverse_ref), _load_row(g_ref), _load_row(beta_ref), *blocks, config.dots)
 
 
 def wy_from_inverse(inverse, k, v, g, beta, config: KernelConfig):
@@ -192,19 +206,6 @@ def wy_from_inverse(inverse, k, v, g, beta, config: KernelConfig):
         [_inverse_spec(config), *_stage1_specs(d_k, d_v, config)],
         *_wu_outputs(bh, length, d_k, d_v, config),
     )(inverse, k, v, g, beta)
-
-
-def _column_blocks(inputs: tuple, outputs: tuple, block: int) -> chunk.ColumnBlocks:
-    """(C, d) input refs read, and output refs written, together in blocks of `block` columns (`chunk.ColumnBlocks`)."""
-
-    def load(start, size):
-        return tuple(_load(ref, slice(None), pl.ds(start, size)) for ref in inputs)
-
-    def store(start, size, *values):
-        for ref, value in zip(outputs, values, strict=True):
-            ref[:, pl.ds(start, size)] = value.astype(ref.dtype)
-
-    return chunk.ColumnBlocks(chunk.column_spans(inputs[0].shape[-1], block), load, store)
 
 
 def _wy_bwd_kernel(
