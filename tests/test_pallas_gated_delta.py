@@ -294,7 +294,7 @@ def test_the_gpu_benchmark_script_runs_every_section_on_cpu(tmp_path):
     stages = results["stages"]
     assert {"wy_forward", "wy_from_inverse", "states_backward", "wy_backward"} <= stages.keys()
     assert stages["kernels_in_forward_backward_s"] > 0 and all("error" not in r for r in results["sweep"].values())
-    assert len(results["sweep"]) == 11
+    assert len(results["sweep"]) == 12
 
 
 @pytest.mark.parametrize("changes", [{}, {"precision": "bfloat16"}])

@@ -247,13 +247,14 @@ def time_stages(args: argparse.Namespace) -> dict:
     return results
 
 
-# One setting changed at a time from the defaults (chunk 64, block_v 64, Triton's warps, one stage, float32-level
-# dots for these float32 inputs).
+# One setting changed at a time from the defaults (chunk 64, block_v 64: the state-column block and the parallel
+# kernels' column block, Triton's warps, one stage, float32-level dots for these float32 inputs).
 SWEEP = (  # most telling first: a run cut off by its time limit keeps those
     {},
     {"precision": "tf32"},  # one TF32 product per dot instead of three: what float32-level accuracy costs
     {"num_warps": 8},  # half the registers per thread for the 64 x 128 float32 tiles
     {"precision": "tf32", "num_warps": 8},
+    {"precision": "tf32", "block_v": 128},  # whole (C, d) tiles in the parallel kernels (no column blocks)
     {"precision": "bfloat16"},  # the data dots on bfloat16 operands, as flash-linear-attention computes
     {"precision": "bfloat16", "num_warps": 8},
     {"block_v": 32, "num_stages": 2},  # smaller state blocks, software-pipelined loads in the chunk loops
