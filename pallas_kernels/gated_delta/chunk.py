@@ -104,14 +104,23 @@ def unit_lower_inverse(strict_lower: jax.Array, precision: Precision = HIGHEST) 
 
 @dataclasses.dataclass(frozen=True)
 class ColumnBlocks:
-    """(C, d) operands of a backward that share their columns (K with its cotangent dW, Q with K, ...), visited one
+    """(C, d) operands of a kernel that share their columns (K with its cotangent dW, Q with K, ...), visited one
     block of columns at a time so that no whole (C, d) tile of them stays live (whole tiles spill registers on a
     GPU). `spans`: each block's (start, size); `load(start, size)` -> the operands' blocks; `store(start, size,
-    *gradients)` writes the gradients' blocks."""
+    *results)` writes the results' blocks (W, or dQ and dK, ...)."""
 
     spans: tuple[tuple[int, int], ...]
     load: Callable[[int, int], tuple[jax.Array, ...]]
     store: Callable[..., None]
+
+
+def _dot_nt_over_blocks(blocks: ColumnBlocks, left: int, right: int, dots: Dots) -> jax.Array:
+    """A B^T for the operands `left` (A) and `right` (B) of `blocks`, summed over their column blocks."""
+    total = 0.0
+    for start, size in blocks.spans:
+        operands = blocks.load(start, size)
+        total += dot_nt(operands[left], operands[right], dots.data)
+    return total
 
 
 def column_spans(width: int, block: int) -> tuple[tuple[int, int], ...]:
@@ -134,10 +143,7 @@ def wy_from_inverse(
 def wy(g: jax.Array, beta: jax.Array, keys: ColumnBlocks, values: ColumnBlocks, dots: Dots = Dots()) -> jax.Array:
     """Stage 1: writes W and U (`wy_from_inverse`) and returns A = (I + L)^-1, L_rs = beta_r Gamma_rs k_r.k_s
     (r > s), by doubling; the backward reuses A instead of recomputing it."""
-    gram = 0.0
-    for start, size in keys.spans:
-        k = keys.load(start, size)[0]
-        gram += dot_nt(k, k, dots.data)
+    gram = _dot_nt_over_blocks(keys, 0, 0, dots)  # K K^T
     rows, cols = _index_grid(g.shape[0])
     lower = jnp.where(rows > cols, beta[:, None] * decay_matrix(g, dots.exact) * gram, 0.0)
     inverse = unit_lower_inverse(lower, dots.exact)
@@ -200,12 +206,8 @@ StateBlock = Callable[[tuple[int, int], tuple[int, int]], jax.Array]  # (rows sp
 
 def _scores(g: jax.Array, queries: ColumnBlocks, dots: Dots) -> tuple[jax.Array, jax.Array]:
     """((Q K^T) o Gamma, Gamma), Q K^T summed over the key-column blocks of `queries` (blocks of Q and K)."""
-    scores = 0.0
-    for start, size in queries.spans:
-        q, k = queries.load(start, size)[:2]
-        scores += dot_nt(q, k, dots.data)
     decay = decay_matrix(g, dots.exact)
-    return scores * decay, decay
+    return _dot_nt_over_blocks(queries, 0, 1, dots) * decay, decay
 
 
 def output(g: jax.Array, queries: ColumnBlocks, values: ColumnBlocks, state: StateBlock, dots: Dots = Dots()) -> None:

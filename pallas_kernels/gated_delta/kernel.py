@@ -35,11 +35,11 @@ _F32 = jnp.float32
 
 @dataclasses.dataclass(frozen=True)
 class KernelConfig:
-    """Static kernel parameters: chunk length C, state-column block BV (also the column block in which `wy_bwd`
-    reads K, V and their cotangents, where it tiles them), interpret mode (CPU), the backend compiled
-    for, for GPU the Triton launch parameters (warps per program and pipelining stages; None: Triton's), the
-    dot precision ("float32", "tf32" or "bfloat16"; `dots`), and `debug`: print each kernel's jaxpr and lowered
-    module (Pallas' `debug`; tests count the dots in the Triton modules)."""
+    """Static kernel parameters: chunk length C, state-column block BV (also the column block in which the parallel
+    kernels visit their (C, d) operands, where it tiles them), interpret mode (CPU), the backend compiled for, for
+    GPU the Triton launch parameters (warps per program and pipelining stages; None: Triton's), the dot precision
+    ("float32", "tf32" or "bfloat16"; `dots`), and `debug`: print each kernel's jaxpr and lowered module (Pallas'
+    `debug`; tests count the dots in the Triton modules)."""
 
     chunk: int
     block_v: int
