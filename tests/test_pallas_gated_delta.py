@@ -19,8 +19,9 @@ import pytest
 from conftest import numpy_gated_delta_rule, random_gdr_inputs, relative_error
 from test_ops import ARG_NAMES
 
-from pallas_kernels.gated_delta import chunk, gated_delta_rule_pallas, lowering_sizes
+from pallas_kernels.gated_delta import chunk, gated_delta_rule_pallas, kernel, lowering_sizes
 from pallas_kernels.gated_delta.lowered import dot_macs, triton_modules
+from pallas_kernels.gated_delta.ops import fold_inputs
 from sleeplm import Config, ModelConfig, SleepConfig
 from sleeplm.data import Rule110Config, batched, make_source
 from sleeplm.ops import IMPLEMENTATIONS, gated_delta_rule, resolve_implementation
@@ -239,6 +240,22 @@ def test_bfloat16_dots_err_like_bfloat16_rounding(gate_scale, length):
     errors = _errors_against_reference(inputs, lambda *a: gated_delta_rule_pallas(*a, 16, precision="bfloat16"))
     for name, error in errors.items():
         assert 1e-4 < error < 1e-2, name
+
+
+def test_bfloat16_dots_store_what_they_round_anyway_in_bfloat16():
+    """Under precision="bfloat16", W, the inverses, V' and the start states are written in bfloat16 (half the memory
+    traffic); U, which a subtraction reads, and the final state stay float32, as everything does otherwise."""
+    inputs = random_gdr_inputs(4, batch=1, length=32, heads=1, d_k=16, d_v=16)
+    settings = dict(chunk_size=16, interpret=True, block_v=16, layout="cpu", num_warps=None, num_stages=None)
+    dtypes = {}
+    for precision in ("float32", "bfloat16"):
+        folded, config = fold_inputs(*(jnp.asarray(inputs[n]) for n in ARG_NAMES), **settings, precision=precision)
+        _, k, v, g, beta, to_end, s0 = folded
+        w, u, inverse = kernel.wy_forward(k, v, g, beta, config, with_inverse=True)
+        v_new, states, final = kernel.states_forward(k, w, u, g, to_end, s0, config)
+        dtypes[precision] = [x.dtype for x in (w, inverse, v_new, states, u, final)]
+    assert dtypes["float32"] == [jnp.float32] * 6
+    assert dtypes["bfloat16"] == [jnp.bfloat16] * 4 + [jnp.float32] * 2
 
 
 def test_dispatcher_runs_pallas_and_auto_picks_xla_on_cpu(gdr_inputs):

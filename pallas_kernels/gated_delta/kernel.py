@@ -65,6 +65,13 @@ class KernelConfig:
             return chunk.Dots(preset, preset)
         return chunk.Dots()
 
+    @property
+    def stored(self) -> jnp.dtype:
+        """The dtype of the intermediates that only dots read, W, A = (I + L)^-1 and the start states, and of V':
+        bfloat16 under bfloat16 dots, which round them to it anyway (half the memory traffic), else float32. U
+        (read by a subtraction), the carried state and every accumulator stay float32."""
+        return jnp.dtype(jnp.bfloat16 if self.precision == "bfloat16" else _F32)
+
 
 def _load(ref, *index) -> jax.Array:
     return ref[index if index else ...].astype(_F32)
@@ -158,7 +165,7 @@ def _stage1_specs(d_k: int, d_v: int, config: KernelConfig) -> list[pl.BlockSpec
 
 def _wu_outputs(bh: int, length: int, d_k: int, d_v: int, config: KernelConfig) -> tuple[list, list]:
     """Specs and shapes of W (BH, T, d_k) and U (BH, T, d_v)."""
-    shapes = [jax.ShapeDtypeStruct((bh, length, d_k), _F32), jax.ShapeDtypeStruct((bh, length, d_v), _F32)]
+    shapes = [jax.ShapeDtypeStruct((bh, length, d_k), config.stored), jax.ShapeDtypeStruct((bh, length, d_v), _F32)]
     return [_chunk_spec(d_k, config), _chunk_spec(d_v, config)], shapes
 
 
@@ -171,16 +178,17 @@ def _wy_kernel(k_ref, v_ref, g_ref, beta_ref, w_ref, u_ref, *inverse_ref, config
     blocks = _wu_blocks(k_ref, v_ref, w_ref, u_ref, config)
     inverse = chunk.wy(_load_row(g_ref), _load_row(beta_ref), *blocks, config.dots)
     if inverse_ref:
-        inverse_ref[0][...] = inverse
+        inverse_ref[0][...] = inverse.astype(inverse_ref[0].dtype)
 
 
 def wy_forward(k, v, g, beta, config: KernelConfig, *, with_inverse: bool = False):
-    """-> (W, U), and each chunk's (I + L)^-1 as (BH, T, C) if `with_inverse` (the backward's residual)."""
+    """-> (W, U), and each chunk's (I + L)^-1 as (BH, T, C) if `with_inverse` (the backward's residual); W and the
+    inverses in `config.stored`."""
     (bh, length, d_k), d_v = k.shape, v.shape[-1]
     out_specs, out_shape = _wu_outputs(bh, length, d_k, d_v, config)
     if with_inverse:
         out_specs.append(_inverse_spec(config))
-        out_shape.append(jax.ShapeDtypeStruct((bh, length, config.chunk), _F32))
+        out_shape.append(jax.ShapeDtypeStruct((bh, length, config.chunk), config.stored))
     return _call(
         functools.partial(_wy_kernel, config=config),
         config,
@@ -244,8 +252,8 @@ def _states_kernel(
     def step(n, state):  # S_{n+1} = gamma_C S_n + K^T (e o V'), e the decays to the chunk end (ops.decays_to_end)
         rows, state_rows = pl.ds(n * size, size), pl.ds(n * d_k, d_k)
         v_new = _load(u_ref, rows, slice(None)) - chunk.dot(_load(w_ref, rows, slice(None)), state, dots.data)
-        states_ref[state_rows, :] = state
-        v_new_ref[rows, :] = v_new
+        states_ref[state_rows, :] = state.astype(states_ref.dtype)
+        v_new_ref[rows, :] = v_new.astype(v_new_ref.dtype)
         decayed_v_new = _load_row(to_end_ref, rows)[:, None] * v_new
         chunk_decay = jnp.exp(jnp.sum(_load_row(g_ref, rows)))
         return chunk_decay * state + chunk.dot_tn(_load(k_ref, rows, slice(None)), decayed_v_new, dots.data)
@@ -254,8 +262,8 @@ def _states_kernel(
 
 
 def states_forward(k, w, u, g, to_end, s0, config: KernelConfig):
-    """-> (V' (BH, T, d_v), start states (BH, NC * d_k, d_v), final state (BH, d_k, d_v)); `to_end` (BH, 1, T)
-    holds each token's decay to its chunk's end."""
+    """-> (V' (BH, T, d_v), start states (BH, NC * d_k, d_v), both in `config.stored`, and the float32 final state
+    (BH, d_k, d_v)); `to_end` (BH, 1, T) holds each token's decay to its chunk's end."""
     (bh, length, d_k), d_v, bv = k.shape, u.shape[-1], config.block_v
     count = length // config.chunk
     kernel = functools.partial(_states_kernel, size=config.chunk, count=count, dots=config.dots)
@@ -268,8 +276,8 @@ def states_forward(k, w, u, g, to_end, s0, config: KernelConfig):
         [keys, keys, _sequence_spec(length, bv, True), row, row, column],
         [_sequence_spec(length, bv, True), _sequence_spec(count * d_k, bv, True), column],
         [
-            jax.ShapeDtypeStruct((bh, length, d_v), _F32),
-            jax.ShapeDtypeStruct((bh, count * d_k, d_v), _F32),
+            jax.ShapeDtypeStruct((bh, length, d_v), config.stored),
+            jax.ShapeDtypeStruct((bh, count * d_k, d_v), config.stored),
             jax.ShapeDtypeStruct((bh, d_k, d_v), _F32),
         ],
     )(k, w, u, g, to_end, s0)
