@@ -206,7 +206,7 @@ def gated_delta_rule_pallas(
     """Chunked gated delta rule in Pallas kernels; same signature and results as `sleeplm.ops`' reference.
 
     `interpret` defaults to True on CPU (the same kernels, run by the Pallas interpreter) and False elsewhere.
-    `block_v` is the state-column block of the sequential kernels and the column block of stage 1's backward.
+    `block_v` is the state-column block of the sequential kernels and the column block of the parallel ones.
     `layout` names the backend whose block-size constraints (chunk and head-dim padding, `lowering_sizes`) to
     apply: by default "cpu" when interpreting (no padding), else the running backend; tests pass "gpu" in
     interpret mode to check the padded path.
