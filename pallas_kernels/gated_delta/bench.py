@@ -199,7 +199,7 @@ def stage_flops(chunk: int, d_k: int, d_v: int) -> dict[str, float]:
         "states_forward": 2 * state,  # W S, K^T V'
         "output_forward": cube + square_k + state + square_v,  # decays, Q K^T, Q S, scores V'
         "wy_from_inverse": square_k + square_v,  # W, U
-        "output_backward": 2 * cube + 3 * square_k + 2 * square_v + state,  # +Q K^T, dQ, dK, dscores, dV', dO S^T
+        "output_backward": 2 * cube + 3 * square_k + 2 * square_v + state,  # Gamma, dg; Q K^T, dQ, dK; dS, dV'; dO S^T
         "states_backward": 5 * state,  # K dS, V' dS^T, dV' S^T, W^T dV', (gamma Q)^T dO
         "wy_backward": 4 * cube + 5 * square_k + 2 * square_v,  # decays, K K^T, dA, dL, dR, (G + G^T) K, dg's 0/1
     }
