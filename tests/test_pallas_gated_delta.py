@@ -310,6 +310,7 @@ def test_the_gpu_benchmark_script_runs_every_section_on_cpu(tmp_path):
             assert max(timing["relative_error_vs_reference"].values()) < 1e-5, (implementation, dtype)
     stages = results["stages"]
     assert {"wy_forward", "wy_from_inverse", "states_backward", "wy_backward"} <= stages.keys()
+    assert all(stages[name]["array_gbps"] > 0 for name in ("wy_forward", "states_backward"))
     assert stages["kernels_in_forward_backward_s"] > 0 and all("error" not in r for r in results["sweep"].values())
     assert len(results["sweep"]) == 12
 

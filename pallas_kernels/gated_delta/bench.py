@@ -206,10 +206,17 @@ def stage_flops(chunk: int, d_k: int, d_v: int) -> dict[str, float]:
     return {name: 2.0 * count for name, count in macs.items()}
 
 
+def array_bytes(inputs, outputs) -> int:
+    """Bytes of a kernel's input and output arrays, each counted once: a lower bound on its memory traffic (the
+    sequential kernels read K, W and Q once per state-column block)."""
+    return sum(x.nbytes for x in jax.tree.leaves((inputs, outputs)))
+
+
 def time_stages(args: argparse.Namespace) -> dict:
     """Each Pallas kernel alone on the folded benchmark inputs (float32, default settings but --stages-precision),
     in the order the forward+backward runs them (the backward reruns states after W and U from the stored
-    inverses), with the TFLOP/s of the dots it executes (`stage_flops`), and the whole forward+backward."""
+    inverses), with the TFLOP/s of the dots it executes (`stage_flops`), the GB/s of its arrays (`array_bytes`:
+    a lower bound on its memory traffic), and the whole forward+backward."""
     from pallas_kernels.gated_delta import gated_delta_rule_pallas
     from pallas_kernels.gated_delta.lowered import STAGE_KERNELS, run_every_kernel
     from pallas_kernels.gated_delta.ops import fold_inputs
@@ -223,11 +230,13 @@ def time_stages(args: argparse.Namespace) -> dict:
     folded, config = fold_inputs(*inputs, chunk_size=args.chunk, **settings)
     # Each kernel jitted once (config static): the calls that make the next stage's inputs also compile it for timing.
     jitted = {name: jax.jit(functools.partial(fn, config=config)) for name, fn in STAGE_KERNELS.items()}
-    arguments = {}
+    arguments, traffic = {}, {}
 
     def call(name, *args):
         arguments[name] = args
-        return jitted[name](*args)
+        outputs = jitted[name](*args)
+        traffic[name] = array_bytes(args, outputs)
+        return outputs
 
     cotangent = lambda x, seed: jax.random.normal(jax.random.key(seed), x.shape, x.dtype)
     q, v, s0 = folded[0], folded[2], folded[-1]
@@ -237,8 +246,9 @@ def time_stages(args: argparse.Namespace) -> dict:
     results = {}
     for name, stage in jitted.items():
         seconds = median_seconds(stage, *arguments[name], repeats=args.repeats)
-        results[name] = {"seconds": seconds, "tflops": chunks * flops[name] / seconds / 1e12}
-        print(f"stage {name:<16}: {1e3 * seconds:8.2f} ms  {results[name]['tflops']:7.2f} TFLOP/s", flush=True)
+        tflops, gbps = chunks * flops[name] / seconds / 1e12, traffic[name] / seconds / 1e9
+        results[name] = {"seconds": seconds, "tflops": tflops, "array_bytes": traffic[name], "array_gbps": gbps}
+        print(f"stage {name:<16}: {1e3 * seconds:8.2f} ms  {tflops:7.2f} TFLOP/s  {gbps:8.1f} GB/s", flush=True)
     # forward+backward runs states twice (the backward recomputes it); the rest once each
     kernels = sum(r["seconds"] for r in results.values()) + results["states_forward"]["seconds"]
     whole = benchmark(f"pallas-{args.stages_precision}", inputs, args.chunk, args.repeats)["forward_backward_s"]
