@@ -9,13 +9,14 @@
    as "reference-remat", its backward rematerialised per 64-step segment: the plain scan keeps every step's
    state, 130 GiB here.
 2. stages: each of the seven Pallas kernels alone at the benchmark shape (float32 inputs, default settings with
-   --stages-precision dots), with the TFLOP/s of the dots it runs (`stage_flops`), and their sum against the whole
-   forward+backward (the rest is layout: folding heads, padding, casts).
+   --stages-precision dots), with the TFLOP/s of the dots it runs (`stage_flops`), the GB/s of its arrays
+   (`array_bytes`), and their sum against the whole forward+backward (the rest is layout: folding heads, padding,
+   casts).
 3. correctness: outputs, final state and all six gradients of pallas (each precision) and xla against a float64
    recurrence (run on the device with x64 enabled), float32 and bfloat16 inputs, with padded head dims and a
    partial last chunk. Exits non-zero if a bound is missed.
 4. sweep (not run by default): settings one at a time (chunk size, the state-column block, Triton warps and
-   stages, TF32 and bfloat16 dots), pallas forward and forward+backward.
+   stages, TF32 and bfloat16 dots, whole tiles against column blocks), pallas forward and forward+backward.
 Each section is written to --out as soon as it finishes, so a cut-off run keeps what it measured.
 """
 
@@ -262,7 +263,7 @@ def time_stages(args: argparse.Namespace) -> dict:
 SWEEP = (  # most telling first: a run cut off by its time limit keeps those
     {},
     {"precision": "tf32"},  # one TF32 product per dot instead of three: what float32-level accuracy costs
-    {"num_warps": 8},  # half the registers per thread for the 64 x 128 float32 tiles
+    {"num_warps": 8},  # half the registers per thread: the backward kernels spill at 4 (README's static check)
     {"precision": "tf32", "num_warps": 8},
     {"precision": "tf32", "block_v": 128},  # whole (C, d) tiles in the parallel kernels (no column blocks)
     {"precision": "bfloat16"},  # the data dots on bfloat16 operands, as flash-linear-attention computes
