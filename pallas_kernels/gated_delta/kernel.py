@@ -82,12 +82,9 @@ def _load_row(ref, index=slice(None)) -> jax.Array:
     return ref[0, index].astype(_F32)
 
 
-def _store(ref, value: jax.Array) -> None:
-    """Stores a chunk result; a per-token vector goes to row 0 of its (1, length) block."""
-    if value.ndim == 1:
-        ref[0, :] = value
-    else:
-        ref[...] = value
+def _store_row(ref, value: jax.Array) -> None:
+    """Stores a per-token vector (dg, dbeta) to row 0 of its (1, length) block."""
+    ref[0, :] = value
 
 
 def _call(kernel, config: KernelConfig, grid, in_specs, out_specs, out_shape):
@@ -223,8 +220,8 @@ def _wy_bwd_kernel(
     values = _column_blocks((v_ref, du_ref), (dv_ref,), config.block_v)
     g, beta = _load_row(g_ref), _load_row(beta_ref)
     d_g, d_beta = chunk.wy_vjp(_load(inverse_ref), g, beta, keys, values, config.dots)
-    _store(dg_ref, d_g)
-    _store(dbeta_ref, d_beta)
+    _store_row(dg_ref, d_g)
+    _store_row(dbeta_ref, d_beta)
 
 
 def wy_backward(inverse, k, v, g, beta, dw, du, config: KernelConfig):
@@ -377,9 +374,8 @@ def _output_bwd_kernel(
 ):
     queries = _column_blocks((q_ref, k_ref), (dq_ref, dk_ref), config.block_v)
     values = _column_blocks((v_new_ref, do_ref), (dv_new_ref,), config.block_v)
-
     # The start state is read, not differentiated: `states_backward` forms its cotangent.
-    _store(dg_ref, chunk.output_vjp(_load_row(g_ref), queries, values, _state_blocks(state_ref), config.dots))
+    _store_row(dg_ref, chunk.output_vjp(_load_row(g_ref), queries, values, _state_blocks(state_ref), config.dots))
 
 
 def output_backward(q, k, g, v_new, states, do, config: KernelConfig):
