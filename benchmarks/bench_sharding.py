@@ -24,8 +24,9 @@ import jax.numpy as jnp
 from common import write_record
 
 from sleeplm.data import batched, make_source
-from sleeplm.parallel import RULES, MeshConfig, ShardedTraining, batch_sharding, make_mesh
+from sleeplm.parallel import MeshConfig, ShardedTraining, batch_sharding, make_mesh
 from sleeplm.presets import build_experiment
+from sleeplm.sharding import RULES
 from sleeplm.timing import median_seconds
 from sleeplm.train import init_train_state, masked_loss, train_step
 
@@ -65,7 +66,7 @@ def main() -> None:
         return metrics["loss"]
 
     def gradient(params, b):
-        return jax.grad(lambda p: masked_loss(p, b, config)[0])(params)
+        return jax.grad(lambda p: masked_loss(p, b, config))(params)
 
     rows = {
         "1 device": {

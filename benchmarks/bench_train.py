@@ -29,13 +29,13 @@ def forward_flops_per_token_pass(config: Config) -> float:
     """FLOPs of one block-stack pass for one token (2 per multiply-add), plus nothing for the head."""
     m, window = config.model, config.sleep.window
     d, attended = m.d_model, window * (2 if config.sleep.eviction == "sliding" else 1)
-    attn_width, kv_width = m.num_heads * m.attn_head_dim, m.kv_heads * m.attn_head_dim
-    heads, d_k, d_v = m.gdn_num_heads, m.gdn_dim_k, m.gdn_dim_v
+    attn_width, kv_width = m.num_heads * m.head_dim, m.num_kv_heads * m.head_dim
+    heads, d_k, d_v = m.gdn_heads, m.gdn_head_dim_k, m.gdn_head_dim_v
     chunk = min(m.gdn_chunk_size, window)
     attention = 2 * d * (2 * attn_width + 2 * kv_width) + 4 * attended * attn_width
     gdn_projections = 2 * d * (2 * heads * d_k + 2 * heads * d_v + 2 * heads) + 2 * heads * d_v * d
     gdn_rule = 2 * heads * (chunk * (3 * d_k + 2 * d_v) + 3 * d_k * d_v)
-    mlp = 2 * 3 * d * m.hidden_dim
+    mlp = 2 * 3 * d * m.mlp_dim
     per_layer = {"attn": attention, "gdn": gdn_projections + gdn_rule}
     return sum(per_layer[kind] + mlp for kind in m.layers)
 

@@ -1,9 +1,10 @@
-"""The CPU-scale reproduction (issue 4): each sweep is a list of runs, a preset plus `--SECTION.FIELD` overrides.
+"""The CPU-scale reproduction: each sweep is a list of runs, a preset plus `--SECTION.FIELD` overrides.
 
-Scale, chosen by measurement on the 2-core CPU (SPEC §5 is the paper's): the `rule110-cpu` preset (4 blocks
-attn/GDN/attn/GDN, d=64, 4 strings of width 12, window L=12 = one string per window, hard eviction, labels after
-all strings, batch 64), 600 steps with warmup 30 and cosine decay, held-out exact accuracy every 50 steps on 512
-sequences. One N=1 run takes about 3 minutes, N=4 about 4 times that. Depth t is the knob the paper sweeps.
+Scale, chosen by measurement on the 2-core CPU (the paper's is in docs/method.md, "The paper's numbers"): the
+`rule110-cpu` preset (4 blocks attn/GDN/attn/GDN, d=64, 4 strings of width 12, window L=12 = one string per
+window, hard eviction, labels after all strings, batch 64), 600 steps with warmup 30 and cosine decay, held-out
+exact accuracy every 50 steps on 512 sequences. One N=1 run takes about 3 minutes, N=4 about 4 times that. Depth
+t is the knob the paper sweeps.
 """
 
 from __future__ import annotations

@@ -1,12 +1,15 @@
 """sleeplm: hybrid attention + fast-weight language models that sleep on each full context window.
 
-Public API: `Config`, `ModelConfig`, `SleepConfig`, `init_params`, `init_state`, `forward`, `wake_step`,
-`sleep_step`; the gated delta rule is `sleeplm.ops.gated_delta_rule`.
+Public API: `Config`, `ModelConfig`, `SleepConfig`, `init_params`, `init_state`, `forward`, `forward_with_state`,
+`wake_step`, `sleep_step`; the gated delta rule is `sleeplm.ops.gated_delta_rule`; mixer kinds are registered in
+`sleeplm.model.kinds`, tasks in `sleeplm.data`.
 """
 
 from sleeplm.config import Config, ModelConfig, SleepConfig
-from sleeplm.sleep import forward, init_params, sleep_step, wake_step
-from sleeplm.state import AttentionCache, FastWeightState, SleepState, init_state
+from sleeplm.model.attention import AttentionCache
+from sleeplm.model.gdn import FastWeightState
+from sleeplm.sleep import forward, forward_with_state, init_params, sleep_step, wake_step
+from sleeplm.state import SleepState, init_state
 
 __all__ = [
     "AttentionCache",
@@ -16,6 +19,7 @@ __all__ = [
     "SleepConfig",
     "SleepState",
     "forward",
+    "forward_with_state",
     "init_params",
     "init_state",
     "sleep_step",

@@ -7,12 +7,10 @@ and what is allowed, so a bad config fails before anything is traced or compiled
 from __future__ import annotations
 
 import dataclasses
-from typing import Literal
 
-LAYER_KINDS = ("attn", "gdn")
-EVICTION_MODES = ("hard", "sliding", "none")
+from sleeplm.eviction import EVICTIONS, Eviction
+
 DTYPES = ("float32", "bfloat16")
-GDN_IMPLEMENTATIONS = ("auto", "reference", "xla", "pallas")
 
 
 def _fail(field: str, value: object, allowed: str) -> None:
@@ -30,13 +28,33 @@ def check_positive_ints(config: object, names: tuple[str, ...], prefix: str = ""
         _positive_int(prefix + name, getattr(config, name))
 
 
+class Derived(int):
+    """A size derived from other fields because it was left as None. It is the int it equals (in arithmetic,
+    equality, hashing and JSON), and `dataclasses.replace` derives it again from the changed fields instead of
+    keeping it, so overriding d_model or num_heads keeps the sizes that follow from them consistent."""
+
+
+# How each field left as None is derived, in this order.
+_DERIVED = {
+    "num_kv_heads": lambda m: m.num_heads,
+    "head_dim": lambda m: m.d_model // m.num_heads,
+    "gdn_heads": lambda m: m.num_heads,
+    "gdn_head_dim_k": lambda m: m.head_dim,
+    "gdn_head_dim_v": lambda m: m.head_dim,
+    "mlp_dim": lambda m: 4 * m.d_model,
+}
+
+
 @dataclasses.dataclass(frozen=True)
 class ModelConfig:
-    """The hybrid block stack of SPEC §2.
+    """The hybrid block stack (docs/method.md, "The model").
 
-    `layers` lists the mixer of each block in order ("attn" or "gdn"); attention uses `num_heads` query heads of
-    `head_dim` (default d_model // num_heads) and `num_kv_heads` key/value heads (GQA when fewer); Gated DeltaNet
-    uses `gdn_heads` heads with key dim `gdn_head_dim_k` and value dim `gdn_head_dim_v` (default head_dim).
+    `layers` names the mixer of each block in order, each a kind registered in `sleeplm.model.kinds` ("attn",
+    "gdn", or one registered by the user). Attention uses `num_heads` query heads of `head_dim` (default
+    d_model // num_heads) and `num_kv_heads` key/value heads (default num_heads; GQA when fewer); Gated DeltaNet uses
+    `gdn_heads` heads (default num_heads) with key dim `gdn_head_dim_k` and value dim `gdn_head_dim_v` (default
+    head_dim); the MLP's hidden size is `mlp_dim` (default 4 d_model). `gdn_implementation` is a name of
+    `sleeplm.ops.implementation_names()`.
     """
 
     vocab_size: int = 32
@@ -53,84 +71,63 @@ class ModelConfig:
     conv_width: int = 4
     rope_theta: float = 10_000.0
     norm_eps: float = 1e-6
-    dtype: Literal["float32", "bfloat16"] = "float32"
+    dtype: str = "float32"
     gdn_implementation: str = "auto"
     gdn_chunk_size: int = 64
 
     def __post_init__(self) -> None:
+        from sleeplm.model.kinds import mixer_kind  # the registry imports the mixers, which import this module
+        from sleeplm.ops import implementation_names
+
         check_positive_ints(self, ("vocab_size", "d_model", "num_heads", "conv_width", "gdn_chunk_size"))
-        for name in ("num_kv_heads", "head_dim", "gdn_heads", "gdn_head_dim_k", "gdn_head_dim_v", "mlp_dim"):
-            value = getattr(self, name)
-            if value is not None:
-                _positive_int(name, value)
-        if not isinstance(self.layers, tuple) or not self.layers:
-            _fail("layers", self.layers, f"must be a non-empty tuple of {LAYER_KINDS}")
-        for i, kind in enumerate(self.layers):
-            if kind not in LAYER_KINDS:
-                _fail(f"layers[{i}]", kind, f"allowed mixers are {LAYER_KINDS}")
-        if self.head_dim is None and self.d_model % self.num_heads:
+        derive = [name for name in _DERIVED if getattr(self, name) is None or isinstance(getattr(self, name), Derived)]
+        check_positive_ints(self, tuple(name for name in _DERIVED if name not in derive))
+        if "head_dim" in derive and self.d_model % self.num_heads:
             _fail("num_heads", self.num_heads, f"must divide d_model={self.d_model} (or set head_dim)")
-        if self.attn_head_dim % 2:
-            _fail("head_dim", self.attn_head_dim, "must be even (RoPE rotates pairs of dims)")
-        if self.num_heads % self.kv_heads:
-            _fail("num_kv_heads", self.num_kv_heads, f"must divide num_heads={self.num_heads}")
+        for name in derive:
+            object.__setattr__(self, name, Derived(_DERIVED[name](self)))
+        if not isinstance(self.layers, tuple) or not self.layers:
+            _fail("layers", self.layers, "must be a non-empty tuple of mixer kinds")
+        for i, kind in enumerate(self.layers):
+            mixer_kind(kind, field=f"layers[{i}]").check_config(self)
         if self.dtype not in DTYPES:
             _fail("dtype", self.dtype, f"allowed dtypes are {DTYPES}")
-        if self.gdn_implementation not in GDN_IMPLEMENTATIONS:
-            _fail("gdn_implementation", self.gdn_implementation, f"allowed are {GDN_IMPLEMENTATIONS}")
+        if self.gdn_implementation not in implementation_names():
+            _fail("gdn_implementation", self.gdn_implementation, f"allowed are {implementation_names()}")
         if not self.rope_theta > 0:
             _fail("rope_theta", self.rope_theta, "must be > 0")
         if not self.norm_eps > 0:
             _fail("norm_eps", self.norm_eps, "must be > 0")
 
-    @property
-    def attn_head_dim(self) -> int:
-        return self.head_dim or self.d_model // self.num_heads
-
-    @property
-    def kv_heads(self) -> int:
-        return self.num_kv_heads or self.num_heads
-
-    @property
-    def gdn_num_heads(self) -> int:
-        return self.gdn_heads or self.num_heads
-
-    @property
-    def gdn_dim_k(self) -> int:
-        return self.gdn_head_dim_k or self.attn_head_dim
-
-    @property
-    def gdn_dim_v(self) -> int:
-        return self.gdn_head_dim_v or self.attn_head_dim
-
-    @property
-    def hidden_dim(self) -> int:
-        return self.mlp_dim or 4 * self.d_model
-
 
 @dataclasses.dataclass(frozen=True)
 class SleepConfig:
-    """The wake/sleep process of SPEC §3.
+    """The wake/sleep process (docs/method.md, "Windows, wake and sleep").
 
     `window` is L (tokens per window), `passes` is N (all passes over a slept window: N=1 means no sleep),
-    `eviction` is "hard" (KV cleared after each slept window), "sliding" (sliding-window attention of width L), or
-    "none": the no-eviction baseline, where the whole sequence is one window (full causal attention, never slept on;
-    `window` then only lays out the task). "none" has no streaming state: train and evaluate it with `forward`.
+    `eviction` names a mode of `sleeplm.eviction.EVICTIONS`: "hard" (KV cleared after each slept window), "sliding"
+    (sliding-window attention of width L), or "none": the no-eviction baseline, where the whole sequence is one
+    window (full causal attention, never slept on; `window` then only lays out the task).
     `remat` rematerialises each window pass in the backward pass (memory for compute);
     `stop_gradient_between_windows` truncates backpropagation at window boundaries (both off by default).
     """
 
     window: int = 24
     passes: int = 1
-    eviction: Literal["hard", "sliding", "none"] = "hard"
+    eviction: str = "hard"
     remat: bool = False
     stop_gradient_between_windows: bool = False
 
     def __post_init__(self) -> None:
         _positive_int("sleep.window", self.window)
         _positive_int("sleep.passes", self.passes)
-        if self.eviction not in EVICTION_MODES:
-            _fail("sleep.eviction", self.eviction, f"allowed modes are {EVICTION_MODES}")
+        if self.eviction not in EVICTIONS:
+            _fail("sleep.eviction", self.eviction, f"allowed modes are {tuple(EVICTIONS)}")
+
+    @property
+    def eviction_mode(self) -> Eviction:
+        """The `Eviction` that `eviction` names."""
+        return EVICTIONS[self.eviction]
 
 
 @dataclasses.dataclass(frozen=True)

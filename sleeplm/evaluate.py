@@ -1,36 +1,36 @@
-"""Task metrics on a fixed held-out set (SPEC §4): Rule 110 exact match and per-label accuracy; Depo loss and
-accuracy per hop count k; arithmetic accuracy per op count with the majority-answer baseline beside it."""
+"""Metrics on fixed held-out sets: loss per label, label accuracy and exact match (every label of an example right)
+on "all" and on each of the task's extra held-out sets (suffixed "@name", e.g. Depo's "accuracy@k4"), plus the
+task's own metrics on "all" (`Task.metrics`, e.g. Rule 110 per-label accuracy, arithmetic accuracy per op count)."""
 
 from __future__ import annotations
-
-import dataclasses
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from sleeplm.data import DepoConfig, Rule110Config, batched, make_source
+from sleeplm.data import batched, make_source, task_of
 from sleeplm.presets import Experiment
 from sleeplm.train import eval_step
 
-DEPO_HOPS = (1, 2, 4, 8, 16)
 MODEL_KEYS = ("inputs", "targets", "loss_mask")
 
 
 def eval_sets(experiment: Experiment) -> dict[str, list[dict]]:
-    """Named lists of held-out batches (numpy), generated once per run: "all", and for Depo one per hop count."""
-    run, task, seed = experiment.run, experiment.task, experiment.train.seed
+    """Named lists of held-out batches (numpy), generated once per run: "all", then the task's held-out sets.
 
-    def batches(task_config) -> list[dict]:
-        source = make_source(task_config, "eval", seed=seed, size=run.eval_examples)
+    Every set comes from a source of the experiment's own task config, so it shares the training vocabulary.
+    """
+    run, config, seed = experiment.run, experiment.task, experiment.train.seed
+    task = task_of(config)
+
+    def batches(**source_options) -> list[dict]:
+        source = make_source(config, "eval", seed=seed, size=run.eval_examples, **source_options)
         return list(batched(source, run.eval_batch_size, seed=seed, shuffle=False))
 
-    sets = {"all": batches(task)}
-    if isinstance(task, DepoConfig):
-        for k in DEPO_HOPS:
-            if k <= task.max_hops:
-                sets[f"k{k}"] = batches(dataclasses.replace(task, min_hops=k, max_hops=k))
-    return sets
+    extra = task.held_out_sets(config)
+    if "all" in extra:
+        raise ValueError(f"task {task.name!r} names a held-out set 'all': that name is the whole held-out set's")
+    return {"all": batches(), **{name: batches(**options) for name, options in extra.items()}}
 
 
 def _concatenate(dicts: list[dict]) -> dict:
@@ -41,21 +41,15 @@ def evaluate(params, sets: dict[str, list[dict]], experiment: Experiment, eval_f
     """Flat dict of metrics for the experiment's task. `eval_fn(params, batch)` defaults to `train.eval_step`
     (a sharded run passes its sharded eval step)."""
     eval_fn = eval_fn or (lambda p, batch: eval_step(p, batch, experiment.config))
+    task = task_of(experiment.task)
     metrics: dict[str, float] = {}
     for name, batches in sets.items():
         results = [jax.device_get(eval_fn(params, {k: jnp.asarray(b[k]) for k in MODEL_KEYS})) for b in batches]
-        result, data = _concatenate(results), _concatenate(batches)
+        result, examples = _concatenate(results), _concatenate(batches)
         suffix = "" if name == "all" else f"@{name}"
         metrics[f"loss{suffix}"] = float(result["loss_sum"].sum() / result["labels"].sum())
         metrics[f"accuracy{suffix}"] = float(result["labels_right"].sum() / result["labels"].sum())
         metrics[f"exact{suffix}"] = float(result["exact"].mean())
-        if name != "all":
-            continue
-        if isinstance(experiment.task, Rule110Config):  # every example has num_strings labels, in order
-            per_label = result["right"][data["loss_mask"] > 0].reshape(len(result["exact"]), -1)
-            metrics.update({f"label{i}_accuracy": float(a) for i, a in enumerate(per_label.mean(0))})
-        if "ops" in data:
-            for count in np.unique(data["ops"]):
-                metrics[f"accuracy@ops{count}"] = float(result["exact"][data["ops"] == count].mean())
-            metrics["majority_answer_accuracy"] = float(np.bincount(data["answer"]).max() / len(data["answer"]))
+        if name == "all":
+            metrics.update(task.metrics(result, examples))
     return metrics

@@ -1,13 +1,13 @@
-"""Sharding across devices with `jax.sharding`: a Mesh over the named axes (data, fsdp, tensor), logical-axis rules
-mapping parameter and activation dims to mesh axes (in the spirit of maxtext's rule files), and the shardings of
-params, optimizer state, batches and the sleep state. The xla path runs under GSPMD: jit with in/out shardings."""
+"""Sharding across devices with `jax.sharding`: a Mesh over the named axes (`sleeplm.sharding.MESH_AXES`), and
+the shardings of params, optimizer state, batches and the sleep state from the logical axes that parameters and
+caches declare and the rules that map them to mesh axes (`sleeplm.sharding`). The xla path runs under GSPMD: jit
+with in/out shardings, traced with the rules in force so activation constraints and per-shard kernels follow them."""
 
 from __future__ import annotations
 
 import dataclasses
 import functools
 import math
-from collections.abc import Mapping
 
 import jax
 import numpy as np
@@ -15,22 +15,11 @@ from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from sleeplm.config import Config
-from sleeplm.constraints import BATCH_AXES
-from sleeplm.state import AttentionCache, FastWeightState, SleepState
+from sleeplm.model.kinds import mixer_kind
+from sleeplm.sharding import MESH_AXES, LogicalAxes, Rules, logical_to_spec, rules_named, use_rules
+from sleeplm.sleep import param_logical_axes
+from sleeplm.state import SleepState
 from sleeplm.train import TrainConfig, TrainState, eval_step, init_train_state, train_step
-
-MESH_AXES = ("data", "fsdp", "tensor")
-BATCH = BATCH_AXES
-
-# Logical dims -> mesh axes. "fsdp+tp" is the general rule set: on a mesh axis of size 1 its entries are no-ops.
-# "optimizer_embed" shards the optimizer state's embed dim where the params' is not (ZeRO-1): under "dp" each
-# device then updates 1/n of every matrix instead of repeating the whole (Muon) update, and the new params are
-# all-gathered. Without it the optimizer cost 5x its single-device time on 8 fake CPU devices (benchmarks/RESULTS.md).
-RULES: dict[str, dict[str, str | tuple[str, ...] | None]] = {
-    "dp": {"batch": BATCH, "embed": None, "heads": None, "mlp": None, "vocab": None, "optimizer_embed": BATCH},
-    "fsdp": {"batch": BATCH, "embed": "fsdp", "heads": None, "mlp": None, "vocab": None},
-    "fsdp+tp": {"batch": BATCH, "embed": "fsdp", "heads": "tensor", "mlp": "tensor", "vocab": "tensor"},
-}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -73,30 +62,8 @@ def make_mesh(mesh_config: MeshConfig, devices: list | None = None) -> Mesh:
     return Mesh(np.asarray(devices).reshape(mesh_config.shape(len(devices))), MESH_AXES)
 
 
-def _names(path) -> list[str]:
-    return [str(getattr(key, "key", getattr(key, "name", key))) for key in path]
-
-
-def param_logical_axes(names: list[str], ndim: int) -> tuple[str | None, ...]:
-    """Logical dims of the parameter at `names` (its path inside the params tree)."""
-    layer, leaf = (names[-2] if len(names) > 1 else ""), names[-1]
-    if layer == "embedding":  # a gather from a vocab-sharded table would be replicated first: shard embed only
-        return (None, "embed")
-    if layer == "head":
-        return ("embed", "vocab")
-    if leaf == "kernel" and "mlp" in names:
-        return ("mlp", "embed") if layer == "down" else ("embed", "mlp")
-    if leaf == "kernel" and ("attn" in names or "gdn" in names):
-        if layer == "o":
-            return ("heads", "embed")
-        if layer in ("q", "k", "v", "gate"):
-            return ("embed", "heads")
-        return ("embed", None)  # the per-head gates a, b: tiny, replicated over heads
-    return (None,) * ndim  # norms, decay parameters, short-convolution taps: small, replicated
-
-
-def _spec(axes: tuple[str | None, ...], rules: Mapping) -> P:
-    return P(*(rules.get(a) if a else None for a in axes))
+def _names(path) -> tuple[str, ...]:
+    return tuple(str(getattr(key, "key", getattr(key, "name", key))) for key in path)
 
 
 def _axis_size(mesh: Mesh, mesh_axes) -> int:
@@ -105,18 +72,16 @@ def _axis_size(mesh: Mesh, mesh_axes) -> int:
 
 
 def check_divisible(
-    config: Config, batch_size: int, mesh: Mesh, rules: Mapping, eval_batch_size: int | None = None
+    config: Config, batch_size: int, mesh: Mesh, rules: Rules, eval_batch_size: int | None = None
 ) -> None:
     """Fails early, naming the model field, when the mesh cannot split what the rules ask it to split."""
     m = config.model
     batches = {"train.batch_size": batch_size} | ({"run.eval_batch_size": eval_batch_size} if eval_batch_size else {})
-    wanted = {
-        "batch": batches,
-        "embed": {"model.d_model": m.d_model},
-        "optimizer_embed": {"model.d_model": m.d_model},
-        "heads": {"model.num_heads": m.num_heads, "model.num_kv_heads": m.kv_heads, "model.gdn_heads": m.gdn_num_heads},
-        "mlp": {"model.mlp_dim": m.hidden_dim},
-    }
+    wanted = {"batch": batches, "embed": {"model.d_model": m.d_model}, "optimizer_embed": {"model.d_model": m.d_model}}
+    for kind in dict.fromkeys(m.layers):
+        for logical, fields in mixer_kind(kind).split_sizes(m).items():
+            wanted.setdefault(logical, {}).update(fields)
+    wanted.setdefault("mlp", {})["model.mlp_dim"] = m.mlp_dim
     for logical, fields in wanted.items():
         size = _axis_size(mesh, rules.get(logical))
         for field, value in fields.items():
@@ -127,7 +92,7 @@ def check_divisible(
                 )
 
 
-def _effective_rules(config: Config, mesh: Mesh, rules: Mapping) -> dict:
+def _effective_rules(config: Config, mesh: Mesh, rules: Rules) -> dict:
     """The vocabulary is sharded only when the mesh divides it (small task vocabularies are replicated)."""
     rules = dict(rules)
     if config.model.vocab_size % _axis_size(mesh, rules.get("vocab")):
@@ -135,42 +100,43 @@ def _effective_rules(config: Config, mesh: Mesh, rules: Mapping) -> dict:
     return rules
 
 
-def train_state_shardings(abstract: TrainState, mesh: Mesh, rules: Mapping) -> TrainState:
-    """Shardings for params and for every optimizer-state leaf that mirrors a parameter (same path below
-    'params', same rank; its embed dim follows "optimizer_embed" where the rules have it); counters and other
-    leaves are replicated."""
+def _is_axes(x) -> bool:
+    return isinstance(x, LogicalAxes)
+
+
+def train_state_shardings(abstract: TrainState, mesh: Mesh, rules: Rules, config: Config) -> TrainState:
+    """Shardings of the train state: each parameter by the logical axes it was created with; each optimizer-state
+    leaf that mirrors a parameter (the same path below a 'params' key) like that parameter, its embed dim following
+    "optimizer_embed" where the rules have it; counters and other leaves replicated."""
     optimizer_rules = dict(rules, embed=rules.get("optimizer_embed", rules.get("embed")))
+    flat = jax.tree_util.tree_leaves_with_path(param_logical_axes(config), is_leaf=_is_axes)
+    axes_by_path = {_names(path)[1:]: axes for path, axes in flat}  # below the 'params' collection
 
     def sharding(path, leaf):
         names = _names(path)
         if "params" in names and leaf.ndim:
             below = names[len(names) - names[::-1].index("params") :]
-            axes = param_logical_axes(below, leaf.ndim)
-            if len(axes) == leaf.ndim:
-                return NamedSharding(mesh, _spec(axes, rules if names[0] == "params" else optimizer_rules))
+            axes = axes_by_path.get(below)
+            if axes is not None and len(axes) == leaf.ndim:
+                return NamedSharding(mesh, logical_to_spec(axes, rules if names[0] == "params" else optimizer_rules))
         return NamedSharding(mesh, P())
 
     return jax.tree_util.tree_map_with_path(sharding, abstract)
 
 
-def batch_sharding(mesh: Mesh, rules: Mapping) -> NamedSharding:
+def batch_sharding(mesh: Mesh, rules: Rules) -> NamedSharding:
     return NamedSharding(mesh, P(rules["batch"]))
 
 
-def sleep_state_shardings(state: SleepState, mesh: Mesh, rules: Mapping) -> SleepState:
-    """KV caches over (batch, heads), fast weights over (batch, heads), the rest over batch; scalars replicated."""
-    batch, heads = rules["batch"], rules.get("heads")
-
-    def layer(cache):
-        if isinstance(cache, AttentionCache):
-            return jax.tree.map(lambda _: NamedSharding(mesh, P(batch, None, heads, None)), cache)
-        return FastWeightState(
-            NamedSharding(mesh, P(batch, heads, None, None)),
-            None if cache.conv is None else NamedSharding(mesh, P(batch)),
-        )
-
+def sleep_state_shardings(state: SleepState, mesh: Mesh, rules: Rules, config: Config) -> SleepState:
+    """Each block's cache by the logical axes its mixer kind gives it, the hidden states over batch; scalars
+    replicated."""
+    caches = tuple(
+        mixer_kind(kind).cache_axes(cache) for kind, cache in zip(config.model.layers, state.layers, strict=True)
+    )
+    caches = jax.tree.map(lambda axes: NamedSharding(mesh, logical_to_spec(axes, rules)), caches, is_leaf=_is_axes)
     replicated = NamedSharding(mesh, P())
-    return SleepState(tuple(layer(c) for c in state.layers), NamedSharding(mesh, P(batch)), replicated, replicated)
+    return SleepState(caches, NamedSharding(mesh, P(rules["batch"])), replicated, replicated)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -184,24 +150,21 @@ class ShardedTraining:
 
     @classmethod
     def create(
-        cls, config: Config, train: TrainConfig, mesh: Mesh, rules: str | Mapping = "fsdp+tp", eval_batch_size=None
+        cls, config: Config, train: TrainConfig, mesh: Mesh, rules: str | Rules = "fsdp+tp", eval_batch_size=None
     ):
-        if isinstance(rules, str):
-            if rules not in RULES:
-                raise ValueError(f"rules={rules!r} is unknown: choose one of {sorted(RULES)}")
-            rules = RULES[rules]
+        rules = rules_named(rules) if isinstance(rules, str) else rules
         check_divisible(config, train.batch_size, mesh, rules, eval_batch_size)
         return cls(mesh, _effective_rules(config, mesh, rules), config, train)
 
     @functools.cached_property
     def state_shardings(self) -> TrainState:
         abstract = jax.eval_shape(lambda key: init_train_state(key, self.config, self.train), jax.random.key(0))
-        return train_state_shardings(abstract, self.mesh, self.rules)
+        return train_state_shardings(abstract, self.mesh, self.rules, self.config)
 
     def init(self, key: jax.Array) -> TrainState:
         """The train state created directly in its sharded layout (never whole on one device)."""
         init = functools.partial(init_train_state, config=self.config, train=self.train)
-        with jax.set_mesh(self.mesh):
+        with jax.set_mesh(self.mesh), use_rules(self.rules):
             return jax.jit(init, out_shardings=self.state_shardings)(key)
 
     @functools.cached_property
@@ -215,7 +178,7 @@ class ShardedTraining:
         )
 
     def step(self, state: TrainState, batch: dict) -> tuple[TrainState, dict]:
-        with jax.set_mesh(self.mesh):  # activates the activation constraints (sleeplm.constraints) while tracing
+        with jax.set_mesh(self.mesh), use_rules(self.rules):  # the activation constraints apply while tracing
             return self._step(state, batch)
 
     @functools.cached_property
@@ -237,5 +200,5 @@ class ShardedTraining:
             key: jax.make_array_from_callback(np.shape(x), sharding, lambda index, x=x: np.asarray(x)[index])
             for key, x in batch.items()
         }
-        with jax.set_mesh(self.mesh):
+        with jax.set_mesh(self.mesh), use_rules(self.rules):
             return self._eval(params, batch)

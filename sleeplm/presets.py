@@ -11,11 +11,10 @@ import json
 import typing
 from typing import Any
 
-from sleeplm.config import Config, ModelConfig, SleepConfig, check_positive_ints
-from sleeplm.data import ArithConfig, DepoConfig, Rule110Config, make_source
+from sleeplm.config import Config, Derived, ModelConfig, SleepConfig, check_positive_ints
+from sleeplm.data import ArithConfig, DepoConfig, Rule110Config, TaskConfig, task_named, task_of
 from sleeplm.train import TrainConfig
 
-TaskConfig = Rule110Config | DepoConfig | ArithConfig
 ALTERNATING4 = ("attn", "gdn", "attn", "gdn")
 
 
@@ -43,14 +42,20 @@ class RunConfig:
 
 @dataclasses.dataclass(frozen=True)
 class Experiment:
+    """A task config (of a registered task, see `sleeplm.data.TASKS`), the model and sleep config, optimisation
+    and run settings."""
+
     task: TaskConfig
     config: Config
     train: TrainConfig = dataclasses.field(default_factory=TrainConfig)
     run: RunConfig = dataclasses.field(default_factory=RunConfig)
 
+    def __post_init__(self) -> None:
+        task_of(self.task)  # an unregistered task config fails here, naming the registered tasks
+
     @property
     def task_name(self) -> str:
-        return {Rule110Config: "rule110", DepoConfig: "depo", ArithConfig: "arith"}[type(self.task)]
+        return task_of(self.task).name
 
     def to_json(self) -> dict:
         record = {"task_name": self.task_name, **dataclasses.asdict(self)}
@@ -59,10 +64,10 @@ class Experiment:
 
 def experiment_from_json(record: dict) -> Experiment:
     """Rebuilds an Experiment from `Experiment.to_json()` (as saved in a run's experiment.json)."""
-    task_type = {"rule110": Rule110Config, "depo": DepoConfig, "arith": ArithConfig}[record["task_name"]]
+    task = task_named(record["task_name"])
     model = dict(record["config"]["model"], layers=tuple(record["config"]["model"]["layers"]))
     return Experiment(
-        task_type(**record["task"]),
+        task.config_type(**record["task"]),
         Config(ModelConfig(**model), SleepConfig(**record["config"]["sleep"])),
         TrainConfig(**record["train"]),
         RunConfig(**record["run"]),
@@ -72,8 +77,7 @@ def experiment_from_json(record: dict) -> Experiment:
 def consistent(experiment: Experiment) -> Experiment:
     """Makes the task's window follow sleep.window and the model's vocabulary follow the task's tokenizer."""
     task = dataclasses.replace(experiment.task, window=experiment.config.sleep.window)
-    vocab_size = len(make_source(task, "train", size=1).vocab)
-    model = dataclasses.replace(experiment.config.model, vocab_size=vocab_size)
+    model = dataclasses.replace(experiment.config.model, vocab_size=len(task.vocab))
     return dataclasses.replace(experiment, task=task, config=dataclasses.replace(experiment.config, model=model))
 
 
@@ -82,7 +86,7 @@ def _model(d_model: int, heads: int, layers=ALTERNATING4) -> ModelConfig:
 
 
 PRESETS: dict[str, Experiment] = {
-    # Paper scale (SPEC §5): 4 layers, d=256, L=24, batch 512, Muon 2e-3.
+    # Paper scale (docs/method.md, "The paper's numbers"): 4 layers, d=256, L=24, batch 512, Muon 2e-3.
     "rule110": Experiment(
         Rule110Config(width=24, num_strings=4, steps=32),
         Config(_model(256, 4), SleepConfig(window=24, passes=1)),
@@ -124,11 +128,13 @@ PRESETS: dict[str, Experiment] = {
 
 
 def _convert(key: str, text: str, current: Any, annotation: Any) -> Any:
-    """Parses `text` as the type of the field `key` (from its current value, else its annotation)."""
-    kinds = [type(current)] if current is not None else []
+    """Parses `text` as the type of the field `key` (from its current value, else its annotation). "none" sets a
+    field that may be None (a derived size is then derived again)."""
+    optional = current is None or isinstance(current, Derived)
+    kinds = [] if optional else [type(current)]
     kinds += [a for a in typing.get_args(annotation) if a is not type(None)] or [annotation]
     kind = kinds[0]
-    if current is None and text.lower() == "none":
+    if optional and text.lower() == "none":
         return None
     try:
         if kind is bool:

@@ -1,5 +1,5 @@
-"""Training core: masked next-token loss, Muon + AdamW (SPEC §5), a jitted donated train step with gradient
-accumulation, and evaluation metrics (label accuracy and whole-example exact match)."""
+"""Training core: masked next-token loss, Muon + AdamW (docs/method.md, "Training"), a jitted donated train step
+with gradient accumulation, and evaluation metrics (label accuracy and whole-example exact match)."""
 
 from __future__ import annotations
 
@@ -13,7 +13,8 @@ import optax
 from jax import lax
 
 from sleeplm.config import Config, check_positive_ints
-from sleeplm.sleep import forward, init_params
+from sleeplm.model.params import is_annotated
+from sleeplm.sleep import forward, init_params, param_annotations
 
 
 @dataclasses.dataclass(frozen=True)
@@ -44,18 +45,17 @@ class TrainConfig:
             raise ValueError(f"train.accumulation={self.accumulation} is invalid: must divide batch_size")
 
 
-def is_hidden_matrix(path: tuple, leaf: jax.Array) -> bool:
-    """Muon's parameters: 2-D kernels of the blocks' dense layers (not the embedding, head, gates a/b or conv)."""
-    names = [str(getattr(key, "key", key)) for key in path]
-    in_block = any(name.startswith("blocks_") for name in names)
-    return in_block and leaf.ndim == 2 and names[-1] == "kernel" and names[-2] not in ("a", "b")
+def optimizer_labels(config: Config) -> dict:
+    """ "muon" for each hidden matrix, "adam" for every other parameter, as the parameters declare it."""
+    return jax.tree.map(
+        lambda box: "muon" if box.hidden_matrix else "adam", param_annotations(config), is_leaf=is_annotated
+    )
 
 
-def make_optimizer(train: TrainConfig, params) -> optax.GradientTransformation:
+def make_optimizer(train: TrainConfig, config: Config) -> optax.GradientTransformation:
     def schedule(peak):
         return optax.warmup_cosine_decay_schedule(0.0, peak, train.warmup_steps, train.steps, end_value=0.0)
 
-    labels = jax.tree_util.tree_map_with_path(lambda p, x: "muon" if is_hidden_matrix(p, x) else "adam", params)
     return optax.chain(
         optax.clip_by_global_norm(train.clip_norm),
         optax.multi_transform(
@@ -63,19 +63,22 @@ def make_optimizer(train: TrainConfig, params) -> optax.GradientTransformation:
                 "muon": optax.contrib.muon(schedule(train.muon_lr), weight_decay=train.weight_decay),
                 "adam": optax.adamw(schedule(train.adam_lr), weight_decay=train.weight_decay),
             },
-            labels,
+            optimizer_labels(config),
         ),
     )
 
 
-def masked_loss(params, batch: dict, config: Config) -> tuple[jax.Array, dict]:
-    """Mean cross-entropy over the label positions (`loss_mask`), and per-position correctness."""
+def label_loss_sum(params, batch: dict, config: Config) -> tuple[jax.Array, jax.Array]:
+    """Cross-entropy summed over the label positions (`loss_mask`), and the number of labels."""
     logits = forward(params, batch["inputs"], config)
     losses = optax.softmax_cross_entropy_with_integer_labels(logits, batch["targets"])
-    mask = batch["loss_mask"]
-    loss = jnp.sum(losses * mask) / jnp.maximum(jnp.sum(mask), 1.0)
-    correct = (jnp.argmax(logits, -1) == batch["targets"]) | (mask == 0)
-    return loss, {"correct": correct}
+    return jnp.sum(losses * batch["loss_mask"]), jnp.sum(batch["loss_mask"])
+
+
+def masked_loss(params, batch: dict, config: Config) -> jax.Array:
+    """Mean cross-entropy over the label positions (0 for a batch without labels)."""
+    total, labels = label_loss_sum(params, batch, config)
+    return total / jnp.maximum(labels, 1.0)
 
 
 class TrainState(NamedTuple):
@@ -86,24 +89,26 @@ class TrainState(NamedTuple):
 
 def init_train_state(key: jax.Array, config: Config, train: TrainConfig) -> TrainState:
     params = init_params(key, config)
-    return TrainState(params, make_optimizer(train, params).init(params), jnp.zeros((), jnp.int32))
+    return TrainState(params, make_optimizer(train, config).init(params), jnp.zeros((), jnp.int32))
 
 
 @functools.partial(jax.jit, static_argnames=("config", "train"), donate_argnames=("state",))
 def train_step(state: TrainState, batch: dict, config: Config, train: TrainConfig) -> tuple[TrainState, dict]:
     """One optimizer step on `batch` (leading dim batch_size), accumulating gradients over `train.accumulation`
-    micro-batches with `lax.scan`. Returns the new state and {loss, grad_norm}."""
+    micro-batches with `lax.scan`: label losses and their gradients are summed over the micro-batches and divided
+    by the batch's label count, so the step equals one on the whole batch whatever the labels per micro-batch.
+    Returns the new state and {loss, grad_norm}."""
     micro = jax.tree.map(lambda x: x.reshape(train.accumulation, -1, *x.shape[1:]), batch)
-    grad_fn = jax.value_and_grad(lambda p, b: masked_loss(p, b, config)[0])
+    grad_fn = jax.value_and_grad(lambda p, b: label_loss_sum(p, b, config), has_aux=True)
 
     def accumulate(total, micro_batch):
-        loss, grads = grad_fn(state.params, micro_batch)
-        return jax.tree.map(jnp.add, total, (loss, grads)), None
+        (loss_sum, labels), grads = grad_fn(state.params, micro_batch)
+        return jax.tree.map(jnp.add, total, (loss_sum, labels, grads)), None
 
-    zeros = (jnp.zeros(()), jax.tree.map(jnp.zeros_like, state.params))
-    (loss, grads), _ = lax.scan(accumulate, zeros, micro)
-    loss, grads = jax.tree.map(lambda x: x / train.accumulation, (loss, grads))
-    updates, opt_state = make_optimizer(train, state.params).update(grads, state.opt_state, state.params)
+    zeros = (jnp.zeros(()), jnp.zeros(()), jax.tree.map(jnp.zeros_like, state.params))
+    (loss_sum, labels, grads), _ = lax.scan(accumulate, zeros, micro)
+    loss, grads = jax.tree.map(lambda x: x / jnp.maximum(labels, 1.0), (loss_sum, grads))
+    updates, opt_state = make_optimizer(train, config).update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
     return TrainState(params, opt_state, state.step + 1), {"loss": loss, "grad_norm": optax.tree.norm(grads)}
 

@@ -39,7 +39,7 @@ def eval_and_stream(mesh, sharded, state, inputs, reference_logits) -> dict:
     batch_sharded = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(("data", "fsdp")))
     logits = forward(state.params, jax.device_put(inputs, batch_sharded), config)
     empty = init_state(config, inputs.shape[0])
-    stream_state = jax.device_put(empty, sleep_state_shardings(empty, mesh, sharded.rules))
+    stream_state = jax.device_put(empty, sleep_state_shardings(empty, mesh, sharded.rules, config))
     streamed, stream_state = wake_step(state.params, stream_state, inputs[:, : config.sleep.window], config)
     return {
         "logits_error": relative(logits, reference_logits),

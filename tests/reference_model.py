@@ -1,4 +1,5 @@
-"""An independent, deliberately plain implementation of the model and of SPEC §3 for the tests.
+"""An independent, deliberately plain implementation of the model and of the wake/sleep semantics (docs/method.md) for
+the tests.
 
 No caches, no window-relative positions, no `lax.scan`: absolute positions, one visibility rule for attention
 (a key is visible iff it is causal, within L positions and, under hard eviction, in the query's window), and
@@ -42,7 +43,7 @@ def _attention(p, x, positions, prev, config):
     """x (B, n, d) at `positions`; prev: None or (k, v, key positions) kept from the previous window."""
     m = config.model
     b, n, _ = x.shape
-    hd, kvh = m.attn_head_dim, m.kv_heads
+    hd, kvh = m.head_dim, m.num_kv_heads
     q = (x @ p["q"]["kernel"]).reshape(b, n, m.num_heads, hd)
     k = (x @ p["k"]["kernel"]).reshape(b, n, kvh, hd)
     v = (x @ p["v"]["kernel"]).reshape(b, n, kvh, hd)
@@ -62,7 +63,7 @@ def _attention(p, x, positions, prev, config):
 def _gdn(p, x, positions, fast_weights, config):
     m = config.model
     b, n, _ = x.shape
-    h, dk, dv = m.gdn_num_heads, m.gdn_dim_k, m.gdn_dim_v
+    h, dk, dv = m.gdn_heads, m.gdn_head_dim_k, m.gdn_head_dim_v
     qkv = jnp.concatenate([x @ p["q"]["kernel"], x @ p["k"]["kernel"], x @ p["v"]["kernel"]], -1)
     if m.short_conv:  # causal, restarted (zero history) at each window start
         window = config.sleep.window
@@ -103,7 +104,7 @@ def _stack(params, h, positions, fast, prev_kv, config):
 
 def _zero_fast(batch, config):
     m = config.model
-    shape = (batch, m.gdn_num_heads, m.gdn_dim_k, m.gdn_dim_v)
+    shape = (batch, m.gdn_heads, m.gdn_head_dim_k, m.gdn_head_dim_v)
     return {i: jnp.zeros(shape) for i, kind in enumerate(m.layers) if kind == "gdn"}
 
 
@@ -122,7 +123,7 @@ def plain_hybrid_forward(params, tokens, config: Config):
 
 
 def looped_sleep_forward(params, tokens, config: Config, return_states=False):
-    """SPEC §3 as written: per window a wake pass, then (if full and followed) passes 2..N on the previous pass's
+    """The semantics as written: per window a wake pass, then (if full and followed) passes 2..N on the previous pass's
     output, the fast weights continuing; then the KV is evicted (hard) or the last pass's KV kept (sliding)."""
     p = params["params"]
     window, passes = config.sleep.window, config.sleep.passes

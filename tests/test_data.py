@@ -4,11 +4,28 @@ evaluating the statements), plus layout, distributions, determinism and train/ev
 from __future__ import annotations
 
 import collections
+import dataclasses
+import json
+import re
+from pathlib import Path
 
 import numpy as np
 import pytest
 
-from sleeplm.data import ArithConfig, DepoConfig, Rule110Config, batched, make_source
+from sleeplm.data import (
+    TASKS,
+    ArithConfig,
+    DepoConfig,
+    Rule110Config,
+    Task,
+    TaskSource,
+    batched,
+    make_source,
+    register_task,
+    task_of,
+)
+from sleeplm.evaluate import eval_sets
+from sleeplm.presets import build_experiment, experiment_from_json
 
 RULE110_TABLE = {"111": "0", "110": "1", "101": "1", "100": "0", "011": "1", "010": "1", "001": "1", "000": "0"}
 
@@ -47,6 +64,41 @@ def test_rule110_labels_match_the_truth_table(config):
         np.testing.assert_array_equal(example["targets"][label_positions(example)], source.vocab.encode(labels))
 
 
+def is_node_name(token: str) -> bool:
+    return re.fullmatch(r"n\d+", token) is not None
+
+
+def read_depo(text, config):
+    """(edges {src: dst}, queries [(hops, start, answer, end)]) of a decoded Depo example, after checking that the
+    edge list is left-padded, names only node-name tokens, and forms a single cycle through every node."""
+    edge_text = [t for t in text[: config.edge_block_length] if t != "<pad>"]
+    assert all(t == "<pad>" for t in text[: config.edge_block_length - len(edge_text)])
+    assert all(is_node_name(t) for t in edge_text), edge_text
+    name, step = config.name_length, 2 * config.name_length
+    edges = {
+        tuple(edge_text[i : i + name]): tuple(edge_text[i + name : i + step]) for i in range(0, len(edge_text), step)
+    }
+    node, seen = next(iter(edges)), set()
+    while node not in seen:
+        seen.add(node)
+        node = edges[node]
+    assert seen == set(edges)
+    query_length = 2 + 2 * name
+    queries = []
+    for q in range(config.queries):
+        hop_token, *names, end = text[config.edge_block_length + q * query_length :][:query_length]
+        assert re.fullmatch(r"<hop_\d+>", hop_token), hop_token
+        assert all(is_node_name(t) for t in names), names
+        queries.append((int(hop_token[len("<hop_") : -1]), tuple(names[:name]), tuple(names[name:]), end))
+    return edges, queries
+
+
+def walk(edges, node, hops):
+    for _ in range(hops):
+        node = edges[node]
+    return node
+
+
 def test_depo_answers_match_walking_the_cycle():
     config = DepoConfig(max_nodes=12, min_nodes=5, name_tokens=6, window=16, max_hops=16, queries=10)
     source = make_source(config, "train", seed=2, size=300)
@@ -55,26 +107,12 @@ def test_depo_answers_match_walking_the_cycle():
         example = source[index]
         text = text_of(example, source.vocab)
         assert len(example["inputs"]) == config.sequence_length
-        edge_text = [t for t in text[: config.edge_block_length] if t != "<pad>"]
-        assert all(t == "<pad>" for t in text[: config.edge_block_length - len(edge_text)])
-        step = 2 * config.name_length
-        edges = {tuple(edge_text[i : i + 2]): tuple(edge_text[i + 2 : i + 4]) for i in range(0, len(edge_text), step)}
+        edges, queries = read_depo(text, config)
         assert config.min_nodes <= len(edges) <= config.max_nodes
-        node, seen = next(iter(edges)), set()  # a single cycle through every node
-        while node not in seen:
-            seen.add(node)
-            node = edges[node]
-        assert seen == set(edges)
-        queries = text[config.edge_block_length :]
         expected_positions = []
-        for q in range(config.queries):
-            hop_token, *start, a1, a2, end = queries[q * 6 : (q + 1) * 6]
-            hops = int(hop_token[len("<hop_") : -1])
+        for q, (hops, start, answer, end) in enumerate(queries):
             hop_counts[hops] += 1
-            node = tuple(start)
-            for _ in range(hops):
-                node = edges[node]
-            assert (a1, a2) == node and end == "<eoq>"
+            assert answer == walk(edges, start, hops) and end == "<eoq>"
             answer_at = config.edge_block_length + q * 6 + 3
             expected_positions += [answer_at - 1, answer_at]
             assert example["hops"][answer_at - 1] == example["hops"][answer_at] == hops
@@ -83,6 +121,26 @@ def test_depo_answers_match_walking_the_cycle():
     assert set(hop_counts) == set(range(1, 17))
     expected = 3000 / 16
     assert all(abs(count - expected) < 5 * np.sqrt(expected) for count in hop_counts.values())
+
+
+def test_depo_per_hop_sets_are_encoded_with_the_training_vocabulary():
+    """Each held-out set "k{k}" decodes, with the vocabulary the model trains on, into valid Depo examples whose
+    every query is <hop_k> with the answer k steps along the edge list."""
+    overrides = {"task.min_nodes": "6", "task.max_nodes": "8", "task.name_tokens": "16", "task.max_hops": "4"}
+    overrides |= {"sleep.window": "16", "run.eval_examples": "64", "run.eval_batch_size": "32"}
+    experiment = build_experiment("depo-cpu", overrides)
+    config = experiment.task
+    training_vocab = make_source(config, "train", size=1).vocab
+    sets = eval_sets(experiment)
+    assert list(sets) == ["all", "k1", "k2", "k4"]
+    for name, batches in sets.items():
+        examples = [{key: value[row] for key, value in batch.items()} for batch in batches for row in range(32)]
+        assert len(examples) == 64
+        for example in examples:
+            edges, queries = read_depo(text_of(example, training_vocab), config)
+            for hops, start, answer, end in queries:
+                assert name == "all" or hops == int(name[1:])
+                assert answer == walk(edges, start, hops) and end == "<eoq>"
 
 
 def evaluate_statements(statements, modulus):
@@ -188,7 +246,8 @@ def test_batched_dataset_is_deterministic():
         (lambda: ArithConfig(windows=1, window=16), r"too short for max_ops=8"),
         (lambda: make_source(Rule110Config(), "test"), r"split='test' is invalid"),
         (lambda: make_source(Rule110Config(), "train", 0, 10, held_out_fraction=1.5), r"held_out_fraction=1.5"),
-        (lambda: make_source("rule110"), r"task config str is not one of"),
+        (lambda: make_source("rule110"), r"task config of type str is not registered: registered tasks are rule110"),
+        (lambda: make_source(DepoConfig(max_hops=4), "eval", hops=5), r"hops=5 is invalid: .* \[1, task.max_hops=4\]"),
         (  # 8 possible contents, none of which hashes into a 0.1% held-out set
             lambda: make_source(Rule110Config(width=3, num_strings=1, window=3), "eval", 0, 10, held_out_fraction=1e-3)[
                 0
@@ -200,3 +259,56 @@ def test_batched_dataset_is_deterministic():
 def test_bad_task_settings_fail_clearly(make, message):
     with pytest.raises((ValueError, RuntimeError), match=message):
         make()
+
+
+def test_each_config_type_belongs_to_its_registered_task():
+    assert list(TASKS)[:3] == ["rule110", "depo", "arith"]  # the built-ins; test files may register more
+    for name, config in (("rule110", Rule110Config()), ("depo", DepoConfig()), ("arith", ArithConfig())):
+        task = task_of(config)
+        assert task is TASKS[name] and task.name == name and isinstance(make_source(config), task.source_type)
+        assert make_source(config).vocab == config.vocab
+
+
+@dataclasses.dataclass(frozen=True)
+class NoWindowConfig:
+    size: int = 1
+
+
+@dataclasses.dataclass
+class MutableConfig:
+    window: int = 1
+
+
+@pytest.mark.parametrize(
+    ("make", "message"),
+    [
+        (lambda: register_task(TASKS["depo"]), r"task name 'depo' is already registered"),
+        (
+            lambda: register_task(dataclasses.replace(TASKS["depo"], name="depo2")),
+            r"its config type DepoConfig already belongs to task 'depo'",
+        ),
+        (lambda: register_task("depo"), r"expected a sleeplm.data.Task"),
+        (lambda: Task("", DepoConfig, TaskSource), r"Task.name='' is invalid"),
+        (
+            lambda: Task("x", MutableConfig, TaskSource),
+            r"Task.config_type=.*MutableConfig.* must be a frozen dataclass",
+        ),
+        (lambda: Task("x", NoWindowConfig, TaskSource), r"lacks \['window', 'sequence_length', 'vocab'\]"),
+        (lambda: Task("x", DepoConfig, dict), r"Task.source_type=<class 'dict'> .* must be a TaskSource subclass"),
+        (lambda: experiment_from_json({"task_name": "nope"}), r"task_name='nope' is unknown: registered tasks are"),
+    ],
+)
+def test_bad_task_registrations_fail_clearly(make, message):
+    before = dict(TASKS)
+    with pytest.raises(ValueError, match=message):
+        make()
+    assert TASKS == before  # a refused registration leaves the registry as it was
+
+
+def test_committed_experiment_records_read_back_with_their_task_unchanged():
+    records = sorted((Path(__file__).parents[1] / "experiments" / "results").rglob("*experiment.json"))
+    assert {json.loads(path.read_text())["task_name"] for path in records} == {"rule110", "depo", "arith"}
+    for path in records:
+        record = json.loads(path.read_text())
+        again = experiment_from_json(record).to_json()
+        assert (again["task_name"], again["task"]) == (record["task_name"], record["task"]), path

@@ -1,4 +1,5 @@
-"""Wake/sleep semantics (SPEC §3): streaming == forward == a plain looped reference; eviction and gradient paths."""
+"""Wake/sleep semantics (docs/method.md): streaming == forward == a plain looped reference; eviction and gradient
+paths."""
 
 from __future__ import annotations
 
@@ -10,7 +11,17 @@ import numpy as np
 import pytest
 import reference_model
 
-from sleeplm import Config, ModelConfig, SleepConfig, forward, init_params, init_state, sleep_step, wake_step
+from sleeplm import (
+    Config,
+    ModelConfig,
+    SleepConfig,
+    forward,
+    forward_with_state,
+    init_params,
+    init_state,
+    sleep_step,
+    wake_step,
+)
 
 WINDOW = 6
 # Two blocks (attention, then GDN) keep XLA's CPU compile time down; the 4-block stack is checked separately.
@@ -55,8 +66,20 @@ def stream(params, tokens, config, piece_sizes=(1,), explicit_sleep=False):
     return jnp.concatenate(outputs, axis=1), state
 
 
+def perturbed(params, key, scale=0.3):
+    """Every leaf moved off its initialisation by noise of `scale` times its spread (of 1 for constant leaves such
+    as the norm scales), so that no parameter sits at a value (a scale of 1, say) where a slip can hide."""
+    leaves, treedef = jax.tree.flatten(params)
+    keys = jax.random.split(key, len(leaves))
+    moved = []
+    for leaf, k in zip(leaves, keys, strict=True):
+        spread = jnp.std(leaf)
+        moved.append(leaf + scale * jnp.where(spread > 0, spread, 1.0) * jax.random.normal(k, leaf.shape))
+    return treedef.unflatten(moved)
+
+
 # The references are plain Python over arrays; jitting them (static config) only saves dispatch time.
-looped_sleep_forward = jax.jit(reference_model.looped_sleep_forward, static_argnums=2)
+looped_sleep_forward = jax.jit(reference_model.looped_sleep_forward, static_argnums=(2, 3))
 plain_hybrid_forward = jax.jit(reference_model.plain_hybrid_forward, static_argnums=2)
 
 # Every N and mode, with lengths that are (18) and are not (17) multiples of L; N=2 gets all four combinations.
@@ -76,6 +99,27 @@ def test_forward_matches_looped_reference_and_streaming(passes, eviction, length
     assert_close(streamed_by_token, logits)
     streamed_in_blocks, _ = stream(params, tokens, config, piece_sizes=(4, 2), explicit_sleep=True)
     assert_close(streamed_in_blocks, logits)
+
+
+@pytest.mark.parametrize(("eviction", "length"), [("hard", 17), ("sliding", 18)])
+def test_away_from_initialisation_logits_and_final_states_agree(eviction, length):
+    """At perturbed parameters, N = 3 (so the reference pins which pass feeds the next): logits and final fast
+    weights of forward, streaming and the looped reference agree, and forward ends in streaming's exact state."""
+    config = make_config(3, eviction)
+    params = perturbed(init_params(jax.random.key(11), config), jax.random.key(12))
+    tokens = tokens_for(length, seed=13)
+    logits, state = forward_with_state(params, tokens, config)
+    expected_logits, expected_fast_weights = looped_sleep_forward(params, tokens, config, True)
+    assert_close(logits, expected_logits)
+    streamed, streamed_state = stream(params, tokens, config, piece_sizes=(4, 2), explicit_sleep=True)
+    assert_close(streamed, logits)
+    gdn_layers = [i for i, kind in enumerate(config.model.layers) if kind == "gdn"]
+    for i in gdn_layers:
+        assert_close(state.layers[i].S, expected_fast_weights[i])
+    assert int(state.pos) == int(streamed_state.pos) and bool(state.prev_valid) == bool(streamed_state.prev_valid)
+    assert_close(state.hidden[:, : int(state.pos)], streamed_state.hidden[:, : int(state.pos)])  # the rest is unused
+    for ours, theirs in zip(jax.tree.leaves(state.layers), jax.tree.leaves(streamed_state.layers), strict=True):
+        assert_close(ours, theirs)
 
 
 @pytest.mark.parametrize("eviction", [pytest.param("hard", marks=pytest.mark.slow), "sliding"])

@@ -1,4 +1,4 @@
-"""Pallas kernels for the chunked gated delta rule; importing this registers `implementation="pallas"`."""
+"""Pallas kernels for the chunked gated delta rule (`sleeplm.ops` selects them as `implementation="pallas"`)."""
 
 from pallas_kernels.gated_delta.ops import gated_delta_rule_pallas, lowering_sizes
 

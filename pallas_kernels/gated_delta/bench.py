@@ -47,7 +47,7 @@ BOUNDS = {"float32": 1e-4, "tf32": 2e-3, "bfloat16": 2e-2}
 
 
 def chunk_flops(batch: int, length: int, heads: int, d_k: int, d_v: int, chunk: int) -> float:
-    """Matmul flops of the chunkwise forward (SPEC §2), excluding the in-chunk triangular inverse and decays:
+    """Matmul flops of the chunkwise forward (docs/method.md), excluding the in-chunk triangular inverse and decays:
     K K^T, W and U, the state pass (W S and K^T V'), and the outputs (Q S, Q K^T and the masked product with V').
     Forward+backward is counted as 3x this, the usual convention."""
     intra = 2 * chunk * chunk * (d_k + d_k + d_v)  # K K^T, W, U
@@ -82,7 +82,8 @@ def register_pallas_precisions() -> None:
     from pallas_kernels.gated_delta import gated_delta_rule_pallas
 
     for precision in PRECISIONS:
-        register_implementation(f"pallas-{precision}", functools.partial(gated_delta_rule_pallas, precision=precision))
+        name, fn = f"pallas-{precision}", functools.partial(gated_delta_rule_pallas, precision=precision)
+        register_implementation(name, fn, per_shard=True)
 
 
 def relative_error(actual, expected) -> float:
@@ -280,15 +281,17 @@ def sweep_settings(args: argparse.Namespace, results: dict, save) -> dict:
     """Pallas forward and forward+backward times under each of SWEEP's settings (float32 inputs), into `results`,
     calling `save` after each."""
     from pallas_kernels.gated_delta import gated_delta_rule_pallas
-    from sleeplm.ops import IMPLEMENTATIONS, resolve_implementation
+    from sleeplm.ops import IMPLEMENTATIONS, register_implementation
 
     inputs = make_inputs(args.batch, args.length, args.heads, args.dim, jnp.float32)
-    default = IMPLEMENTATIONS[resolve_implementation("pallas")]  # registers it on first use
+    default = IMPLEMENTATIONS["pallas"]
     try:
         for setting in SWEEP:
             name = " ".join(f"{key}={value}" for key, value in setting.items()) or "defaults"
             kernel_settings = {key: value for key, value in setting.items() if key != "chunk"}
-            IMPLEMENTATIONS["pallas"] = functools.partial(gated_delta_rule_pallas, **kernel_settings)
+            register_implementation(
+                "pallas", functools.partial(gated_delta_rule_pallas, **kernel_settings), per_shard=True
+            )
             try:
                 timing = benchmark("pallas", inputs, setting.get("chunk", args.chunk), args.repeats)
             except Exception as error:  # one setting failing to compile must not lose the others

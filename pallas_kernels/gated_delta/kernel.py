@@ -4,7 +4,8 @@ Layout: heads are folded into the batch and the sequence is padded to whole chun
 (`ops.py` does both): q, k (BH, T, d_k); v (BH, T, d_v); g, beta (BH, 1, T) (a row per head:
 Mosaic wants the last two block dims (1, C)); states (BH, d_k, d_v), float32.
 
-Forward (SPEC §2, the structure of flash-linear-attention's `chunk_gated_delta_rule`):
+Forward (docs/method.md, "The gated delta rule in chunks"; the structure of flash-linear-attention's
+`chunk_gated_delta_rule`):
   wy      grid (BH, NC), parallel      W, U of each chunk and, for the backward, its A = (I + L)^-1 (`chunk.wy`)
   states  grid (BH, d_v / BV)          a loop over chunks carrying the float32 state on chip: each chunk's start
                                        state, its corrected values V' = U - W S, and the final state

@@ -1,4 +1,4 @@
-"""The Pallas gated delta rule behind sleeplm's op interface: layout, padding, `custom_vjp`, and `shard_map`.
+"""The Pallas gated delta rule behind sleeplm's op interface: layout, padding and `custom_vjp`.
 
 `gated_delta_rule_pallas(q, k, v, g, beta, initial_state, chunk_size)` has the signature of every implementation
 in `sleeplm.ops` (q, k (B, T, H, d_k); v (B, T, H, d_v); g, beta (B, T, H); state (B, H, d_k, d_v)). It folds heads
@@ -10,9 +10,8 @@ flash-linear-attention keeps it): it recomputes W and U from A (two products, no
 chunk start states with the state kernel (cheap next to storing d_k x d_v per chunk), then runs the three backward
 kernels; the start states' cotangents are formed inside the reverse state pass, never stored.
 
-Under an active mesh (`jax.set_mesh`), the kernels run per shard through `jax.shard_map`, split over the batch
-axes ("data", "fsdp") and the head axis ("tensor") of the mesh: a pallas_call is opaque to GSPMD, and the rule
-is independent across batch and heads, so no communication is needed.
+A pallas_call is opaque to GSPMD: `sleeplm.ops` registers this function as a per-shard implementation, so under a
+mesh it runs through `jax.shard_map`, batch and heads split as the sharding rules in force say.
 """
 
 from __future__ import annotations
@@ -21,13 +20,9 @@ import functools
 
 import jax
 import jax.numpy as jnp
-from jax.sharding import PartitionSpec as P
 
 from pallas_kernels.gated_delta import kernel
 from pallas_kernels.gated_delta.kernel import KernelConfig
-
-BATCH_AXES = ("data", "fsdp")
-HEAD_AXES = ("tensor",)
 
 
 def _next_power_of_two(n: int) -> int:
@@ -178,15 +173,6 @@ def _gated_delta_rule_local(q, k, v, g, beta, initial_state, **settings):
     return out, final[:, :d_k, :d_v].reshape(batch, heads, d_k, d_v)
 
 
-def _mesh_axes(mesh, names: tuple[str, ...], size: int) -> tuple[str, ...] | None:
-    """The axes among `names` in the mesh, if together they divide `size` (else None: that dim is not split)."""
-    axes = tuple(a for a in names if a in mesh.axis_names and mesh.shape[a] > 1)
-    count = 1
-    for a in axes:
-        count *= mesh.shape[a]
-    return axes if axes and size % count == 0 else None
-
-
 def gated_delta_rule_pallas(
     q: jax.Array,
     k: jax.Array,
@@ -227,8 +213,13 @@ def gated_delta_rule_pallas(
         layout = "cpu" if interpret else jax.default_backend()
     if layout not in ("cpu", "gpu", "tpu"):
         raise ValueError(f"layout={layout!r} is invalid: choose 'cpu', 'gpu' or 'tpu'")
-    local = functools.partial(
-        _gated_delta_rule_local,
+    return _gated_delta_rule_local(
+        q,
+        k,
+        v,
+        g,
+        beta,
+        initial_state,
         chunk_size=chunk_size,
         interpret=interpret,
         block_v=block_v,
@@ -237,17 +228,3 @@ def gated_delta_rule_pallas(
         num_stages=num_stages,
         precision=precision,
     )
-    mesh = jax.sharding.get_abstract_mesh()
-    if mesh.empty or mesh.size == 1:
-        return local(q, k, v, g, beta, initial_state)
-    batch_axes = _mesh_axes(mesh, BATCH_AXES, q.shape[0])
-    head_axes = _mesh_axes(mesh, HEAD_AXES, q.shape[2])
-    sequence = P(batch_axes, None, head_axes, None)
-    gates, state = P(batch_axes, None, head_axes), P(batch_axes, head_axes, None, None)
-    return jax.shard_map(
-        local,
-        mesh=mesh,
-        in_specs=(sequence, sequence, sequence, gates, gates, state),
-        out_specs=(sequence, state),
-        check_vma=False,
-    )(q, k, v, g, beta, initial_state)

@@ -1,6 +1,7 @@
-"""Task generators (SPEC §4) as grain random-access data sources, deterministic from a seed.
+"""Task generators as grain random-access data sources, deterministic from a seed, and the registry of tasks.
 
 Each example is a dict of numpy arrays: `inputs`, `targets` (next tokens), `loss_mask`, plus task metadata.
+A task is known to the rest of the package only through its `Task` here (see `sleeplm.data.task`).
 This package is the only one that imports grain (the lent GPU machines do not have it).
 """
 
@@ -8,26 +9,60 @@ from __future__ import annotations
 
 import grain
 
-from sleeplm.data.arith import ArithConfig, ArithSource
+from sleeplm.data.arith import ARITH, ArithConfig, ArithSource
 from sleeplm.data.common import TaskSource, Vocabulary
-from sleeplm.data.depo import DepoConfig, DepoSource
-from sleeplm.data.rule110 import Rule110Config, Rule110Source
+from sleeplm.data.depo import DEPO, DepoConfig, DepoSource
+from sleeplm.data.rule110 import RULE110, Rule110Config, Rule110Source
+from sleeplm.data.task import Task, TaskConfig
 
-TASKS = {
-    "rule110": (Rule110Config, Rule110Source),
-    "depo": (DepoConfig, DepoSource),
-    "arith": (ArithConfig, ArithSource),
-}
+TASKS: dict[str, Task] = {}
 
 
-def make_source(task_config, split: str = "train", seed: int = 0, size: int = 1 << 30, **kwargs) -> TaskSource:
-    """The data source of a task config (`Rule110Config`, `DepoConfig` or `ArithConfig`)."""
-    for config_type, source_type in TASKS.values():
-        if isinstance(task_config, config_type):
-            return source_type(task_config, split=split, seed=seed, size=size, **kwargs)
+def register_task(task: Task) -> Task:
+    """Adds `task` to TASKS, so experiments, training, evaluation and experiment records can use its config."""
+    if not isinstance(task, Task):
+        raise ValueError(f"register_task({task!r}) is invalid: expected a sleeplm.data.Task")
+    if task.name in TASKS:
+        raise ValueError(f"task name {task.name!r} is already registered: registered tasks are {sorted(TASKS)}")
+    for other in TASKS.values():
+        if other.config_type is task.config_type:
+            raise ValueError(
+                f"task {task.name!r} is invalid: its config type {task.config_type.__name__} already belongs to "
+                f"task {other.name!r}"
+            )
+    TASKS[task.name] = task
+    return task
+
+
+register_task(RULE110)
+register_task(DEPO)
+register_task(ARITH)
+
+
+def _registered() -> str:
+    return ", ".join(f"{name} ({task.config_type.__name__})" for name, task in TASKS.items())
+
+
+def task_of(config) -> Task:
+    """The registered task whose config type is exactly `type(config)`."""
+    for task in TASKS.values():
+        if type(config) is task.config_type:
+            return task
     raise ValueError(
-        f"task config {type(task_config).__name__} is not one of {[c.__name__ for c, _ in TASKS.values()]}"
+        f"task config of type {type(config).__name__} is not registered: registered tasks are {_registered()}"
     )
+
+
+def task_named(name: str) -> Task:
+    """The registered task called `name` (an experiment record's "task_name")."""
+    if name not in TASKS:
+        raise ValueError(f"task_name={name!r} is unknown: registered tasks are {_registered()}")
+    return TASKS[name]
+
+
+def make_source(config, split: str = "train", seed: int = 0, size: int = 1 << 30, **kwargs) -> TaskSource:
+    """The data source of a task config; `kwargs` are the source's options (e.g. `held_out_fraction`)."""
+    return task_of(config).source_type(config, split=split, seed=seed, size=size, **kwargs)
 
 
 def batched(source: TaskSource, batch_size: int, seed: int, shuffle: bool = True) -> grain.MapDataset:
@@ -46,8 +81,13 @@ __all__ = [
     "DepoSource",
     "Rule110Config",
     "Rule110Source",
+    "Task",
+    "TaskConfig",
     "TaskSource",
     "Vocabulary",
     "batched",
     "make_source",
+    "register_task",
+    "task_named",
+    "task_of",
 ]

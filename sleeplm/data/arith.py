@@ -1,4 +1,4 @@
-"""Multi-step modular arithmetic with distractors (SPEC §4; in the spirit of GSM-Infinite's symbolic problems).
+"""Multi-step modular arithmetic with distractors (docs/method.md; in the spirit of GSM-Infinite's symbolic problems).
 
 Layout: left padding, the question `Q vX ;`, declarative statements in shuffled order (constants `vA = 7 ;` and
 operations `vB = vA + vC ;`, mod P), then `A :` and the answer (one token). The queried variable's dependency
@@ -15,6 +15,7 @@ import numpy as np
 
 from sleeplm.config import check_positive_ints
 from sleeplm.data.common import TaskSource, Vocabulary
+from sleeplm.data.task import Task
 
 OPERATORS = {"+": lambda a, b, p: (a + b) % p, "-": lambda a, b, p: (a - b) % p, "*": lambda a, b, p: (a * b) % p}
 CONST_TOKENS, OP_TOKENS = 4, 6  # `v = 7 ;` and `v = a + b ;`
@@ -59,10 +60,7 @@ class ArithConfig:
 class ArithSource(TaskSource):
     """Examples carry `ops` (the chain's operation count) and `answer` (the answer's value)."""
 
-    def __init__(self, config: ArithConfig, split: str = "train", seed: int = 0, size: int = 1 << 30, **kwargs):
-        super().__init__(split, seed, size, **kwargs)
-        self.config = config
-        self.vocab = config.vocab
+    config: ArithConfig
 
     def _chain(self, rng, ops, names, values):
         """`ops` operations, each reading the previous result, so all of them are in the closure of the last."""
@@ -121,3 +119,16 @@ class ArithSource(TaskSource):
             {"ops": np.int32(ops), "answer": np.int32(answer)},
             tokens.tobytes(),
         )
+
+
+def arith_metrics(results: dict[str, np.ndarray], examples: dict[str, np.ndarray]) -> dict[str, float]:
+    """Exact accuracy per operation count, and the accuracy of always answering the most frequent answer."""
+    metrics = {
+        f"accuracy@ops{count}": float(results["exact"][examples["ops"] == count].mean())
+        for count in np.unique(examples["ops"])
+    }
+    metrics["majority_answer_accuracy"] = float(np.bincount(examples["answer"]).max() / len(examples["answer"]))
+    return metrics
+
+
+ARITH = Task("arith", ArithConfig, ArithSource, metrics=arith_metrics)

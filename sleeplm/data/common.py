@@ -67,12 +67,14 @@ class TaskSource:
     """A grain random-access data source: example `index` of a split is a pure function of (seed, split, index).
 
     `sample(rng)` draws one candidate as (token ids, label positions, metadata, content bytes); candidates whose
-    content hashes into the held-out fraction go to "eval" only, the rest to "train" only.
+    content hashes into the held-out fraction go to "eval" only, the rest to "train" only. Every source of a config
+    encodes with the config's vocabulary, so its examples read the same in training and in every held-out set.
     """
 
-    vocab: Vocabulary
-
-    def __init__(self, split: str, seed: int, size: int, held_out_fraction: float = 0.1) -> None:
+    def __init__(
+        self, config, split: str = "train", seed: int = 0, size: int = 1 << 30, held_out_fraction: float = 0.1
+    ) -> None:
+        self.config, self.vocab = config, config.vocab
         if split not in SPLITS:
             raise ValueError(f"split={split!r} is invalid: allowed splits are {SPLITS}")
         if not 0.0 < held_out_fraction < 1.0:

@@ -1,9 +1,9 @@
-"""Depo (SPEC §4): multi-hop retrieval over evicted context.
+"""Depo: multi-hop retrieval over evicted context (docs/method.md).
 
 A directed cycle of n nodes (n uniform in [min_nodes, max_nodes]) written as `src dst` edges in shuffled order,
 each node name `name_length` tokens, left-padded to a whole number of windows; then `queries` queries
-`<hop_k> start answer <eoq>` with k uniform in [min_hops, max_hops] (10 queries of 2-token names are 60 tokens,
-as in SPEC §4). Loss on the answer tokens.
+`<hop_k> start answer <eoq>` with k uniform in [min_hops, max_hops] (10 queries of 2-token names are 60 tokens).
+Loss on the answer tokens. Held-out sets per hop count k fix every query's k and keep the training vocabulary.
 """
 
 from __future__ import annotations
@@ -14,6 +14,9 @@ import numpy as np
 
 from sleeplm.config import check_positive_ints
 from sleeplm.data.common import TaskSource, Vocabulary
+from sleeplm.data.task import Task
+
+HELD_OUT_HOPS = (1, 2, 4, 8, 16)  # the hop counts with a held-out set of their own (those <= max_hops)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -57,12 +60,18 @@ class DepoConfig:
 
 
 class DepoSource(TaskSource):
-    """Examples carry `hops` (per input position: k of the query whose answer token is the target, else 0)."""
+    """Examples carry `hops` (per input position: k of the query whose answer token is the target, else 0).
 
-    def __init__(self, config: DepoConfig, split: str = "train", seed: int = 0, size: int = 1 << 30, **kwargs):
-        super().__init__(split, seed, size, **kwargs)
-        self.config = config
-        self.vocab = config.vocab
+    `hops=k` makes every query k hops (an evaluation subset); the config, hence the vocabulary, is unchanged.
+    """
+
+    config: DepoConfig
+
+    def __init__(self, config: DepoConfig, *args, hops: int | None = None, **kwargs):
+        super().__init__(config, *args, **kwargs)
+        if hops is not None and (not isinstance(hops, int) or not 1 <= hops <= config.max_hops):
+            raise ValueError(f"hops={hops!r} is invalid: must be an integer in [1, task.max_hops={config.max_hops}]")
+        self.hops = hops
 
     def sample(self, rng: np.random.Generator):
         cfg = self.config
@@ -79,7 +88,7 @@ class DepoSource(TaskSource):
         text = ["<pad>"] * (cfg.edge_block_length - len(edge_tokens)) + edge_tokens
         labels, hops = [], []
         for _ in range(cfg.queries):
-            k = int(rng.integers(cfg.min_hops, cfg.max_hops + 1))
+            k = self.hops if self.hops is not None else int(rng.integers(cfg.min_hops, cfg.max_hops + 1))
             start = int(rng.integers(nodes))
             answer = start
             for _ in range(k):
@@ -92,3 +101,11 @@ class DepoSource(TaskSource):
         hop_of_input = np.zeros(len(tokens) - 1, np.int32)
         hop_of_input[np.asarray(labels) - 1] = hops
         return tokens, np.asarray(labels), {"hops": hop_of_input}, tokens.tobytes()
+
+
+def held_out_sets_by_hops(config: DepoConfig) -> dict[str, dict]:
+    """One held-out set per hop count k in HELD_OUT_HOPS up to max_hops, named "k{k}"."""
+    return {f"k{k}": {"hops": k} for k in HELD_OUT_HOPS if k <= config.max_hops}
+
+
+DEPO = Task("depo", DepoConfig, DepoSource, held_out_sets=held_out_sets_by_hops)

@@ -1,4 +1,4 @@
-"""Rule 110 (SPEC §4): reasoning depth = rollout steps.
+"""Rule 110: reasoning depth = rollout steps (docs/method.md).
 
 `num_strings` random binary strings of `width` cells (periodic boundary), one per window of L tokens (left-padded
 when width < L), then a query token and one label per string: the leftmost cell after `steps` Rule 110 updates.
@@ -11,8 +11,9 @@ import dataclasses
 import numpy as np
 
 from sleeplm.data.common import TaskSource, Vocabulary
+from sleeplm.data.task import Task
 
-VOCAB = Vocabulary(("0", "1", "<pad>", "<query>"))
+VOCAB = Vocabulary(("0", "1", "<pad>", "<query>"))  # '0' and '1' have ids 0 and 1: a cell's value is its id
 
 
 @dataclasses.dataclass(frozen=True)
@@ -35,6 +36,10 @@ class Rule110Config:
         """Length of `inputs` (the token sequence less its last token)."""
         return self.num_strings * self.window + self.num_strings
 
+    @property
+    def vocab(self) -> Vocabulary:
+        return VOCAB
+
 
 def rule110_step(cells: np.ndarray) -> np.ndarray:
     """One synchronous Rule 110 update of each row of `cells` (..., width), periodic boundary."""
@@ -43,11 +48,7 @@ def rule110_step(cells: np.ndarray) -> np.ndarray:
 
 
 class Rule110Source(TaskSource):
-    vocab = VOCAB
-
-    def __init__(self, config: Rule110Config, split: str = "train", seed: int = 0, size: int = 1 << 30, **kwargs):
-        super().__init__(split, seed, size, **kwargs)
-        self.config = config
+    config: Rule110Config
 
     def sample(self, rng: np.random.Generator):
         cfg = self.config
@@ -55,8 +56,17 @@ class Rule110Source(TaskSource):
         final = cells
         for _ in range(cfg.steps):
             final = rule110_step(final)
-        pad = np.full((cfg.num_strings, cfg.window - cfg.width), VOCAB.encode(["<pad>"])[0])
-        strings = np.concatenate([pad, cells], axis=1).reshape(-1)  # '0'/'1' have ids 0/1
-        tokens = np.concatenate([strings, VOCAB.encode(["<query>"]), final[:, 0]]).astype(np.int32)
+        pad = np.full((cfg.num_strings, cfg.window - cfg.width), self.vocab.encode(["<pad>"])[0])
+        strings = np.concatenate([pad, cells], axis=1).reshape(-1)
+        tokens = np.concatenate([strings, self.vocab.encode(["<query>"]), final[:, 0]]).astype(np.int32)
         labels = np.arange(len(tokens) - cfg.num_strings, len(tokens))
         return tokens, labels, {}, np.packbits(cells).tobytes()
+
+
+def rule110_metrics(results: dict[str, np.ndarray], examples: dict[str, np.ndarray]) -> dict[str, float]:
+    """Accuracy of each label position (label i answers string i): every example has its labels in order."""
+    per_label = results["right"][examples["loss_mask"] > 0].reshape(len(results["exact"]), -1)
+    return {f"label{i}_accuracy": float(accuracy) for i, accuracy in enumerate(per_label.mean(0))}
+
+
+RULE110 = Task("rule110", Rule110Config, Rule110Source, metrics=rule110_metrics)

@@ -1,19 +1,30 @@
-"""Gated DeltaNet mixer (SPEC §2): q, k, v projections (optional causal short convolution, zero-padded at each
-window start), unit-norm silu q and k, decay g and write strength beta per head, the gated delta rule over the
-fast weights S, a gated RMSNorm per head and the output projection."""
+"""Gated DeltaNet mixer (docs/method.md, "The model"): q, k, v projections (optional causal short convolution,
+zero-padded at each window start), unit-norm silu q and k, decay g and write strength beta per head, the gated delta
+rule over the fast weights S, a gated RMSNorm per head and the output projection."""
 
 from __future__ import annotations
 
 import math
+from typing import NamedTuple
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from sleeplm.config import ModelConfig
+from sleeplm.config import Config, ModelConfig
+from sleeplm.eviction import Eviction
+from sleeplm.model.mixer import Mixer, WindowContext, axes_like
 from sleeplm.model.norms import GatedRMSNorm, l2_normalize
+from sleeplm.model.params import dense, param
 from sleeplm.ops import gated_delta_rule
-from sleeplm.state import FastWeightState
+
+
+class FastWeightState(NamedTuple):
+    """One Gated DeltaNet layer: `S` (B, H, d_k, d_v) float32, and the short convolution's last inputs of the
+    current window, `conv` (B, width - 1, channels) (None without short convolution)."""
+
+    S: jax.Array
+    conv: jax.Array | None
 
 
 def _a_log_init(key: jax.Array, shape: tuple[int, ...], dtype=jnp.float32) -> jax.Array:
@@ -39,38 +50,62 @@ def causal_short_conv(x: jax.Array, history: jax.Array, kernel: jax.Array) -> tu
     return out, padded[:, length:]
 
 
-class GatedDeltaNet(nn.Module):
-    config: ModelConfig
+class GatedDeltaNet(Mixer):
+    @classmethod
+    def init_cache(cls, config: Config, batch: int, window: int) -> FastWeightState:
+        model = config.model
+        heads, d_k, d_v = model.gdn_heads, model.gdn_head_dim_k, model.gdn_head_dim_v
+        channels = heads * (2 * d_k + d_v)
+        conv = jnp.zeros((batch, model.conv_width - 1, channels), model.dtype) if model.short_conv else None
+        return FastWeightState(jnp.zeros((batch, heads, d_k, d_v), jnp.float32), conv)
+
+    @classmethod
+    def evict(cls, cache: FastWeightState, eviction: Eviction) -> FastWeightState:
+        """S survives every window end; the short convolution's inputs never cross one."""
+        return cache._replace(conv=None if cache.conv is None else jnp.zeros_like(cache.conv))
+
+    @classmethod
+    def cache_axes(cls, cache: FastWeightState) -> FastWeightState:
+        return FastWeightState(
+            axes_like(cache.S, "batch", "heads", None, None), axes_like(cache.conv, "batch", None, None)
+        )
+
+    @classmethod
+    def split_sizes(cls, model: ModelConfig) -> dict[str, dict[str, int]]:
+        return {"heads": {"model.gdn_heads": model.gdn_heads}}
 
     @nn.compact
-    def __call__(self, x: jax.Array, state: FastWeightState, pos: jax.Array) -> tuple[jax.Array, FastWeightState]:
+    def __call__(
+        self, x: jax.Array, state: FastWeightState, context: WindowContext
+    ) -> tuple[jax.Array, FastWeightState]:
         """x: (B, n, d) for window positions pos .. pos + n - 1, continuing from the fast weights in `state`."""
-        cfg = self.config
+        cfg = self.config.model
         batch, length, _ = x.shape
-        heads, d_k, d_v = cfg.gdn_num_heads, cfg.gdn_dim_k, cfg.gdn_dim_v
-        dense = lambda features, name: nn.Dense(features, use_bias=False, dtype=x.dtype, name=name)
+        heads, d_k, d_v = cfg.gdn_heads, cfg.gdn_head_dim_k, cfg.gdn_head_dim_v
+        projection = lambda features, name: dense(features, ("embed", "heads"), name, x.dtype)
         qkv = jnp.concatenate(
-            [dense(heads * d_k, "q")(x), dense(heads * d_k, "k")(x), dense(heads * d_v, "v")(x)], axis=-1
+            [projection(heads * d_k, "q")(x), projection(heads * d_k, "k")(x), projection(heads * d_v, "v")(x)],
+            axis=-1,
         )
         conv = state.conv
         if cfg.short_conv:
-            kernel = self.param("conv", nn.initializers.lecun_normal(), (cfg.conv_width, qkv.shape[-1]))
-            history = jnp.where(pos > 0, state.conv, 0)  # zero padding at every window start
+            kernel = param(self, "conv", nn.initializers.lecun_normal(), (cfg.conv_width, qkv.shape[-1]), (None, None))
+            history = jnp.where(context.pos > 0, state.conv, 0)  # zero padding at every window start
             qkv, conv = causal_short_conv(qkv, history, kernel)
         q, k, v = jnp.split(qkv, [heads * d_k, 2 * heads * d_k], axis=-1)
         q = l2_normalize(nn.silu(q).reshape(batch, length, heads, d_k))
         k = l2_normalize(nn.silu(k).reshape(batch, length, heads, d_k))
         v = v.reshape(batch, length, heads, d_v)
 
-        a_log = self.param("A_log", _a_log_init, (heads,))
-        dt_bias = self.param("dt_bias", _dt_bias_init, (heads,))
-        decay_input = nn.Dense(heads, use_bias=False, dtype=jnp.float32, name="a")(x).astype(jnp.float32)
-        g = -jnp.exp(a_log) * jax.nn.softplus(decay_input + dt_bias)
-        beta = jax.nn.sigmoid(nn.Dense(heads, use_bias=False, dtype=jnp.float32, name="b")(x).astype(jnp.float32))
+        a_log = param(self, "A_log", _a_log_init, (heads,), (None,))
+        dt_bias = param(self, "dt_bias", _dt_bias_init, (heads,), (None,))
+        per_head = lambda name: dense(heads, ("embed", None), name, jnp.float32, hidden_matrix=False)  # tiny gates
+        g = -jnp.exp(a_log) * jax.nn.softplus(per_head("a")(x).astype(jnp.float32) + dt_bias)
+        beta = jax.nn.sigmoid(per_head("b")(x).astype(jnp.float32))
 
         out, fast_weights = gated_delta_rule(
             q, k, v, g, beta, state.S, implementation=cfg.gdn_implementation, chunk_size=cfg.gdn_chunk_size
         )
-        gate = dense(heads * d_v, "gate")(x).reshape(batch, length, heads, d_v)
+        gate = projection(heads * d_v, "gate")(x).reshape(batch, length, heads, d_v)
         out = GatedRMSNorm(cfg.norm_eps, name="out_norm")(out, gate).reshape(batch, length, heads * d_v)
-        return dense(cfg.d_model, "o")(out), FastWeightState(fast_weights, conv)
+        return dense(cfg.d_model, ("heads", "embed"), "o", x.dtype)(out), FastWeightState(fast_weights, conv)

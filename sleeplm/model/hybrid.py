@@ -1,17 +1,21 @@
-"""The hybrid block stack of SPEC §2: Embed -> blocks (pre-norm mixer + residual, pre-norm MLP + residual)
--> final norm -> output projection. Used only through pure `init` / `apply` with explicit per-layer state."""
+"""The hybrid block stack (docs/method.md, "The model"): Embed -> blocks (pre-norm mixer + residual, pre-norm MLP +
+residual) -> final norm -> output projection. Used only through pure `init` / `apply` with explicit per-layer caches;
+each block's mixer is the kind its `ModelConfig.layers` entry names."""
 
 from __future__ import annotations
 
+from typing import Any
+
 import flax.linen as nn
 import jax
+import jax.numpy as jnp
 
 from sleeplm.config import Config
-from sleeplm.model.attention import Attention
-from sleeplm.model.gdn import GatedDeltaNet
+from sleeplm.model.kinds import mixer_kind
+from sleeplm.model.mixer import WindowContext
 from sleeplm.model.mlp import MLP
 from sleeplm.model.norms import RMSNorm
-from sleeplm.state import LayerState, activation_dtype
+from sleeplm.model.params import annotated_init, dense
 
 
 class Block(nn.Module):
@@ -19,18 +23,13 @@ class Block(nn.Module):
     kind: str
 
     @nn.compact
-    def __call__(
-        self, h: jax.Array, layer_state: LayerState, pos: jax.Array, prev_valid: jax.Array
-    ) -> tuple[jax.Array, LayerState]:
+    def __call__(self, h: jax.Array, cache: Any, context: WindowContext) -> tuple[jax.Array, Any]:
         model = self.config.model
         y = RMSNorm(model.norm_eps, name="mixer_norm")(h)
-        if self.kind == "attn":
-            y, layer_state = Attention(model, self.config.sleep.window, name="attn")(y, layer_state, pos, prev_valid)
-        else:
-            y, layer_state = GatedDeltaNet(model, name="gdn")(y, layer_state, pos)
+        y, cache = mixer_kind(self.kind)(self.config, name=self.kind)(y, cache, context)
         h = h + y
         h = h + MLP(model, name="mlp")(RMSNorm(model.norm_eps, name="mlp_norm")(h))
-        return h, layer_state
+        return h, cache
 
 
 class HybridLM(nn.Module):
@@ -38,27 +37,29 @@ class HybridLM(nn.Module):
 
     def setup(self) -> None:
         model = self.config.model
-        self.embedding = nn.Embed(model.vocab_size, model.d_model, embedding_init=nn.initializers.normal(1.0))
+        # A gather from a vocab-sharded table would be replicated first: the embedding shards its embed dim only.
+        embedding_init = annotated_init(nn.initializers.normal(1.0), (None, "embed"))
+        self.embedding = nn.Embed(model.vocab_size, model.d_model, embedding_init=embedding_init)
         self.blocks = [Block(self.config, kind) for kind in model.layers]
         self.final_norm = RMSNorm(model.norm_eps)
-        self.head = nn.Dense(model.vocab_size, use_bias=False)
+        self.head = dense(model.vocab_size, ("embed", "vocab"), hidden_matrix=False)
 
     def embed(self, tokens: jax.Array) -> jax.Array:
-        return self.embedding(tokens).astype(activation_dtype(self.config))
+        return self.embedding(tokens).astype(self.config.model.dtype)
 
     def window_pass(
-        self, h: jax.Array, layers: tuple[LayerState, ...], pos: jax.Array, prev_valid: jax.Array
-    ) -> tuple[jax.Array, tuple[LayerState, ...]]:
+        self, h: jax.Array, caches: tuple[Any, ...], context: WindowContext
+    ) -> tuple[jax.Array, tuple[Any, ...]]:
         """One pass of the whole block stack over window positions pos .. pos + n - 1 (h: (B, n, d))."""
-        new_layers = []
-        for block, layer_state in zip(self.blocks, layers, strict=True):
-            h, layer_state = block(h, layer_state, pos, prev_valid)
-            new_layers.append(layer_state)
-        return h, tuple(new_layers)
+        new_caches = []
+        for block, cache in zip(self.blocks, caches, strict=True):
+            h, cache = block(h, cache, context)
+            new_caches.append(cache)
+        return h, tuple(new_caches)
 
     def logits(self, h: jax.Array) -> jax.Array:
-        return self.head(self.final_norm(h).astype(jax.numpy.float32))
+        return self.head(self.final_norm(h).astype(jnp.float32))
 
-    def __call__(self, tokens: jax.Array, layers: tuple[LayerState, ...], pos: jax.Array, prev_valid: jax.Array):
-        h, layers = self.window_pass(self.embed(tokens), layers, pos, prev_valid)
-        return self.logits(h), layers
+    def __call__(self, tokens: jax.Array, caches: tuple[Any, ...], context: WindowContext):
+        h, caches = self.window_pass(self.embed(tokens), caches, context)
+        return self.logits(h), caches

@@ -6,6 +6,7 @@ import flax.linen as nn
 import jax
 
 from sleeplm.config import ModelConfig
+from sleeplm.model.params import dense
 
 
 class MLP(nn.Module):
@@ -13,6 +14,6 @@ class MLP(nn.Module):
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
-        dense = lambda features, name: nn.Dense(features, use_bias=False, dtype=x.dtype, name=name)
-        hidden = nn.silu(dense(self.config.hidden_dim, "gate")(x)) * dense(self.config.hidden_dim, "up")(x)
-        return dense(self.config.d_model, "down")(hidden)
+        up = lambda name: dense(self.config.mlp_dim, ("embed", "mlp"), name, x.dtype)
+        hidden = nn.silu(up("gate")(x)) * up("up")(x)
+        return dense(self.config.d_model, ("mlp", "embed"), "down", x.dtype)(hidden)

@@ -6,6 +6,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from sleeplm.model.params import param
+
 
 def rms_normalize(x: jax.Array, eps: float) -> jax.Array:
     x32 = x.astype(jnp.float32)
@@ -24,7 +26,7 @@ class RMSNorm(nn.Module):
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
-        scale = self.param("scale", nn.initializers.ones, (x.shape[-1],), jnp.float32)
+        scale = param(self, "scale", nn.initializers.ones, (x.shape[-1],), (None,))
         return (rms_normalize(x, self.eps) * scale).astype(x.dtype)
 
 
@@ -35,5 +37,5 @@ class GatedRMSNorm(nn.Module):
 
     @nn.compact
     def __call__(self, x: jax.Array, gate: jax.Array) -> jax.Array:
-        scale = self.param("scale", nn.initializers.ones, (x.shape[-1],), jnp.float32)
+        scale = param(self, "scale", nn.initializers.ones, (x.shape[-1],), (None,))
         return (rms_normalize(x, self.eps) * scale * nn.silu(gate.astype(jnp.float32))).astype(x.dtype)

@@ -1,4 +1,5 @@
-"""The gated delta rule in its chunkwise-parallel form (SPEC §2), in plain `jax.numpy`.
+"""The gated delta rule in its chunkwise-parallel form, in plain `jax.numpy` (docs/method.md, "The gated delta rule
+in chunks").
 
 Per chunk of C tokens, with b the in-chunk cumulative log decay and gamma = exp(b):
 
@@ -48,7 +49,7 @@ def _doubling_inverse(strict_lower: jax.Array) -> jax.Array:
 def unit_lower_triangular_inverse(strict_lower: jax.Array, block: int = 16) -> jax.Array:
     """(I + L)^-1 for strictly lower-triangular L (..., C, C), with matmuls only.
 
-    No triangular solve (which has hung inside jitted grad + optimizer steps on CPU, SPEC §6) and no loop over
+    No triangular solve (which has hung inside jitted grad + optimizer steps on CPU with jax 0.10) and no loop over
     rows: the diagonal blocks of size `block` are inverted by the doubling product (2 log2(block) matmuls each,
     all blocks at once), then block rows are filled by forward substitution, A[i, :i] = -A_ii L[i, :i] A[:i, :i].
     For C = 64 this costs about a fifteenth of the doubling product over the whole chunk.

@@ -1,4 +1,5 @@
-"""The gated delta rule as its token-by-token recurrence (SPEC §2): the ground truth for every other kernel.
+"""The gated delta rule as its token-by-token recurrence (docs/method.md, "The model"): the ground truth for every
+other kernel.
 
     S_t = alpha_t S_{t-1} + beta_t k_t (v_t - alpha_t S_{t-1}^T k_t)^T,    o_t = S_t^T q_t,    alpha_t = exp(g_t)
 

@@ -1,0 +1,71 @@
+"""The contract of a mixer kind: the token-mixing layer of a block (attention, Gated DeltaNet, or a user's own).
+
+A kind is one `Mixer` subclass in one module, registered under a name in `sleeplm.model.kinds`. It owns:
+- its parameters (created with `sleeplm.model.params`, so each carries its logical axes and optimiser role);
+- its cache, a NamedTuple pytree of fixed size for a window of L tokens (`init_cache`);
+- what the end of a slept window does to that cache under an eviction mode (`evict`);
+- the logical axes of its cache's arrays (`cache_axes`), from which the sleep state is sharded;
+- the model fields that sharding splits over a logical axis (`split_sizes`), so a mesh that cannot divide them fails
+  at setup naming the field;
+- its config checks (`check_config`), run when a `ModelConfig` lists the kind.
+The block stack, `init_state`, `evict`, the sharding rules and the optimizer ask the kind; none switches on its name.
+"""
+
+from __future__ import annotations
+
+from typing import Any, NamedTuple
+
+import flax.linen as nn
+import jax
+
+from sleeplm.config import Config, ModelConfig
+from sleeplm.eviction import Eviction
+from sleeplm.sharding import LogicalAxes
+
+
+class WindowContext(NamedTuple):
+    """Where a call sits in its window: `pos` (int32 scalar), the window position of the call's first token;
+    `prev_valid` (bool scalar), whether a previous window's keys and values are held (modes that keep them)."""
+
+    pos: jax.Array
+    prev_valid: jax.Array
+
+
+class Mixer(nn.Module):
+    """A mixer kind. Instances are called on the normed hidden states of window positions pos .. pos + n - 1."""
+
+    config: Config
+
+    def __call__(self, x: jax.Array, cache: Any, context: WindowContext) -> tuple[jax.Array, Any]:
+        """x (B, n, d_model) -> (output (B, n, d_model), the cache after these tokens)."""
+        raise NotImplementedError
+
+    @classmethod
+    def check_config(cls, model: ModelConfig) -> None:
+        """Raises ValueError naming a field of `model` this kind cannot work with."""
+
+    @classmethod
+    def init_cache(cls, config: Config, batch: int, window: int) -> Any:
+        """The empty cache for `batch` rows and windows of `window` tokens (each leaf a fresh buffer: states are
+        donated, and one buffer may not be donated twice)."""
+        raise NotImplementedError
+
+    @classmethod
+    def evict(cls, cache: Any, eviction: Eviction) -> Any:
+        """The cache after a window has ended (been slept on) under `eviction`."""
+        raise NotImplementedError
+
+    @classmethod
+    def cache_axes(cls, cache: Any) -> Any:
+        """`cache`'s structure with each array replaced by its logical axes."""
+        raise NotImplementedError
+
+    @classmethod
+    def split_sizes(cls, model: ModelConfig) -> dict[str, dict[str, int]]:
+        """{logical axis: {"model.FIELD": size}} for the sizes this kind's parameters and cache split over it."""
+        return {}
+
+
+def axes_like(tree: Any, *axes: str | None) -> Any:
+    """`tree` with every array replaced by the logical axes `axes` (None leaves stay None)."""
+    return jax.tree.map(lambda _: LogicalAxes(axes), tree)

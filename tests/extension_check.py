@@ -1,0 +1,53 @@
+"""Run in a subprocess with 8 fake CPU devices (see test_kinds.py): the toy mixer kind and task that test_kinds.py
+registers train for 3 steps on a (2, 2, 2) mesh and on one device. Prints "RESULTS <json>"."""
+
+from __future__ import annotations
+
+import os
+
+os.environ["XLA_FLAGS"] = os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
+
+import json
+import sys
+import tempfile
+from pathlib import Path
+
+import jax
+
+sys.path.insert(0, str(Path(__file__).parent))
+from test_kinds import recall_experiment
+
+from sleeplm.loop import run_training
+from sleeplm.parallel import MeshConfig, ShardedTraining, make_mesh, sleep_state_shardings
+from sleeplm.state import init_state
+
+
+def records(run: Path) -> dict:
+    lines = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    evals = [r for r in lines if r["kind"] == "eval"]
+    return {"losses": [r["loss"] for r in lines if r["kind"] == "train"], "eval_loss": evals[-1]["loss"]}
+
+
+def spec(sharding, ndim: int) -> list:
+    entries = list(sharding.spec) + [None] * (ndim - len(sharding.spec))
+    return [list(e) if isinstance(e, tuple) else e for e in entries]
+
+
+def main() -> None:
+    experiment = recall_experiment()
+    mesh = make_mesh(MeshConfig(2, 2, 2))
+    with tempfile.TemporaryDirectory() as tmp:
+        run_training(experiment, Path(tmp) / "single")
+        run_training(experiment, Path(tmp) / "sharded", mesh=mesh)
+        results = {"devices": jax.device_count(), "single": records(Path(tmp) / "single")}
+        results["sharded"] = records(Path(tmp) / "sharded")
+    sharded = ShardedTraining.create(experiment.config, experiment.train, mesh)
+    state = init_state(experiment.config, 8)
+    mean = sleep_state_shardings(state, mesh, sharded.rules, experiment.config).layers[0].mean
+    into = sharded.state_shardings.params["params"]["blocks_0"]["running_mean"]["into"]["kernel"]
+    results |= {"mean_spec": spec(mean, 3), "into_spec": spec(into, 2)}
+    print("RESULTS " + json.dumps(results))
+
+
+if __name__ == "__main__":
+    main()
