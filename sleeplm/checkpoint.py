@@ -18,10 +18,11 @@ class CheckpointError(RuntimeError):
     """A checkpoint that cannot be used: corrupted, or written for a different experiment."""
 
 
-def _differences(saved: dict, current: dict, prefix: str = "") -> list[str]:
+def differences(saved: dict, current: dict, prefix: str = "") -> list[str]:
+    """ "field: saved X, now Y" for every leaf that differs between two nested dicts (e.g. experiment records)."""
     if isinstance(saved, dict) and isinstance(current, dict):
         keys = sorted(set(saved) | set(current))
-        return [d for k in keys for d in _differences(saved.get(k), current.get(k), f"{prefix}{k}.")]
+        return [d for k in keys for d in differences(saved.get(k), current.get(k), f"{prefix}{k}.")]
     return [] if saved == current else [f"{prefix[:-1]}: saved {saved!r}, now {current!r}"]
 
 
@@ -57,12 +58,12 @@ class Checkpointer:
             saved = self.manager.restore(step, args=ocp.args.Composite(experiment=ocp.args.JsonRestore()))
         except Exception as error:
             raise CheckpointError(f"checkpoint {where} is unreadable ({type(error).__name__}: {error})") from error
-        differences = [
-            d for d in _differences(saved.experiment, experiment.to_json()) if not d.startswith(("run.", "train.steps"))
+        mismatch = [
+            d for d in differences(saved.experiment, experiment.to_json()) if not d.startswith(("run.", "train.steps"))
         ]
-        if differences:
+        if mismatch:
             raise CheckpointError(
-                f"checkpoint {where} was written for a different experiment: " + "; ".join(differences[:5])
+                f"checkpoint {where} was written for a different experiment: " + "; ".join(mismatch[:5])
             )
         abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, template)
         try:

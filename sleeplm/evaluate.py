@@ -10,9 +10,7 @@ import numpy as np
 
 from sleeplm.data import batched, make_source, task_of
 from sleeplm.presets import Experiment
-from sleeplm.train import eval_step
-
-MODEL_KEYS = ("inputs", "targets", "loss_mask")
+from sleeplm.train import eval_step, model_batch
 
 
 def eval_sets(experiment: Experiment) -> dict[str, list[dict]]:
@@ -44,7 +42,7 @@ def evaluate(params, sets: dict[str, list[dict]], experiment: Experiment, eval_f
     task = task_of(experiment.task)
     metrics: dict[str, float] = {}
     for name, batches in sets.items():
-        results = [jax.device_get(eval_fn(params, {k: jnp.asarray(b[k]) for k in MODEL_KEYS})) for b in batches]
+        results = [jax.device_get(eval_fn(params, jax.tree.map(jnp.asarray, model_batch(b)))) for b in batches]
         result, examples = _concatenate(results), _concatenate(batches)
         suffix = "" if name == "all" else f"@{name}"
         metrics[f"loss{suffix}"] = float(result["loss_sum"].sum() / result["labels"].sum())

@@ -129,14 +129,14 @@ def batch_sharding(mesh: Mesh, rules: Rules) -> NamedSharding:
 
 
 def sleep_state_shardings(state: SleepState, mesh: Mesh, rules: Rules, config: Config) -> SleepState:
-    """Each block's cache by the logical axes its mixer kind gives it, the hidden states over batch; scalars
-    replicated."""
+    """Each block's cache by the logical axes its mixer kind gives it; the hidden states and each row's position and
+    flags over the batch axes."""
     caches = tuple(
         mixer_kind(kind).cache_axes(cache) for kind, cache in zip(config.model.layers, state.layers, strict=True)
     )
     caches = jax.tree.map(lambda axes: NamedSharding(mesh, logical_to_spec(axes, rules)), caches, is_leaf=_is_axes)
-    replicated = NamedSharding(mesh, P())
-    return SleepState(caches, NamedSharding(mesh, P(rules["batch"])), replicated, replicated)
+    rows = NamedSharding(mesh, P(rules["batch"]))
+    return SleepState(caches, rows, rows, rows)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -21,18 +21,18 @@ from jax import lax
 
 from sleeplm.config import Config
 from sleeplm.model.hybrid import HybridLM
-from sleeplm.model.mixer import WindowContext
+from sleeplm.model.mixer import WindowContext, window_start, write_slots
 from sleeplm.model.params import Annotated, annotations, unbox
 from sleeplm.sharding import shard_batch
-from sleeplm.state import SleepState, evict, init_caches
+from sleeplm.state import SleepState, evict, init_caches, reset, select_rows
 
 Params = dict
 
 
 def _init_boxed(key: jax.Array, config: Config) -> Params:
     window = config.sleep.window
-    context = WindowContext(jnp.zeros((), jnp.int32), jnp.zeros((), bool))
-    return HybridLM(config).init(key, jnp.zeros((1, 1), jnp.int32), init_caches(config, 1, window), context)
+    caches, context = init_caches(config, 1, window), window_start(1, 1)
+    return HybridLM(config).init(key, jnp.zeros((1, 1), jnp.int32), caches, context)
 
 
 def init_params(key: jax.Array, config: Config) -> Params:
@@ -51,7 +51,9 @@ def param_logical_axes(config: Config) -> Params:
     return jax.tree.map(lambda box: box.axes, param_annotations(config), is_leaf=lambda x: isinstance(x, Annotated))
 
 
-def _window_pass(params, h, caches, context, config):
+def window_pass(params: Params, h: jax.Array, caches: tuple[Any, ...], context: WindowContext, config: Config):
+    """One pass of the block stack over hidden states h (B, n, d) at the context's window positions; returns the
+    last block's output and the caches after it."""
     return HybridLM(config).apply(params, h, caches, context, method=HybridLM.window_pass)
 
 
@@ -59,23 +61,27 @@ def _embed(params, tokens, config):
     return HybridLM(config).apply(params, tokens, method=HybridLM.embed)
 
 
-def _logits(params, h, config):
+def logits_of(params, h, config):
     return HybridLM(config).apply(params, h, method=HybridLM.logits)
 
 
-def _check_tokens(tokens: jax.Array) -> None:
+def check_tokens(tokens: jax.Array, config: Config) -> None:
+    """Token ids must be a (batch, time) integer array inside the vocabulary. The range is checked when the ids are
+    concrete (outside a jit); ids outside it would otherwise give NaN logits or wrap around silently."""
     chex.assert_rank(tokens, 2)
     if not jnp.issubdtype(tokens.dtype, jnp.integer):
         raise ValueError(f"tokens must be integer ids of shape (batch, time), got dtype {tokens.dtype}")
+    if isinstance(tokens, jax.core.Tracer) or tokens.size == 0:
+        return
+    low, high = (int(x) for x in jax.device_get((jnp.min(tokens), jnp.max(tokens))))
+    if low < 0 or high >= config.model.vocab_size:
+        bad = low if low < 0 else high
+        raise ValueError(f"token id {bad} is outside the vocabulary: ids must be in [0, {config.model.vocab_size})")
 
 
 def _pass_fn(config: Config):
     """The window pass, rematerialised in the backward pass when `sleep.remat` is set."""
-    return jax.checkpoint(_window_pass, static_argnums=(4,)) if config.sleep.remat else _window_pass
-
-
-def _window_start(prev_valid: jax.Array) -> WindowContext:
-    return WindowContext(jnp.zeros((), jnp.int32), prev_valid)
+    return jax.checkpoint(window_pass, static_argnums=(4,)) if config.sleep.remat else window_pass
 
 
 def sleep_passes(
@@ -83,24 +89,41 @@ def sleep_passes(
 ) -> tuple[Any, ...]:
     """Passes 2..N over a full window (a `lax.scan`, N is never unrolled): each takes the previous pass's last
     hidden states as input, and each layer continues from the cache it ended the previous pass with."""
+    context = window_start(hidden.shape[0], hidden.shape[1], prev_valid)
 
     def one_pass(carry, _):
         h, caches = carry
-        return pass_fn(params, h, caches, _window_start(prev_valid), config), None
+        return pass_fn(params, h, caches, context, config), None
 
     pass_fn = _pass_fn(config)
     (_, caches), _ = lax.scan(one_pass, (hidden, caches), None, length=config.sleep.passes - 1)
     return caches
 
 
-def _forward_hidden(params: Params, embedded: jax.Array, config: Config) -> tuple[jax.Array, SleepState]:
+def _window_flags(valid: jax.Array, document_start: jax.Array, window: int) -> tuple[jax.Array, jax.Array]:
+    """Per window and row: whether a new document starts there (its caches reset first), and whether the window is
+    slept on: it is full and the same document continues in the next window. Both (num_windows, B)."""
+    length = valid.shape[1]
+    starts = jnp.arange(0, length, window)
+    resets = document_start[:, starts].T
+    following = jnp.concatenate([starts[1:], jnp.asarray([length])])  # the next window's first position
+    has_next = following < length
+    next_index = jnp.minimum(following, length - 1)
+    continues = has_next[:, None] & valid[:, next_index].T & ~document_start[:, next_index].T
+    return resets, continues
+
+
+def _forward_hidden(
+    params: Params, embedded: jax.Array, valid: jax.Array, document_start: jax.Array, config: Config
+) -> tuple[jax.Array, SleepState]:
     """Last-block hidden states (B, T, d) of the wake pass at every position of a whole sequence, and the state a
     stream of the same tokens ends in.
 
-    Full windows are scanned one by one; inside a window a `lax.scan` runs the N passes, passes 2..N only when the
-    window is slept on (every window that more tokens follow), so the scan body holds a single copy of the window
-    pass; a slept window is then evicted. A partial last window (never slept on) runs once more at its own length
-    rather than padded to a whole window. Without eviction ("none") the whole sequence is one window.
+    Full windows are scanned one by one; inside a window a `lax.scan` runs the N passes, passes 2..N only for rows
+    whose window is slept on (full and followed by more of the same document), so the scan body holds a single copy
+    of the window pass; a slept window is then evicted. A row's caches reset at a window where a document starts.
+    A partial last window (never slept on) runs once more at its own length rather than padded to a whole window.
+    Without eviction ("none") the whole sequence is one window.
     """
     batch, length, d_model = embedded.shape
     window = config.sleep.eviction_mode.window_length(config.sleep.window, length)
@@ -108,92 +131,160 @@ def _forward_hidden(params: Params, embedded: jax.Array, config: Config) -> tupl
     num_full, remainder = divmod(length, window)
     embedded = shard_batch(embedded)
     pass_fn = _pass_fn(config)
+    resets, slept = _window_flags(valid, document_start, window)
 
     def one_window(carry, inputs):
         caches, prev_valid = carry
-        x, window_slept = inputs
+        x, valid_w, reset_w, slept_w = inputs
+        caches, prev_valid = reset(caches, prev_valid, reset_w, window, config)
+        context = WindowContext(jnp.zeros((batch,), jnp.int32), prev_valid, valid_w)
 
         def one_pass(pass_carry, index):
             h, caches, wake_h = pass_carry
-            run = lambda operands: pass_fn(params, *operands, _window_start(prev_valid), config)
-            h, caches = lax.cond((index == 0) | window_slept, run, lambda operands: operands, (h, caches))
+            rows = (index == 0) | slept_w
+            run = lambda operands: pass_fn(params, *operands, context, config)
+            new = lax.cond(jnp.any(rows), run, lambda operands: operands, (h, caches))
+            h, caches = select_rows(rows, new, (h, caches))
             return (h, caches, jnp.where(index == 0, h, wake_h)), None
 
         (_, caches, wake_h), _ = lax.scan(one_pass, (x, caches, x), jnp.arange(passes))
-        ended = (caches, prev_valid)
-        evicted = evict(caches, config)
-        caches, prev_valid = jax.tree.map(lambda e, kept: jnp.where(window_slept, e, kept), evicted, ended)
+        caches, prev_valid = evict(caches, prev_valid, slept_w, config)
         if config.sleep.stop_gradient_between_windows:
             caches = lax.stop_gradient(caches)
         return (caches, prev_valid), shard_batch(wake_h)
 
-    carry = (init_caches(config, batch, window), jnp.zeros((), bool))
-    windows = jnp.moveaxis(embedded[:, : num_full * window].reshape(batch, num_full, window, d_model), 1, 0)
-    slept = (jnp.arange(num_full) < num_full - 1) | (remainder > 0)  # full windows followed by more tokens
-    (caches, prev_valid), hidden = lax.scan(one_window, carry, (windows, slept))
+    def windowed(x):  # (B, num_full * L, ...) -> (num_full, B, L, ...)
+        return jnp.moveaxis(x[:, : num_full * window].reshape(batch, num_full, window, *x.shape[2:]), 1, 0)
+
+    carry = (init_caches(config, batch, window), jnp.zeros((batch,), bool))
+    inputs = (windowed(embedded), windowed(valid), resets[:num_full], slept[:num_full])
+    (caches, prev_valid), hidden = lax.scan(one_window, carry, inputs)
     hidden = jnp.moveaxis(hidden, 0, 1).reshape(batch, num_full * window, d_model)
+    last_valid = valid[:, num_full * window :] if remainder else valid[:, -window:]
     if remainder:
-        last, caches = pass_fn(params, embedded[:, num_full * window :], caches, _window_start(prev_valid), config)
+        caches, prev_valid = reset(caches, prev_valid, resets[num_full], window, config)
+        context = WindowContext(jnp.zeros((batch,), jnp.int32), prev_valid, last_valid)
+        last, caches = pass_fn(params, embedded[:, num_full * window :], caches, context, config)
         hidden = jnp.concatenate([hidden, last], axis=1)
         window_hidden = jnp.zeros((batch, window, d_model), hidden.dtype).at[:, :remainder].set(last)
     else:
         window_hidden = hidden[:, -window:]
-    state = SleepState(caches, window_hidden, jnp.asarray(remainder or window, jnp.int32), prev_valid)
-    return shard_batch(hidden), state
+    pos = jnp.sum(last_valid, axis=1, dtype=jnp.int32)
+    return shard_batch(hidden), SleepState(caches, window_hidden, pos, prev_valid)
+
+
+def _sequence_masks(tokens, valid, document_start):
+    valid = jnp.ones(tokens.shape, bool) if valid is None else jnp.asarray(valid, bool)
+    document_start = jnp.zeros(tokens.shape, bool) if document_start is None else jnp.asarray(document_start, bool)
+    chex.assert_equal_shape([tokens, valid, document_start])
+    return valid, document_start
 
 
 @functools.partial(jax.jit, static_argnames=("config",))
-def forward(params: Params, tokens: jax.Array, config: Config) -> jax.Array:
-    """Logits (B, T, vocab) float32 for whole sequences tokens (B, T), windows of L, N passes per slept window."""
-    return forward_with_state(params, tokens, config)[0]
+def _forward(params, tokens, valid, document_start, config):
+    valid, document_start = _sequence_masks(tokens, valid, document_start)
+    hidden, state = _forward_hidden(params, _embed(params, tokens, config), valid, document_start, config)
+    return logits_of(params, hidden, config), state
 
 
-@functools.partial(jax.jit, static_argnames=("config",))
-def forward_with_state(params: Params, tokens: jax.Array, config: Config) -> tuple[jax.Array, SleepState]:
+def forward_with_state(
+    params: Params, tokens: jax.Array, config: Config, *, valid=None, document_start=None
+) -> tuple[jax.Array, SleepState]:
     """`forward`'s logits and the `SleepState` after the last token: what streaming the same tokens through
     `wake_step` ends in (its last window not yet slept on), so a stream can continue from it."""
-    _check_tokens(tokens)
-    hidden, state = _forward_hidden(params, _embed(params, tokens, config), config)
-    return _logits(params, hidden, config), state
+    check_tokens(tokens, config)
+    return _forward(params, tokens, valid, document_start, config)
 
 
-def _sleep_if_full(params: Params, state: SleepState, config: Config) -> SleepState:
-    """Passes 2..N and eviction when the window is full; otherwise the state unchanged."""
+def forward(params: Params, tokens: jax.Array, config: Config, *, valid=None, document_start=None) -> jax.Array:
+    """Logits (B, T, vocab) float32 for whole sequences tokens (B, T): windows of L, N passes per slept window.
+
+    Packed rows (several documents one after another) pass `valid` (B, T) bool, False on padding, which changes no
+    state, and `document_start` (B, T) bool, True where a document starts, always at a window start: every cache
+    of the row resets there, and a window is slept on only when the same document continues after it.
+    """
+    return forward_with_state(params, tokens, config, valid=valid, document_start=document_start)[0]
+
+
+def sleep_rows(params: Params, state: SleepState, rows: jax.Array, config: Config) -> SleepState:
+    """Passes 2..N and eviction for `rows` (B,) bool, whose windows are full; other rows unchanged."""
 
     def consolidate(state: SleepState) -> SleepState:
-        caches = sleep_passes(params, state.hidden, state.layers, state.prev_valid, config)
-        caches, prev_valid = evict(caches, config)
-        return state._replace(layers=caches, pos=jnp.zeros_like(state.pos), prev_valid=prev_valid)
+        slept = sleep_passes(params, state.hidden, state.layers, state.prev_valid, config)
+        caches, prev_valid = evict(select_rows(rows, slept, state.layers), state.prev_valid, rows, config)
+        return SleepState(caches, state.hidden, jnp.where(rows, 0, state.pos), prev_valid)
 
-    return lax.cond(state.pos == config.sleep.window, consolidate, lambda s: s, state)
+    return lax.cond(jnp.any(rows), consolidate, lambda s: s, state)
+
+
+def full_rows(state: SleepState, config: Config) -> jax.Array:
+    """Rows whose window is full and can be slept on (never under the no-eviction mode)."""
+    return (state.pos == state.window) & config.sleep.eviction_mode.bounded
+
+
+def consume(
+    params: Params, state: SleepState, tokens: jax.Array, valid: jax.Array, config: Config
+) -> tuple[jax.Array, SleepState]:
+    """Feeds each row's valid tokens (a prefix of its n) into its stream; returns the last block's hidden states
+    (B, n, d) and the new state. Traceable (used inside jitted callers).
+
+    Rows advance independently: each step takes, per row, as many of its remaining tokens as fit in its current
+    window (at most min(n, L)), after sleeping on the windows that are full while tokens remain. Under the
+    no-eviction mode tokens beyond the stream's capacity are not consumed and their hidden states are NaN.
+    """
+    batch, length = tokens.shape
+    chunk = min(length, state.window)
+    embedded = _embed(params, tokens, config)
+    total = jnp.sum(valid, axis=1, dtype=jnp.int32)
+    out = jnp.full((batch, length, config.model.d_model), jnp.nan, embedded.dtype)
+
+    def pending(carry):
+        state, consumed, _ = carry
+        return jnp.any((consumed < total) & ((state.pos < state.window) | full_rows(state, config)))
+
+    def step(carry):
+        state, consumed, out = carry
+        state = sleep_rows(params, state, full_rows(state, config) & (consumed < total), config)
+        take = jnp.minimum(total - consumed, jnp.minimum(state.window - state.pos, chunk))
+        index = jnp.clip(consumed[:, None] + jnp.arange(chunk), 0, length - 1)
+        x = jnp.take_along_axis(embedded, index[:, :, None], axis=1)
+        context = WindowContext(state.pos, state.prev_valid, jnp.arange(chunk) < take[:, None])
+        h, caches = window_pass(params, x, state.layers, context, config)
+        hidden = write_slots(state.hidden, h, state.pos, context.valid)
+        out = write_slots(out, h, consumed, context.valid)
+        return SleepState(caches, hidden, state.pos + take, state.prev_valid), consumed + take, out
+
+    state, _, out = lax.while_loop(pending, step, (state, jnp.zeros((batch,), jnp.int32), out))
+    return out, state
 
 
 @functools.partial(jax.jit, static_argnames=("config",), donate_argnames=("state",))
 def sleep_step(params: Params, state: SleepState, config: Config) -> SleepState:
-    """Sleeps on the current window if it is full: N - 1 passes from the wake pass's hidden states, then eviction.
+    """Sleeps on every row whose window is full: N - 1 passes from the wake pass's hidden states, then eviction.
 
-    A window that is not full is not slept on, so the state is then returned unchanged; calling it twice is
-    harmless. `state` is donated.
+    A window that is not full is not slept on, so such rows are returned unchanged; calling it twice is harmless.
+    `state` is donated.
     """
-    return _sleep_if_full(params, state, config)
+    return sleep_rows(params, state, full_rows(state, config), config)
 
 
 @functools.partial(jax.jit, static_argnames=("config",), donate_argnames=("state",))
-def wake_step(params: Params, state: SleepState, tokens: jax.Array, config: Config) -> tuple[jax.Array, SleepState]:
-    """One wake pass over the next n tokens (B, n) of the current window; returns their logits (B, n, vocab).
+def _wake(params, state, tokens, valid, config):
+    h, state = consume(params, state, tokens, valid, config)
+    return logits_of(params, h, config), state
 
-    If the window is already full it is slept on first (more tokens follow it), so streaming a sequence through
-    `wake_step` alone reproduces `forward`. The n tokens must fit in the window: 1 <= n <= L - pos (after that
-    automatic sleep). `state` is donated.
+
+def wake_step(
+    params: Params, state: SleepState, tokens: jax.Array, config: Config, *, valid=None
+) -> tuple[jax.Array, SleepState]:
+    """Feeds the next n tokens (B, n) of each row's stream; returns their logits (B, n, vocab).
+
+    Any n >= 1: a window that fills is slept on before the next token when more tokens follow, so streaming a
+    sequence through `wake_step` in pieces of any sizes reproduces `forward`. `valid` (B, n) bool marks a prefix of
+    each row's tokens as real (ragged rows; the rest are ignored and get NaN logits). `state` is donated.
     """
-    _check_tokens(tokens)
-    length, window = tokens.shape[1], config.sleep.window
-    if not 1 <= length <= window:
-        raise ValueError(f"wake_step got {length} tokens: 1..window={window} tokens fit in one window")
+    check_tokens(tokens, config)
     chex.assert_equal(tokens.shape[0], state.hidden.shape[0])
-    state = _sleep_if_full(params, state, config)
-    context = WindowContext(state.pos, state.prev_valid)
-    h, caches = _window_pass(params, _embed(params, tokens, config), state.layers, context, config)
-    hidden = lax.dynamic_update_slice(state.hidden, h.astype(state.hidden.dtype), (0, state.pos, 0))
-    new_state = SleepState(caches, hidden, state.pos + length, state.prev_valid)
-    return _logits(params, h, config), new_state
+    valid = jnp.ones(tokens.shape, bool) if valid is None else jnp.asarray(valid, bool)
+    chex.assert_equal_shape([tokens, valid])
+    return _wake(params, state, tokens, valid, config)

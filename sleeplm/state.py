@@ -1,7 +1,8 @@
 """The state carried between wake/sleep calls (docs/method.md, "Windows, wake and sleep"), as a NamedTuple pytree.
 
-Each layer's cache is its mixer kind's own type (`sleeplm.model.kinds`); sizes depend on the batch and the window L,
-never on how many tokens have been seen.
+Each layer's cache is its mixer kind's own type (`sleeplm.model.kinds`); every array in the state has the batch as
+its leading dim, and each row is an independent stream with its own position in its own window. Sizes depend on
+the batch and the window L, never on how many tokens have been seen.
 """
 
 from __future__ import annotations
@@ -19,8 +20,9 @@ class SleepState(NamedTuple):
     """Everything `wake_step` and `sleep_step` carry.
 
     `layers`: one cache per block, in layer order. `hidden`: (B, L, d_model), the last block's output of the wake
-    pass at each position of the current window (the input of sleep pass 2). `pos`: int32 scalar, tokens in the
-    current window so far. `prev_valid`: bool scalar, whether a previous window's KV is kept (modes that keep it).
+    pass at each position of the current window (the input of sleep pass 2). `pos`: (B,) int32, tokens in each
+    row's current window so far. `prev_valid`: (B,) bool, whether a row holds a previous window's KV (modes that
+    keep it).
     """
 
     layers: tuple[Any, ...]
@@ -28,36 +30,63 @@ class SleepState(NamedTuple):
     pos: jax.Array
     prev_valid: jax.Array
 
+    @property
+    def window(self) -> int:
+        """Tokens a window holds (L; for the no-eviction mode, the stream's capacity)."""
+        return self.hidden.shape[1]
+
 
 def init_caches(config: Config, batch_size: int, window: int) -> tuple[Any, ...]:
     """Every block's empty cache for windows of `window` tokens."""
     return tuple(mixer_kind(kind).init_cache(config, batch_size, window) for kind in config.model.layers)
 
 
-def init_state(config: Config, batch_size: int) -> SleepState:
-    """The state at the start of a sequence: no KV, zero fast weights, an empty first window."""
+def init_state(config: Config, batch_size: int, capacity: int | None = None) -> SleepState:
+    """The state at the start of a sequence: no KV, zero fast weights, an empty first window.
+
+    Under an evicting mode the window is `sleep.window` (`capacity` must be None). The no-eviction mode ("none")
+    keeps every token in one window, so it needs the most tokens the stream will hold, `capacity`.
+    """
     if not isinstance(batch_size, int) or batch_size < 1:
         raise ValueError(f"batch_size={batch_size!r} is invalid: must be a positive integer")
-    if not config.sleep.eviction_mode.bounded:
-        raise ValueError(
-            f"sleep.eviction={config.sleep.eviction!r} (the no-eviction baseline) has no streaming state: use `forward`"
-        )
-    window = config.sleep.window
+    if config.sleep.eviction_mode.bounded:
+        if capacity is not None:
+            raise ValueError(f"capacity={capacity!r} is invalid: only sleep.eviction='none' takes a capacity")
+        window = config.sleep.window
+    else:
+        if not isinstance(capacity, int) or capacity < 1:
+            raise ValueError(
+                f"capacity={capacity!r} is invalid: sleep.eviction={config.sleep.eviction!r} keeps every token in one "
+                "window, so a stream needs the most tokens it will hold (a positive integer)"
+            )
+        window = capacity
     return SleepState(
         layers=init_caches(config, batch_size, window),
         hidden=jnp.zeros((batch_size, window, config.model.d_model), config.model.dtype),
-        pos=jnp.zeros((), jnp.int32),
-        prev_valid=jnp.zeros((), bool),
+        pos=jnp.zeros((batch_size,), jnp.int32),
+        prev_valid=jnp.zeros((batch_size,), bool),
     )
 
 
-def evict(layers: tuple[Any, ...], config: Config) -> tuple[tuple[Any, ...], jax.Array]:
-    """Ends a slept window: each block's kind says what its cache keeps under the eviction mode.
+def select_rows(rows: jax.Array, chosen: Any, other: Any) -> Any:
+    """Row b of every array from `chosen` where rows[b], else from `other` (trees of the same structure)."""
+    pick = lambda a, b: jnp.where(rows.reshape(-1, *(1,) * (a.ndim - 1)), a, b)
+    return jax.tree.map(pick, chosen, other)
 
-    Returns the new caches and the new `prev_valid`.
-    """
+
+def evict(caches: tuple[Any, ...], prev_valid: jax.Array, rows: jax.Array, config: Config):
+    """Ends the window of `rows` (B,) bool, as slept on: each block's kind says what its cache keeps under the
+    eviction mode. Returns the new caches and `prev_valid`; other rows are unchanged."""
     mode = config.sleep.eviction_mode
-    evicted = tuple(
-        mixer_kind(kind).evict(cache, mode) for kind, cache in zip(config.model.layers, layers, strict=True)
-    )
-    return evicted, jnp.asarray(mode.keeps_previous_window)
+    kinds = [mixer_kind(kind) for kind in config.model.layers]
+    evicted = tuple(kind.evict(cache, mode) for kind, cache in zip(kinds, caches, strict=True))
+    caches = select_rows(rows, evicted, caches)
+    return caches, jnp.where(rows, mode.keeps_previous_window, prev_valid)
+
+
+def reset(caches: tuple[Any, ...], prev_valid: jax.Array, rows: jax.Array, window: int, config: Config):
+    """Starts a new sequence in `rows` (B,) bool (a document start): their caches become those of an empty stream
+    with windows of `window` tokens, nothing is kept from a previous window. Returns the new caches and
+    `prev_valid`."""
+    fresh = init_caches(config, prev_valid.shape[0], window)
+    return select_rows(rows, fresh, caches), jnp.where(rows, False, prev_valid)

@@ -68,10 +68,24 @@ def make_optimizer(train: TrainConfig, config: Config) -> optax.GradientTransfor
     )
 
 
+# What a batch gives the model: always inputs, targets and loss_mask; packed rows also `valid` and `document_start`
+# (see `sleeplm.sleep.forward`).
+MODEL_KEYS = ("inputs", "targets", "loss_mask")
+PACKING_KEYS = ("valid", "document_start")
+
+
+def model_batch(batch: dict) -> dict:
+    """The arrays of `batch` that the train and eval steps read (task metadata stays behind)."""
+    return {key: batch[key] for key in MODEL_KEYS + PACKING_KEYS if key in batch}
+
+
+def _logits(params, batch: dict, config: Config) -> jax.Array:
+    return forward(params, batch["inputs"], config, **{key: batch[key] for key in PACKING_KEYS if key in batch})
+
+
 def label_loss_sum(params, batch: dict, config: Config) -> tuple[jax.Array, jax.Array]:
     """Cross-entropy summed over the label positions (`loss_mask`), and the number of labels."""
-    logits = forward(params, batch["inputs"], config)
-    losses = optax.softmax_cross_entropy_with_integer_labels(logits, batch["targets"])
+    losses = optax.softmax_cross_entropy_with_integer_labels(_logits(params, batch, config), batch["targets"])
     return jnp.sum(losses * batch["loss_mask"]), jnp.sum(batch["loss_mask"])
 
 
@@ -115,14 +129,15 @@ def train_step(state: TrainState, batch: dict, config: Config, train: TrainConfi
 
 @functools.partial(jax.jit, static_argnames=("config",))
 def eval_step(params, batch: dict, config: Config) -> dict:
-    """Per-example metrics: summed label loss, label count, labels right, whether every label is right, and
-    per position whether the label there is right (`right`, False off the labels)."""
-    logits = forward(params, batch["inputs"], config)
+    """Per-example metrics: summed label loss, label count, labels right, whether every label is right, and per
+    position the label's loss and whether it is right (`token_loss`, `right`: 0 / False off the labels)."""
+    logits = _logits(params, batch, config)
     losses = optax.softmax_cross_entropy_with_integer_labels(logits, batch["targets"])
     mask = batch["loss_mask"]
     right = (jnp.argmax(logits, -1) == batch["targets"]) * mask
     return {
         "loss_sum": jnp.sum(losses * mask, axis=-1),
+        "token_loss": losses * mask,
         "labels": jnp.sum(mask, axis=-1),
         "labels_right": jnp.sum(right, axis=-1),
         "exact": jnp.all((right == mask), axis=-1),

@@ -17,10 +17,10 @@ import pytest
 from sleeplm import Config, ModelConfig, SleepConfig
 from sleeplm import train as train_lib
 from sleeplm.data import TASKS, Task, TaskSource, Vocabulary, register_task
-from sleeplm.evaluate import MODEL_KEYS, eval_sets, evaluate
+from sleeplm.evaluate import eval_sets, evaluate
 from sleeplm.loop import run_training
 from sleeplm.presets import PRESETS, Experiment, RunConfig, build_experiment, experiment_from_json
-from sleeplm.train import TrainConfig, TrainState, eval_step, masked_loss, train_step
+from sleeplm.train import MODEL_KEYS, TrainConfig, TrainState, eval_step, masked_loss, train_step
 
 
 @pytest.fixture
@@ -76,6 +76,8 @@ def test_eval_step_per_example_metrics_match_numpy(monkeypatch, fresh_jit):
     np.testing.assert_array_equal(result["labels_right"], right.sum(-1))
     np.testing.assert_array_equal(result["exact"], right.sum(-1) == mask.sum(-1))
     np.testing.assert_array_equal(result["right"], right)
+    token_loss = numpy_cross_entropy(logits, batch["targets"]) * mask
+    np.testing.assert_allclose(result["token_loss"], token_loss, rtol=1e-6, atol=1e-6)
     assert result["exact"][1] and result["labels"][1] == 0 and result["loss_sum"][1] == 0
     assert 0 < right.sum() < mask.sum() and not result["exact"].all()  # the fixture has right and wrong labels
 

@@ -116,8 +116,10 @@ def test_away_from_initialisation_logits_and_final_states_agree(eviction, length
     gdn_layers = [i for i, kind in enumerate(config.model.layers) if kind == "gdn"]
     for i in gdn_layers:
         assert_close(state.layers[i].S, expected_fast_weights[i])
-    assert int(state.pos) == int(streamed_state.pos) and bool(state.prev_valid) == bool(streamed_state.prev_valid)
-    assert_close(state.hidden[:, : int(state.pos)], streamed_state.hidden[:, : int(state.pos)])  # the rest is unused
+    np.testing.assert_array_equal(state.pos, streamed_state.pos)
+    np.testing.assert_array_equal(state.prev_valid, streamed_state.prev_valid)
+    filled = int(state.pos[0])  # every row is at the same position here; the slots after it are unused
+    assert_close(state.hidden[:, :filled], streamed_state.hidden[:, :filled])
     for ours, theirs in zip(jax.tree.leaves(state.layers), jax.tree.leaves(streamed_state.layers), strict=True):
         assert_close(ours, theirs)
 
@@ -263,16 +265,42 @@ def test_bfloat16_activations_keep_float32_fast_weights():
     assert all(layer.S.dtype == jnp.float32 for layer in state.layers if hasattr(layer, "S"))
 
 
+@pytest.mark.parametrize("eviction", ["hard", "sliding"])
+def test_pieces_that_cross_window_boundaries_stream_like_forward(eviction):
+    """wake_step takes any number of tokens: a window that fills inside a piece is slept on before the piece goes on."""
+    config = make_config(3, eviction)
+    params = perturbed(init_params(jax.random.key(21), config), jax.random.key(22))
+    tokens = tokens_for(4 * WINDOW + 3, seed=23)
+    logits, expected_state = forward_with_state(params, tokens, config)
+    state, outputs, t = init_state(config, 2), [], 0
+    for size in (5, 2 * WINDOW + 1, 1, WINDOW, 3):  # 27 tokens: pieces end mid-window, on boundaries, and span two
+        piece, state = wake_step(params, state, tokens[:, t : t + size], config)
+        outputs.append(piece)
+        t += size
+    assert_close(jnp.concatenate(outputs, axis=1), logits)
+    np.testing.assert_array_equal(state.pos, expected_state.pos)
+    for ours, theirs in zip(jax.tree.leaves(state.layers), jax.tree.leaves(expected_state.layers), strict=True):
+        assert_close(ours, theirs)
+
+
 def test_bad_inputs_fail_with_clear_messages():
     config = make_config(2)
     params = init_params(jax.random.key(0), config)
     state = init_state(config, 2)
-    with pytest.raises(ValueError, match=r"wake_step got 7 tokens"):
-        wake_step(params, state, tokens_for(WINDOW + 1), config)
     with pytest.raises(ValueError, match=r"tokens must be integer ids"):
         forward(params, jnp.zeros((2, 5)), config)
     with pytest.raises(ValueError, match=r"batch_size=0"):
         init_state(config, 0)
+    for bad in (MODEL.vocab_size, -1):  # would give NaN logits or wrap around
+        tokens = tokens_for(5).at[1, 3].set(bad)
+        with pytest.raises(ValueError, match=rf"token id {bad} is outside the vocabulary: ids must be in \[0, 13\)"):
+            forward(params, tokens, config)
+        with pytest.raises(ValueError, match=rf"token id {bad} is outside the vocabulary"):
+            wake_step(params, state, tokens, config)
+    with pytest.raises(ValueError, match=r"capacity=8 is invalid: only sleep.eviction='none' takes a capacity"):
+        init_state(config, 2, capacity=8)
+    with pytest.raises(ValueError, match=r"capacity=None is invalid: sleep.eviction='none' keeps every token"):
+        init_state(make_config(2, "none"), 2)
 
 
 @pytest.mark.parametrize(
@@ -302,5 +330,9 @@ def test_no_eviction_baseline_is_one_window_of_full_attention():
     assert_close(forward(params, tokens, none), forward(params, tokens, whole), rtol=1e-6)
     evicting = forward(params, tokens, make_config(passes=3))
     assert not np.allclose(forward(params, tokens, none)[:, WINDOW:], evicting[:, WINDOW:], atol=1e-3)
-    with pytest.raises(ValueError, match=r"sleep.eviction='none' .* has no streaming state"):
-        init_state(none, 2)
+    state = init_state(none, 2, capacity=tokens.shape[1])  # streaming it needs a capacity: every token stays
+    first, state = wake_step(params, state, tokens[:, :7], none)
+    rest, state = wake_step(params, state, tokens[:, 7:], none)
+    assert_close(jnp.concatenate([first, rest], axis=1), forward(params, tokens, none), rtol=1e-5)
+    beyond, _ = wake_step(params, state, tokens[:, :1], none)  # past the capacity: not consumed, NaN, never garbage
+    assert np.all(np.isnan(beyond))

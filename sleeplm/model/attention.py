@@ -12,11 +12,10 @@ from typing import NamedTuple
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-from jax import lax
 
 from sleeplm.config import Config, ModelConfig
 from sleeplm.eviction import Eviction
-from sleeplm.model.mixer import Mixer, WindowContext, axes_like
+from sleeplm.model.mixer import Mixer, WindowContext, axes_like, write_slots
 from sleeplm.model.params import dense
 from sleeplm.model.rope import apply_rope
 
@@ -67,7 +66,7 @@ class Attention(Mixer):
     @nn.compact
     def __call__(self, x: jax.Array, cache: AttentionCache, context: WindowContext) -> tuple[jax.Array, AttentionCache]:
         """x: (B, n, d) for window positions pos .. pos + n - 1. Writes their K/V into the cache slots."""
-        cfg, pos = self.config.model, context.pos
+        cfg = self.config.model
         batch, length, _ = x.shape
         window = cache.k.shape[1]
         heads, kv_heads, head_dim = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
@@ -75,18 +74,18 @@ class Attention(Mixer):
         q = projection(heads * head_dim, "q")(x).reshape(batch, length, heads, head_dim)
         k = projection(kv_heads * head_dim, "k")(x).reshape(batch, length, kv_heads, head_dim)
         v = projection(kv_heads * head_dim, "v")(x).reshape(batch, length, kv_heads, head_dim)
-        cache_k = lax.dynamic_update_slice(cache.k, k.astype(cache.k.dtype), (0, pos, 0, 0))
-        cache_v = lax.dynamic_update_slice(cache.v, v.astype(cache.v.dtype), (0, pos, 0, 0))
+        write = lambda slots, values: write_slots(slots, values, context.pos, context.valid)
+        cache_k, cache_v = write(cache.k, k), write(cache.v, v)
 
-        query_slot = pos + jnp.arange(length)  # (n,)
+        query_slot = context.pos[:, None] + jnp.arange(length)  # (B, n)
         slot = jnp.arange(window)
-        mask = slot[None, :] <= query_slot[:, None]  # causal within the window, (n, L)
+        mask = slot <= query_slot[:, :, None]  # causal within the window, (B, n, L)
         keys, values, offset = cache_k, cache_v, 0
         if self.config.sleep.eviction_mode.keeps_previous_window:  # previous slot j is in reach of query i iff j > i
             keys = jnp.concatenate([cache.prev_k, cache_k], axis=1)
             values = jnp.concatenate([cache.prev_v, cache_v], axis=1)
-            prev_mask = (slot[None, :] > query_slot[:, None]) & context.prev_valid
-            mask = jnp.concatenate([prev_mask, mask], axis=1)
+            prev_mask = (slot > query_slot[:, :, None]) & context.prev_valid[:, None, None]
+            mask = jnp.concatenate([prev_mask, mask], axis=2)
             offset = window
         q = apply_rope(q, offset + query_slot, cfg.rope_theta)
         keys = apply_rope(keys, jnp.arange(keys.shape[1]), cfg.rope_theta)
@@ -94,7 +93,7 @@ class Attention(Mixer):
         groups = heads // kv_heads
         q = q.reshape(batch, length, kv_heads, groups, head_dim)
         scores = jnp.einsum("bnkgd,bmkd->bkgnm", q, keys, preferred_element_type=jnp.float32)
-        scores = jnp.where(mask, scores * head_dim**-0.5, jnp.finfo(jnp.float32).min)
+        scores = jnp.where(mask[:, None, None], scores * head_dim**-0.5, jnp.finfo(jnp.float32).min)
         weights = jax.nn.softmax(scores, axis=-1).astype(values.dtype)
         out = jnp.einsum("bkgnm,bmkd->bnkgd", weights, values).reshape(batch, length, heads * head_dim)
         output = dense(cfg.d_model, ("heads", "embed"), "o", x.dtype)(out)

@@ -38,16 +38,20 @@ def _dt_bias_init(key: jax.Array, shape: tuple[int, ...], dtype=jnp.float32) -> 
     return dt + jnp.log(-jnp.expm1(-dt))
 
 
-def causal_short_conv(x: jax.Array, history: jax.Array, kernel: jax.Array) -> tuple[jax.Array, jax.Array]:
+def causal_short_conv(
+    x: jax.Array, history: jax.Array, kernel: jax.Array, valid_count: jax.Array
+) -> tuple[jax.Array, jax.Array]:
     """Depthwise causal convolution of x (B, n, C) continuing from `history` (B, width - 1, C).
 
-    Returns the outputs (B, n, C) and the new history (the last width - 1 inputs).
+    Returns the outputs (B, n, C) and each row's new history: the last width - 1 inputs up to its `valid_count`
+    (B,) real tokens (padding after them is not history).
     """
     width = kernel.shape[0]
     padded = jnp.concatenate([history.astype(x.dtype), x], axis=1)
     length = x.shape[1]
     out = sum(padded[:, j : j + length] * kernel[j].astype(x.dtype) for j in range(width))
-    return out, padded[:, length:]
+    last = valid_count[:, None] + jnp.arange(width - 1)  # (B, width - 1) indices into padded
+    return out, jnp.take_along_axis(padded, last[:, :, None], axis=1)
 
 
 class GatedDeltaNet(Mixer):
@@ -90,8 +94,8 @@ class GatedDeltaNet(Mixer):
         conv = state.conv
         if cfg.short_conv:
             kernel = param(self, "conv", nn.initializers.lecun_normal(), (cfg.conv_width, qkv.shape[-1]), (None, None))
-            history = jnp.where(context.pos > 0, state.conv, 0)  # zero padding at every window start
-            qkv, conv = causal_short_conv(qkv, history, kernel)
+            history = jnp.where(context.pos[:, None, None] > 0, state.conv, 0)  # zero padding at every window start
+            qkv, conv = causal_short_conv(qkv, history, kernel, jnp.sum(context.valid, axis=1))
         q, k, v = jnp.split(qkv, [heads * d_k, 2 * heads * d_k], axis=-1)
         q = l2_normalize(nn.silu(q).reshape(batch, length, heads, d_k))
         k = l2_normalize(nn.silu(k).reshape(batch, length, heads, d_k))
@@ -102,6 +106,8 @@ class GatedDeltaNet(Mixer):
         per_head = lambda name: dense(heads, ("embed", None), name, jnp.float32, hidden_matrix=False)  # tiny gates
         g = -jnp.exp(a_log) * jax.nn.softplus(per_head("a")(x).astype(jnp.float32) + dt_bias)
         beta = jax.nn.sigmoid(per_head("b")(x).astype(jnp.float32))
+        real = context.valid[:, :, None]  # padding keeps S: no decay (g = 0), no write (beta = 0)
+        g, beta = jnp.where(real, g, 0.0), jnp.where(real, beta, 0.0)
 
         out, fast_weights = gated_delta_rule(
             q, k, v, g, beta, state.S, implementation=cfg.gdn_implementation, chunk_size=cfg.gdn_chunk_size

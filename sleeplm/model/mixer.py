@@ -17,6 +17,7 @@ from typing import Any, NamedTuple
 
 import flax.linen as nn
 import jax
+import jax.numpy as jnp
 
 from sleeplm.config import Config, ModelConfig
 from sleeplm.eviction import Eviction
@@ -24,11 +25,35 @@ from sleeplm.sharding import LogicalAxes
 
 
 class WindowContext(NamedTuple):
-    """Where a call sits in its window: `pos` (int32 scalar), the window position of the call's first token;
-    `prev_valid` (bool scalar), whether a previous window's keys and values are held (modes that keep them)."""
+    """Where a call sits in its window, per row (rows are independent streams):
+
+    `pos` (B,) int32: the window position of the call's first token; `prev_valid` (B,) bool: whether a previous
+    window's keys and values are held (modes that keep them); `valid` (B, n) bool: which of the call's n tokens are
+    real. Valid tokens form a prefix of each row's call; the others (padding) change no cache and their outputs are
+    unused.
+    """
 
     pos: jax.Array
     prev_valid: jax.Array
+    valid: jax.Array
+
+
+def window_start(batch: int, length: int, prev_valid: jax.Array | None = None) -> WindowContext:
+    """The context of a whole window's worth of valid tokens at the start of a window."""
+    prev_valid = jnp.zeros((batch,), bool) if prev_valid is None else prev_valid
+    return WindowContext(jnp.zeros((batch,), jnp.int32), prev_valid, jnp.ones((batch, length), bool))
+
+
+def write_slots(slots: jax.Array, values: jax.Array, start: jax.Array, valid: jax.Array) -> jax.Array:
+    """Writes each row's valid values (B, n, ...) into its slots (B, L, ...) from position start (B,) on; every
+    other slot keeps its content (no clamping at the end: values that would land past the last slot are dropped)."""
+    window, length = slots.shape[1], values.shape[1]
+    offset = jnp.arange(window)[None, :] - start[:, None]  # (B, L): the value that lands in each slot
+    index = jnp.clip(offset, 0, length - 1)
+    written = (offset >= 0) & (offset < length) & jnp.take_along_axis(valid, index, axis=1)
+    trailing = (1,) * (values.ndim - 2)
+    gathered = jnp.take_along_axis(values, index.reshape(*index.shape, *trailing), axis=1).astype(slots.dtype)
+    return jnp.where(written.reshape(*written.shape, *trailing), gathered, slots)
 
 
 class Mixer(nn.Module):
