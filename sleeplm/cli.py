@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import sys
 from pathlib import Path
 
@@ -155,8 +156,17 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _show_progress_messages() -> None:
+    """The package's info messages (e.g. a tokenizer being trained, a corpus being tokenized) go to stderr."""
+    logger = logging.getLogger("sleeplm")
+    if not logger.handlers:
+        logger.addHandler(logging.StreamHandler())
+        logger.setLevel(logging.INFO)
+
+
 def main(argv: list[str] | None = None) -> None:
     argv = sys.argv[1:] if argv is None else argv
+    _show_progress_messages()
     args, extra = build_parser().parse_known_args(argv)
     if extra and args.command not in ("train", "demo", "stream"):
         raise SystemExit(f"error: unrecognized arguments: {' '.join(extra)}")

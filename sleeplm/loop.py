@@ -16,10 +16,11 @@ from tqdm.auto import tqdm
 
 from sleeplm import train as train_lib
 from sleeplm.checkpoint import Checkpointer
-from sleeplm.data import make_source
-from sleeplm.evaluate import MODEL_KEYS, eval_sets, evaluate
+from sleeplm.data import make_source, save_run_files
+from sleeplm.evaluate import eval_sets, evaluate
 from sleeplm.parallel import ShardedTraining, batch_sharding
 from sleeplm.presets import Experiment
+from sleeplm.train import model_batch
 
 
 class NonFiniteLossError(FloatingPointError):
@@ -65,15 +66,13 @@ def _stepper(experiment: Experiment, mesh: Mesh | None, rules: str):
     """(init, step, put_batch, eval_fn) on one device, or sharded over `mesh` (batches from process-local data)."""
     config, train = experiment.config, experiment.train
     if mesh is None:
-        put = lambda batch: {key: jnp.asarray(value) for key, value in batch.items() if key in MODEL_KEYS}
+        put = lambda batch: jax.tree.map(jnp.asarray, model_batch(batch))
         init = lambda key: train_lib.init_train_state(key, config, train)
         return init, lambda state, batch: train_lib.train_step(state, batch, config, train), put, None
     sharded = ShardedTraining.create(config, train, mesh, rules, eval_batch_size=experiment.run.eval_batch_size)
     sharding = batch_sharding(mesh, sharded.rules)
     put = lambda batch: {
-        key: jax.make_array_from_process_local_data(sharding, value)
-        for key, value in batch.items()
-        if key in MODEL_KEYS
+        key: jax.make_array_from_process_local_data(sharding, value) for key, value in model_batch(batch).items()
     }
     return sharded.init, sharded.step, put, sharded.eval
 
@@ -87,7 +86,8 @@ def run_training(
     mesh: Mesh | None = None,
     rules: str = "fsdp+tp",
 ) -> dict:
-    """Trains `experiment` in `workdir` (checkpoints/, metrics.jsonl, experiment.json); returns the last eval.
+    """Trains `experiment` in `workdir` (checkpoints/, metrics.jsonl, experiment.json, the task's run files such
+    as tokenizer.json); returns the last eval.
 
     `stop_at` ends the run early at that step (checkpointing it) as if interrupted, without changing the schedule.
     With a `mesh`, params, optimizer state and batches are sharded by `rules` (see `sleeplm.parallel`); a
@@ -105,6 +105,7 @@ def run_training(
     start = int(state.step)
     if jax.process_index() == 0:
         (workdir / "experiment.json").write_text(json.dumps(experiment.to_json(), indent=2) + "\n")
+        save_run_files(experiment.task, workdir, resumed=start > 0)  # e.g. tokenizer.json, to decode the run's outputs
     log = MetricsLog(workdir / "metrics.jsonl", resume_step=start)
     sets = eval_sets(experiment)
     tokens_per_step = train.batch_size * experiment.task.sequence_length  # real tokens, not padding

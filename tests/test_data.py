@@ -302,7 +302,7 @@ def test_bad_task_registrations_fail_clearly(make, message):
     before = dict(TASKS)
     with pytest.raises(ValueError, match=message):
         make()
-    assert TASKS == before  # a refused registration leaves the registry as it was
+    assert before == TASKS  # a refused registration leaves the registry as it was
 
 
 def test_committed_experiment_records_read_back_with_their_task_unchanged():

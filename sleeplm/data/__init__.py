@@ -1,11 +1,15 @@
 """Task generators as grain random-access data sources, deterministic from a seed, and the registry of tasks.
 
-Each example is a dict of numpy arrays: `inputs`, `targets` (next tokens), `loss_mask`, plus task metadata.
+Each example is a dict of numpy arrays: `inputs`, `targets` (next tokens), `loss_mask`, plus task metadata (the text
+task's rows also carry `valid`, `document_start` and `position`, see `sleeplm.data.packing`).
 A task is known to the rest of the package only through its `Task` here (see `sleeplm.data.task`).
 This package is the only one that imports grain (the lent GPU machines do not have it).
 """
 
 from __future__ import annotations
+
+import os
+from pathlib import Path
 
 import grain
 
@@ -13,7 +17,8 @@ from sleeplm.data.arith import ARITH, ArithConfig, ArithSource
 from sleeplm.data.common import TaskSource, Vocabulary
 from sleeplm.data.depo import DEPO, DepoConfig, DepoSource
 from sleeplm.data.rule110 import RULE110, Rule110Config, Rule110Source
-from sleeplm.data.task import Task, TaskConfig
+from sleeplm.data.task import Task, TaskConfig, vocabulary_size
+from sleeplm.data.text import TEXT, TextConfig, TextSource
 
 TASKS: dict[str, Task] = {}
 
@@ -37,6 +42,7 @@ def register_task(task: Task) -> Task:
 register_task(RULE110)
 register_task(DEPO)
 register_task(ARITH)
+register_task(TEXT)
 
 
 def _registered() -> str:
@@ -65,6 +71,22 @@ def make_source(config, split: str = "train", seed: int = 0, size: int = 1 << 30
     return task_of(config).source_type(config, split=split, seed=seed, size=size, **kwargs)
 
 
+def save_run_files(config, workdir: Path, resumed: bool) -> None:
+    """Copies the task's run files (`Task.run_files`, e.g. the text task's tokenizer.json and corpus.json) into
+    `workdir`. A resumed run must find the copies it started with: different ones mean the corpus or tokenizer
+    changed since, so the rows after the resume point would not be those of an uninterrupted run, and it fails."""
+    for name, path in task_of(config).run_files(config).items():
+        target, content = Path(workdir) / name, Path(path).read_bytes()
+        if resumed and target.exists() and target.read_bytes() != content:
+            raise ValueError(
+                f"{target} differs from {path}: the task's {name} changed since this run began, so it cannot resume "
+                "on the data it started with; restore the corpus as it was, or start over (--fresh)"
+            )
+        temporary = target.with_name(f".{name}.{os.getpid()}.tmp")
+        temporary.write_bytes(content)
+        os.replace(temporary, target)
+
+
 def batched(source: TaskSource, batch_size: int, seed: int, shuffle: bool = True) -> grain.MapDataset:
     """A grain MapDataset of batches (dicts of stacked arrays), deterministic from `seed`."""
     dataset = grain.MapDataset.source(source)
@@ -84,10 +106,14 @@ __all__ = [
     "Task",
     "TaskConfig",
     "TaskSource",
+    "TextConfig",
+    "TextSource",
     "Vocabulary",
     "batched",
     "make_source",
     "register_task",
+    "save_run_files",
     "task_named",
     "task_of",
+    "vocabulary_size",
 ]

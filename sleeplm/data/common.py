@@ -4,6 +4,7 @@ hash (train and eval can never share an example), and the next-token layout of a
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 from collections.abc import Callable, Sequence
 
@@ -45,10 +46,20 @@ class Vocabulary:
         return {token: i for i, token in enumerate(self.tokens)}
 
 
+def content_digest(content: bytes) -> int:
+    """The 64-bit content hash (blake2b) that decides an example's split."""
+    return int.from_bytes(hashlib.blake2b(content, digest_size=8).digest(), "little")
+
+
+def digest_is_held_out(digest: int, fraction: float) -> bool:
+    """Whether content of this `content_digest` belongs to the held-out (eval) set: its hash, read as a number in
+    [0, 1), falls below `fraction`."""
+    return digest / 2**64 < fraction
+
+
 def is_held_out(content: bytes, fraction: float) -> bool:
     """Deterministic membership of an example's content in the held-out (eval) set."""
-    digest = int.from_bytes(hashlib.blake2b(content, digest_size=8).digest(), "little")
-    return digest / 2**64 < fraction
+    return digest_is_held_out(content_digest(content), fraction)
 
 
 def next_token_example(tokens: np.ndarray, label_positions: np.ndarray, **metadata: np.ndarray) -> dict:
@@ -69,12 +80,13 @@ class TaskSource:
     `sample(rng)` draws one candidate as (token ids, label positions, metadata, content bytes); candidates whose
     content hashes into the held-out fraction go to "eval" only, the rest to "train" only. Every source of a config
     encodes with the config's vocabulary, so its examples read the same in training and in every held-out set.
+    A source whose examples are read rather than sampled (the text task's) overrides `__getitem__` and `__len__`.
     """
 
     def __init__(
         self, config, split: str = "train", seed: int = 0, size: int = 1 << 30, held_out_fraction: float = 0.1
     ) -> None:
-        self.config, self.vocab = config, config.vocab
+        self.config = config
         if split not in SPLITS:
             raise ValueError(f"split={split!r} is invalid: allowed splits are {SPLITS}")
         if not 0.0 < held_out_fraction < 1.0:
@@ -84,6 +96,11 @@ class TaskSource:
         self.split, self.seed, self.size, self.held_out_fraction = split, seed, size, held_out_fraction
 
     sample: Callable[[np.random.Generator], tuple[np.ndarray, np.ndarray, dict, bytes]]
+
+    @functools.cached_property
+    def vocab(self) -> Vocabulary:
+        """The config's vocabulary (a config with a `vocab_size` instead, like the text task's, has none)."""
+        return self.config.vocab
 
     def __len__(self) -> int:
         return self.size

@@ -1,33 +1,39 @@
 """The task protocol: everything the rest of the package needs to know about a task, in one frozen description.
 
-A task module defines a config (a frozen dataclass with a `window` field and `sequence_length` and `vocab`
-properties), a `TaskSource` subclass that generates its examples, and a `Task` naming them together with the extra
-held-out sets it evaluates on and the metrics it reports. Presets, training, evaluation and the experiment record
-reach a task only through its `Task` (see the registry in `sleeplm.data`).
+A task module defines a config (a frozen dataclass with a `window` field, a `sequence_length` property, and either
+a `vocab` property or a `vocab_size`), a `TaskSource` subclass that generates its examples, and a `Task` naming them
+together with the extra held-out sets it evaluates on, the metrics it reports and the files a run keeps. Presets,
+training, evaluation and the experiment record reach a task only through its `Task` (see the registry in
+`sleeplm.data`).
 """
 
 from __future__ import annotations
 
 import dataclasses
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any, Protocol
 
 import numpy as np
 
-from sleeplm.data.common import TaskSource, Vocabulary
+from sleeplm.data.common import TaskSource
 
 
 class TaskConfig(Protocol):
-    """What a task's config provides: the window its examples are laid out in, the length of `inputs`, the
-    tokenizer. The window follows `sleep.window`, and the model's vocabulary size follows `vocab`."""
+    """What a task's config provides: the window its examples are laid out in, the length of `inputs`, and the
+    tokenizer: a `vocab` (a `Vocabulary` of token strings), or a `vocab_size` when the task's tokenizer is not a
+    Vocabulary (the text task's trained BPE). The window follows `sleep.window`, and the model's vocabulary size
+    follows `vocabulary_size(config)`."""
 
     window: int
 
     @property
     def sequence_length(self) -> int: ...
 
-    @property
-    def vocab(self) -> Vocabulary: ...
+
+def vocabulary_size(config: Any) -> int:
+    """The vocabulary size a task config asks of the model: its `vocab_size`, else the size of its `vocab`."""
+    return int(config.vocab_size) if hasattr(config, "vocab_size") else len(config.vocab)
 
 
 def no_held_out_sets(config: Any) -> dict[str, dict[str, Any]]:
@@ -40,6 +46,11 @@ def no_metrics(results: dict[str, np.ndarray], examples: dict[str, np.ndarray]) 
     return {}
 
 
+def no_run_files(config: Any) -> dict[str, Path]:
+    """The default: a run keeps no file of the task's."""
+    return {}
+
+
 @dataclasses.dataclass(frozen=True)
 class Task:
     """A task: `name` (its "task_name" in experiment records), `config_type`, `source_type`, and for evaluation
@@ -48,7 +59,10 @@ class Task:
       (the source options select the subset; the config, hence the vocabulary, stays the training one);
     - `metrics(results, examples)`: task metrics from the "all" set's per-example eval results (the dict
       `sleeplm.train.eval_step` returns, concatenated over batches, numpy) and its examples (inputs, targets,
-      loss_mask and the task's metadata, concatenated likewise).
+      loss_mask and the task's metadata, concatenated likewise);
+
+    and for the run, `run_files(config)`: {name: path} of files a run's workdir keeps a copy of (the text task's
+    tokenizer.json, with which a run's outputs are decoded), see `sleeplm.data.save_run_files`.
     """
 
     name: str
@@ -56,6 +70,7 @@ class Task:
     source_type: type[TaskSource]
     held_out_sets: Callable[[Any], dict[str, dict[str, Any]]] = no_held_out_sets
     metrics: Callable[[dict[str, np.ndarray], dict[str, np.ndarray]], dict[str, float]] = no_metrics
+    run_files: Callable[[Any], dict[str, Path]] = no_run_files
 
     def __post_init__(self) -> None:
         if not isinstance(self.name, str) or not self.name:
@@ -69,11 +84,14 @@ class Task:
             )
         fields = {field.name for field in dataclasses.fields(config_type)}
         missing = ["window"] * ("window" not in fields)
-        missing += [name for name in ("sequence_length", "vocab") if not hasattr(config_type, name)]
+        missing += ["sequence_length"] * (not hasattr(config_type, "sequence_length"))
+        has_size = "vocab_size" in fields or hasattr(config_type, "vocab_size")
+        missing += ["vocab"] * (not (hasattr(config_type, "vocab") or has_size))
         if missing:
             raise ValueError(
                 f"Task.config_type={config_type.__name__} of task {self.name!r} is invalid: it lacks {missing} "
-                "(a task config has a `window` field and `sequence_length` and `vocab` properties)"
+                "(a task config has a `window` field, a `sequence_length` property, and a `vocab` property or a "
+                "`vocab_size`)"
             )
         if not (isinstance(self.source_type, type) and issubclass(self.source_type, TaskSource)):
             raise ValueError(

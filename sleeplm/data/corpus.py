@@ -1,0 +1,367 @@
+"""Files -> documents -> a token cache on disk: what the text task reads, tokenized once, read with random access.
+
+**Files.** A glob (`**` recursive; `{stdlib}` stands for the Python standard library's directory) less an optional
+exclude glob, sorted. By extension: `.jsonl` (one document per line, its `text_field` a string), `.parquet` (one
+document per row of the `text_field` column), anything else plain text (the whole file is one document). Text is
+UTF-8. What happens to bad input:
+
+- a glob that matches no file, or only empty ones: fails, naming the glob;
+- an empty file (0 bytes, or a Parquet file of no rows), and an empty text in JSONL or Parquet: skipped, and one
+  warning names the skipped files;
+- bytes that are not UTF-8: with `decode_errors="replace"` (the default) each becomes U+FFFD and one warning names
+  the file and the first offset; with "strict" the build fails naming the file and the byte offset;
+- a JSONL line that is not JSON, not an object, lacks the field or holds no string there: fails naming file and
+  line; a Parquet file without the column, or with a null or non-text value: fails naming file (and row);
+- a file deleted or changed while it is read: fails naming it. A file added, changed or deleted between runs
+  changes the cache key (the file list with sizes and mtimes), so the next run rebuilds.
+
+**Token cache.** One directory per key, `tokens-<key>/` under the cache directory, the key hashing the file list
+(paths, sizes, mtimes), the reading settings, the tokenizer file's bytes and the format version:
+
+    tokens.bin      every document's tokens then <eos>, back to back (uint16, or uint32 past 65536 tokens)
+    offsets.npy     (documents + 1,) int64: document d is tokens[offsets[d]:offsets[d + 1]]
+    digests.npy     (documents,) uint64: `content_digest` of each document's UTF-8 text (decides its split)
+    files.npy       (documents,) int32: the index in the manifest's file list of the file each document comes from
+    tokenizer.json  a copy of the tokenizer that wrote the tokens
+    manifest.json   the key's inputs, the counts, the dtype, what was skipped or replaced
+
+The tokenizer trained on a corpus is cached the same way in `tokenizer-<key>/` (tokenizer.json, manifest.json).
+Every cache directory is written under a temporary name and renamed into place when complete, so a directory that
+exists is complete and a crashed build leaves only a temporary directory that is never read. Caches are never
+deleted by the package.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import glob
+import hashlib
+import json
+import logging
+import os
+import shutil
+import sysconfig
+import tempfile
+from array import array
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from sleeplm.data.common import content_digest
+from sleeplm.data.tokenizer import EOS, encode_batch, load_tokenizer, special_id, train_tokenizer
+
+logger = logging.getLogger(__name__)
+
+FORMAT_VERSION = 1
+STDLIB = "{stdlib}"
+DECODE_ERRORS = ("replace", "strict")
+MANIFEST = "manifest.json"
+TOKENIZER_FILE = "tokenizer.json"
+ENCODE_BATCH_CHARS = 1 << 22  # documents are encoded in parallel batches of about this many characters
+
+
+def expand(pattern: str) -> str:
+    """`pattern` with `{stdlib}` replaced by the Python standard library's directory."""
+    return pattern.replace(STDLIB, sysconfig.get_paths()["stdlib"])
+
+
+@dataclasses.dataclass(frozen=True)
+class CorpusFile:
+    path: str  # absolute
+    size: int
+    mtime_ns: int
+
+
+def find_files(pattern: str, exclude: str = "") -> tuple[CorpusFile, ...]:
+    """The files (not directories) `pattern` matches and `exclude` does not, sorted, with their sizes and mtimes."""
+    matched = {os.path.abspath(p) for p in glob.glob(expand(pattern), recursive=True) if os.path.isfile(p)}
+    if exclude:
+        matched -= {os.path.abspath(p) for p in glob.glob(expand(exclude), recursive=True)}
+    if not matched:
+        raise ValueError(
+            f"files={pattern!r} matches no file" + (f" outside exclude={exclude!r}" if exclude else "") + f" (as "
+            f"{expand(pattern)!r}): give a glob of text, .jsonl or .parquet files, `**` for any depth of directories"
+        )
+    found = []
+    for path in sorted(matched):
+        stat = os.stat(path)
+        found.append(CorpusFile(path, stat.st_size, stat.st_mtime_ns))
+    if not any(file.size for file in found):
+        raise ValueError(f"files={pattern!r} matches only empty files: {_listing([f.path for f in found])}")
+    return tuple(found)
+
+
+class ReadReport:
+    """What reading skipped or decoded with replacement, told in one warning per kind when reading ends."""
+
+    def __init__(self) -> None:
+        self.empty: list[str] = []
+        self.replaced: list[tuple[str, int, int]] = []  # (file, replaced characters, first bad byte offset)
+
+    def as_json(self) -> dict:
+        return {"empty": self.empty, "replaced": [list(r) for r in self.replaced]}
+
+    def warn(self) -> None:
+        if self.empty:
+            logger.warning(f"skipped {len(self.empty)} empty files or texts: {_listing(self.empty)}")
+        if self.replaced:
+            listing = _listing([f"{path} ({count} from byte {offset})" for path, count, offset in self.replaced])
+            logger.warning(f"replaced bytes that are not UTF-8 by U+FFFD in {len(self.replaced)} files: {listing}")
+
+
+def _listing(items: list[str], shown: int = 10) -> str:
+    more = f" and {len(items) - shown} more" if len(items) > shown else ""
+    return ", ".join(items[:shown]) + more
+
+
+@dataclasses.dataclass(frozen=True)
+class Corpus:
+    """A resolved list of files and how to read them; `documents()` yields (file index, text)."""
+
+    files: tuple[CorpusFile, ...]
+    text_field: str = "text"
+    decode_errors: str = "replace"
+
+    def __post_init__(self) -> None:
+        if self.decode_errors not in DECODE_ERRORS:
+            raise ValueError(f"decode_errors={self.decode_errors!r} is invalid: allowed are {DECODE_ERRORS}")
+
+    @property
+    def fingerprint(self) -> dict:
+        """Everything the documents depend on (a cache key's input)."""
+        return {
+            "format": FORMAT_VERSION,
+            "files": [[f.path, f.size, f.mtime_ns] for f in self.files],
+            "text_field": self.text_field,
+            "decode_errors": self.decode_errors,
+        }
+
+    def documents(self, report: ReadReport | None = None) -> Iterator[tuple[int, str]]:
+        """(file index, text) of every non-empty document, in file order; what is skipped or replaced goes to
+        `report`."""
+        report = ReadReport() if report is None else report
+        for index, file in enumerate(self.files):
+            data, texts = self._read(file), 0
+            for where, text in self._texts(file.path, data, report):
+                texts += 1
+                if text:
+                    yield index, text
+                else:
+                    report.empty.append(file.path + where)
+            if not texts:
+                report.empty.append(file.path)
+
+    @staticmethod
+    def _read(file: CorpusFile) -> bytes:
+        try:
+            data = Path(file.path).read_bytes()
+            stat = os.stat(file.path)
+        except FileNotFoundError:
+            raise ValueError(f"{file.path} was deleted while the corpus was read: run again") from None
+        if (stat.st_size, stat.st_mtime_ns) != (file.size, file.mtime_ns) or len(data) != file.size:
+            raise ValueError(f"{file.path} changed while the corpus was read: run again")
+        return data
+
+    def _texts(self, path: str, data: bytes, report: ReadReport) -> Iterator[tuple[str, str]]:
+        """(where in the file, text) of each document of the file's bytes."""
+        if not data:
+            return
+        if path.endswith(".parquet"):
+            yield from self._parquet_texts(path, data, report)
+        elif path.endswith(".jsonl"):
+            yield from self._jsonl_texts(path, self._decode(path, data, report))
+        else:
+            yield "", self._decode(path, data, report)
+
+    def _decode(self, path: str, data: bytes, report: ReadReport, where: str = "") -> str:
+        try:
+            return data.decode("utf-8")
+        except UnicodeDecodeError as error:
+            if self.decode_errors == "strict":
+                raise ValueError(
+                    f"{path}{where}: byte {error.start} is not UTF-8 ({error.reason}); set decode_errors='replace' "
+                    "to read it with U+FFFD in its place"
+                ) from None
+            text = data.decode("utf-8", errors="replace")
+            report.replaced.append((path + where, text.count("\ufffd") - data.count("\ufffd".encode()), error.start))
+            return text
+
+    def _jsonl_texts(self, path: str, text: str) -> Iterator[tuple[str, str]]:
+        field = self.text_field
+        for number, line in enumerate(text.split("\n"), start=1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as error:
+                raise ValueError(f"{path}:{number}: is not JSON ({error})") from None
+            if not isinstance(record, dict) or field not in record:
+                fields = sorted(record) if isinstance(record, dict) else type(record).__name__
+                raise ValueError(f"{path}:{number}: has no field {field!r} (text_field) in {fields}")
+            if not isinstance(record[field], str):
+                raise ValueError(f"{path}:{number}: field {field!r} holds {type(record[field]).__name__}, not a string")
+            yield f":{number}", record[field]
+
+    def _parquet_texts(self, path: str, data: bytes, report: ReadReport) -> Iterator[tuple[str, str]]:
+        field = self.text_field
+        try:
+            parquet = pq.ParquetFile(pa.BufferReader(data))
+        except (pa.ArrowException, OSError) as error:
+            raise ValueError(f"{path}: is not a Parquet file ({error})") from None
+        schema = parquet.schema_arrow
+        if field not in schema.names:
+            raise ValueError(f"{path}: has no column {field!r} (text_field) in {schema.names}")
+        kind = schema.field(field).type
+        textual = pa.types.is_string(kind) or pa.types.is_large_string(kind)
+        if not (textual or pa.types.is_binary(kind) or pa.types.is_large_binary(kind)):
+            raise ValueError(f"{path}: column {field!r} holds {kind}, not text")
+        row = 0
+        for batch in parquet.iter_batches(columns=[field]):
+            for value in batch.column(0).to_pylist():
+                where = f" row {row}"
+                if value is None:
+                    raise ValueError(f"{path}{where}: column {field!r} is null")
+                yield where, value if textual else self._decode(path, value, report, where=where)
+                row += 1
+
+
+def _key(*parts) -> str:
+    return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:20]
+
+
+def _file_digest(path: Path) -> str:
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+
+
+def write_atomically(final: Path, build: Callable[[Path], dict]) -> None:
+    """Builds a cache directory: `build(temporary)` fills a temporary directory beside `final` and returns the
+    manifest, written last; the directory is then renamed to `final`. If another process renamed its own build
+    there first, that one is kept. Nothing half-written ever has the name `final`."""
+    final.parent.mkdir(parents=True, exist_ok=True)
+    temporary = Path(tempfile.mkdtemp(prefix=f".{final.name}.", suffix=".partial", dir=final.parent))
+    try:
+        manifest = build(temporary)
+        (temporary / MANIFEST).write_text(json.dumps(manifest, indent=1) + "\n")
+        try:
+            os.rename(temporary, final)
+        except OSError:
+            if not (final / MANIFEST).is_file():
+                raise
+    finally:
+        shutil.rmtree(temporary, ignore_errors=True)
+
+
+def _complete(directory: Path) -> bool:
+    if directory.exists() and not (directory / MANIFEST).is_file():
+        raise ValueError(f"cache directory {directory} has no {MANIFEST}: it is not one this package wrote; delete it")
+    return directory.exists()
+
+
+def cached_tokenizer(corpus: Corpus, vocab_size: int, training_bytes: int, cache_dir: Path) -> Path:
+    """The path of a tokenizer of `vocab_size` tokens trained on the corpus's first documents (file order) up to
+    `training_bytes` bytes of text; trained once per key and cached."""
+    inputs = {"corpus": corpus.fingerprint, "vocab_size": vocab_size, "training_bytes": training_bytes}
+    final = Path(cache_dir) / f"tokenizer-{_key('tokenizer', inputs)}"
+    if not _complete(final):
+
+        def build(directory: Path) -> dict:
+            logger.info(f"training a tokenizer of {vocab_size} tokens on {len(corpus.files)} files into {final}")
+            train_tokenizer(_first_texts(corpus, training_bytes), vocab_size, directory / TOKENIZER_FILE)
+            return inputs
+
+        write_atomically(final, build)
+    return final / TOKENIZER_FILE
+
+
+def _first_texts(corpus: Corpus, budget: int) -> Iterator[str]:
+    for _, text in corpus.documents():
+        yield text
+        budget -= len(text.encode("utf-8"))
+        if budget <= 0:
+            return
+
+
+@dataclasses.dataclass(frozen=True)
+class TokenCache:
+    """A token cache directory, memory-mapped: `document(d)` is document d's tokens (its text's, then <eos>)."""
+
+    directory: Path
+    tokens: np.ndarray
+    offsets: np.ndarray
+    digests: np.ndarray
+    files: np.ndarray
+    manifest: dict
+
+    @classmethod
+    def load(cls, directory: Path) -> TokenCache:
+        manifest = json.loads((directory / MANIFEST).read_text())
+        path, dtype, count = directory / "tokens.bin", np.dtype(manifest["dtype"]), manifest["tokens"]
+        if path.stat().st_size != count * dtype.itemsize:
+            raise ValueError(
+                f"{path} holds {path.stat().st_size} bytes, not the {count} {dtype} tokens of its manifest: the "
+                f"cache is damaged; delete {directory}"
+            )
+        tokens = np.memmap(path, dtype=dtype, mode="r", shape=(count,))
+        load = lambda name: np.load(directory / name, mmap_mode="r")
+        return cls(directory, tokens, load("offsets.npy"), load("digests.npy"), load("files.npy"), manifest)
+
+    def __len__(self) -> int:
+        return len(self.offsets) - 1
+
+    @property
+    def tokenizer_path(self) -> Path:
+        return self.directory / TOKENIZER_FILE
+
+    @property
+    def lengths(self) -> np.ndarray:
+        return np.diff(self.offsets)
+
+    def document(self, index: int) -> np.ndarray:
+        return np.asarray(self.tokens[self.offsets[index] : self.offsets[index + 1]])
+
+
+def cached_tokens(corpus: Corpus, tokenizer_path: Path, cache_dir: Path) -> TokenCache:
+    """The corpus tokenized by the tokenizer at `tokenizer_path`, built once per key and memory-mapped."""
+    inputs = {"corpus": corpus.fingerprint, "tokenizer_sha256": _file_digest(tokenizer_path)}
+    final = Path(cache_dir) / f"tokens-{_key('tokens', inputs)}"
+    if not _complete(final):
+        logger.info(f"tokenizing {len(corpus.files)} files into {final}")
+        write_atomically(final, lambda directory: {**inputs, **write_tokens(corpus, tokenizer_path, directory)})
+    return TokenCache.load(final)
+
+
+def write_tokens(corpus: Corpus, tokenizer_path: Path, directory: Path) -> dict:
+    """Tokenizes every document into the files of a token cache in `directory`; returns the manifest's counts."""
+    tokenizer = load_tokenizer(tokenizer_path)
+    dtype = np.uint16 if tokenizer.get_vocab_size() <= 1 << 16 else np.uint32
+    eos = np.asarray([special_id(tokenizer, EOS)], dtype)
+    offsets, digests, files = array("q", [0]), array("Q"), array("i")  # compact while the corpus streams by
+    report = ReadReport()
+    with (directory / "tokens.bin").open("wb") as out:
+
+        def flush(batch: list[tuple[int, str]]) -> None:
+            for (file, text), ids in zip(batch, encode_batch(tokenizer, [t for _, t in batch]), strict=True):
+                out.write(ids.astype(dtype).tobytes() + eos.tobytes())
+                offsets.append(offsets[-1] + len(ids) + 1)
+                digests.append(content_digest(text.encode("utf-8")))
+                files.append(file)
+
+        batch, chars = [], 0
+        for document in corpus.documents(report):
+            batch.append(document)
+            chars += len(document[1])
+            if chars >= ENCODE_BATCH_CHARS:
+                flush(batch)
+                batch, chars = [], 0
+        flush(batch)
+    report.warn()
+    if len(offsets) == 1:
+        raise ValueError(f"the corpus of {len(corpus.files)} files has no document: every file or text is empty")
+    np.save(directory / "offsets.npy", np.frombuffer(offsets, np.int64))
+    np.save(directory / "digests.npy", np.frombuffer(digests, np.uint64))
+    np.save(directory / "files.npy", np.frombuffer(files, np.int32))
+    shutil.copyfile(tokenizer_path, directory / TOKENIZER_FILE)
+    return {"dtype": np.dtype(dtype).name, "tokens": offsets[-1], "documents": len(digests), **report.as_json()}

@@ -1,0 +1,176 @@
+"""Language modelling on text files: a byte-level BPE trained on the corpus, the corpus tokenized once into a cache,
+documents packed into rows of whole windows (docs/method.md, "Text").
+
+Examples are rows of `windows` windows of L (`window`, which follows `sleep.window`) tokens, laid out by
+`sleeplm.data.packing.row_example` (`inputs`, `targets`, `loss_mask`, `valid`, `document_start`, `position`), plus
+`window` (L, a scalar) for the metrics. Documents are held out whole, by the content hash of their text. The
+default corpus is the Python standard library's own `.py` files (`{stdlib}` in `files`), so nothing is downloaded.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+from pathlib import Path
+
+import numpy as np
+from tokenizers import Tokenizer
+
+from sleeplm.config import check_positive_ints
+from sleeplm.data.common import TaskSource, digest_is_held_out
+from sleeplm.data.corpus import (
+    DECODE_ERRORS,
+    MANIFEST,
+    Corpus,
+    TokenCache,
+    cached_tokenizer,
+    cached_tokens,
+    find_files,
+)
+from sleeplm.data.packing import PackedRows
+from sleeplm.data.task import Task
+from sleeplm.data.tokenizer import PAD, SMALLEST_VOCAB, load_tokenizer, special_id
+
+
+@dataclasses.dataclass(frozen=True)
+class TextConfig:
+    """`files`: a glob (`**` for any depth; `{stdlib}` is the Python standard library's directory) of plain text,
+    `.jsonl` and `.parquet` files, less those `exclude` matches; `text_field`: the JSONL field or Parquet column
+    holding the text; `decode_errors`: "replace" (bytes that are not UTF-8 become U+FFFD, with a warning) or
+    "strict" (they fail naming file and offset). `vocab_size`: the tokenizer's (and the model's) vocabulary size;
+    `tokenizer`: the path of a tokenizer.json to use, or "" to train one on the corpus's first
+    `tokenizer_training_bytes` bytes (cached). A row holds `windows` windows of `window` tokens. `cache_dir`: where
+    tokenizers and token caches are kept ("": $XDG_CACHE_HOME/sleeplm, else ~/.cache/sleeplm)."""
+
+    files: str = "{stdlib}/**/*.py"
+    exclude: str = "{stdlib}/site-packages/**"
+    text_field: str = "text"
+    decode_errors: str = "replace"
+    vocab_size: int = 4096
+    tokenizer: str = ""
+    tokenizer_training_bytes: int = 1 << 30
+    windows: int = 4
+    window: int = 128
+    cache_dir: str = ""
+
+    def __post_init__(self) -> None:
+        for name in ("files", "exclude", "text_field", "tokenizer", "cache_dir"):
+            if not isinstance(getattr(self, name), str):
+                raise ValueError(f"task.{name}={getattr(self, name)!r} is invalid: must be a string")
+        if not self.files:
+            raise ValueError("task.files='' is invalid: give a glob of the corpus's files")
+        if self.decode_errors not in DECODE_ERRORS:
+            raise ValueError(f"task.decode_errors={self.decode_errors!r} is invalid: allowed are {DECODE_ERRORS}")
+        check_positive_ints(self, ("windows", "window", "tokenizer_training_bytes"), prefix="task.")
+        if not isinstance(self.vocab_size, int) or self.vocab_size < SMALLEST_VOCAB:
+            raise ValueError(
+                f"task.vocab_size={self.vocab_size!r} is invalid: must be an integer >= {SMALLEST_VOCAB} (the 256 "
+                "bytes and the special tokens)"
+            )
+
+    @property
+    def sequence_length(self) -> int:
+        return self.windows * self.window
+
+
+def cache_directory(config: TextConfig) -> Path:
+    if config.cache_dir:
+        return Path(config.cache_dir)
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "sleeplm"
+
+
+def corpus_of(config: TextConfig) -> Corpus:
+    """The corpus's files as they are now (fails naming the glob when it matches nothing)."""
+    return Corpus(find_files(config.files, config.exclude), config.text_field, config.decode_errors)
+
+
+def tokenizer_path(config: TextConfig, corpus: Corpus) -> Path:
+    """`config.tokenizer` if given, else the tokenizer trained on `corpus` (trained once, cached)."""
+    if config.tokenizer:
+        return Path(config.tokenizer)
+    return cached_tokenizer(corpus, config.vocab_size, config.tokenizer_training_bytes, cache_directory(config))
+
+
+def token_cache(config: TextConfig) -> TokenCache:
+    """The corpus tokenized (the tokenizer trained first when needed); built once per corpus state, cached."""
+    corpus = corpus_of(config)
+    path = tokenizer_path(config, corpus)
+    load_tokenizer(path, expected_vocab_size=config.vocab_size)
+    return cached_tokens(corpus, path, cache_directory(config))
+
+
+def text_tokenizer(config: TextConfig) -> Tokenizer:
+    """The tokenizer of `config`'s token cache (what generation and scoring decode with)."""
+    return load_tokenizer(token_cache(config).tokenizer_path, expected_vocab_size=config.vocab_size)
+
+
+class TextSource(TaskSource):
+    """Rows of packed documents of one split; documents are held out by the content hash of their text.
+
+    "train" repeats the corpus epoch after epoch (reshuffled and repacked each epoch) up to `size` rows; "eval" is
+    one pass over the held-out documents and fails when it has fewer than `size` rows (never repeats a row).
+    """
+
+    config: TextConfig
+
+    def __init__(self, config: TextConfig, *args, **kwargs) -> None:
+        super().__init__(config, *args, **kwargs)
+        self.cache = token_cache(config)
+        held_out = np.array([digest_is_held_out(int(d), self.held_out_fraction) for d in self.cache.digests], bool)
+        chosen = np.flatnonzero(held_out == (self.split == "eval"))
+        where = f"files={config.files!r} at held_out_fraction={self.held_out_fraction}"
+        if not len(chosen):
+            raise ValueError(f"the {self.split} split of {where} has no document among the corpus's {len(held_out)}")
+        pad = special_id(load_tokenizer(self.cache.tokenizer_path, config.vocab_size), PAD)
+        starts, lengths = self.cache.offsets[chosen], self.cache.lengths[chosen]
+        self.rows = PackedRows(self.cache.tokens, starts, lengths, config.window, config.windows, pad, self.seed)
+        if self.split == "eval" and self.rows.rows_in_epoch(0) < self.size:
+            raise ValueError(
+                f"the held-out split of {where} packs into {self.rows.rows_in_epoch(0)} rows, fewer than the "
+                f"{self.size} asked for (run.eval_examples): ask for fewer, or hold out more"
+            )
+
+    def __getitem__(self, index: int) -> dict:
+        if not 0 <= index < self.size:
+            raise IndexError(f"index {index} is outside [0, {self.size})")
+        return {**self.rows[index], "window": np.int32(self.config.window)}
+
+
+def position_buckets(sequence_length: int, window: int) -> list[tuple[str, int, int]]:
+    """(name, first, end) of the buckets of positions in a document: [0, L), [L, 2L), [2L, 4L), [4L, 8L), ...,
+    named "pos0-L", "posL-2L", "pos2L-4L", ..., up to the row length."""
+    name = lambda windows: "0" if windows == 0 else "L" if windows == 1 else f"{windows}L"
+    buckets, low, high = [], 0, 1
+    while low * window < sequence_length:
+        buckets.append((f"pos{name(low)}-{name(high)}", low * window, high * window))
+        low, high = high, 2 * high
+    return buckets
+
+
+def text_metrics(results: dict[str, np.ndarray], examples: dict[str, np.ndarray]) -> dict[str, float]:
+    """Perplexity (exp of the held-out loss per token), and per bucket of positions within the document
+    (`position_buckets`) the accuracy of the next token, `accuracy@pos...`, and its loss, `loss@pos...`, when the
+    results carry per-position losses (`token_loss`, (examples, T)). Buckets without a token are left out."""
+    metrics = {"perplexity": math.exp(float(results["loss_sum"].sum() / results["labels"].sum()))}
+    labelled, position = examples["loss_mask"] > 0, examples["position"]
+    windows = np.unique(examples["window"])
+    if len(windows) != 1:
+        raise ValueError(f"examples laid out in windows of {windows.tolist()} tokens cannot be bucketed together")
+    for name, first, end in position_buckets(position.shape[-1], int(windows[0])):
+        chosen = labelled & (position >= first) & (position < end)
+        if chosen.any():
+            metrics[f"accuracy@{name}"] = float(results["right"][chosen].mean())
+            if "token_loss" in results:
+                metrics[f"loss@{name}"] = float(results["token_loss"][chosen].mean())
+    return metrics
+
+
+def text_run_files(config: TextConfig) -> dict[str, Path]:
+    """The tokenizer (`tokenizer.json`) and the token cache's manifest (`corpus.json`: which files, sizes and
+    mtimes, which tokenizer) a run's workdir keeps."""
+    cache = token_cache(config)
+    return {"tokenizer.json": cache.tokenizer_path, "corpus.json": cache.directory / MANIFEST}
+
+
+TEXT = Task("text", TextConfig, TextSource, metrics=text_metrics, run_files=text_run_files)
