@@ -11,10 +11,10 @@ import jax
 import orbax.checkpoint as ocp
 
 from sleeplm.presets import Experiment
-from sleeplm.train import TrainState
+from sleeplm.train import TrainState, init_train_state
 
 
-class CheckpointError(RuntimeError):
+class CheckpointError(ValueError):
     """A checkpoint that cannot be used: corrupted, or written for a different experiment."""
 
 
@@ -50,9 +50,11 @@ class Checkpointer:
         )
         self.manager.wait_until_finished()
 
-    def restore(self, template: TrainState, iterator: grain.DatasetIterator, experiment: Experiment, step=None):
-        """Restores the latest (or given) step into the structure of `template`; moves `iterator` to its position."""
+    def _checked_step(self, experiment: Experiment, step: int | None) -> tuple[int, Path]:
+        """The latest (or given) step, after checking it was written for `experiment`."""
         step = self.latest_step() if step is None else step
+        if step is None:
+            raise CheckpointError(f"no checkpoint in {self.directory}")
         where = self.directory / str(step)
         try:
             saved = self.manager.restore(step, args=ocp.args.Composite(experiment=ocp.args.JsonRestore()))
@@ -65,14 +67,23 @@ class Checkpointer:
             raise CheckpointError(
                 f"checkpoint {where} was written for a different experiment: " + "; ".join(mismatch[:5])
             )
-        abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, template)
+        return step, where
+
+    def _restore(self, step: int, where: Path, **items):
         try:
-            restored = self.manager.restore(
-                step,
-                args=ocp.args.Composite(
-                    state=ocp.args.StandardRestore(abstract), data=grain.checkpoint.CheckpointRestore(iterator)
-                ),
-            )
+            return self.manager.restore(step, args=ocp.args.Composite(**items))
         except Exception as error:
             raise CheckpointError(f"checkpoint {where} is corrupted ({type(error).__name__}: {error})") from error
-        return restored.state
+
+    def restore(self, template: TrainState, iterator: grain.DatasetIterator, experiment: Experiment, step=None):
+        """Restores the latest (or given) step into the structure of `template`; moves `iterator` to its position."""
+        step, where = self._checked_step(experiment, step)
+        abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, template)
+        state = ocp.args.StandardRestore(abstract)
+        return self._restore(step, where, state=state, data=grain.checkpoint.CheckpointRestore(iterator)).state
+
+    def restore_state(self, experiment: Experiment, step=None) -> TrainState:
+        """The latest (or given) step's train state alone (no data position), e.g. to generate or score with."""
+        step, where = self._checked_step(experiment, step)
+        abstract = jax.eval_shape(lambda: init_train_state(jax.random.key(0), experiment.config, experiment.train))
+        return self._restore(step, where, state=ocp.args.StandardRestore(abstract)).state

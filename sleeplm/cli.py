@@ -1,4 +1,4 @@
-"""`sleeplm train|eval|plot|demo|stream|presets` (also `python -m sleeplm ...`).
+"""`sleeplm train|eval|generate|score|plot|demo|stream|presets` (also `python -m sleeplm ...`).
 
 Overrides use dotted keys after the options: `sleeplm train --preset rule110-cpu --workdir runs/a --sleep.passes 2
 --task.steps 4 --train.steps 800`.
@@ -67,34 +67,82 @@ def _train(args, extra) -> None:
     print(f"outputs in {args.workdir}: metrics.jsonl, experiment.json, checkpoints/")
 
 
-def _eval(args, extra) -> None:
-    import dataclasses
-
-    import jax
-
+def _load_run(workdir: Path, step: int | None):
+    """A training run's experiment, its codec (checked against the model) and the train state of a checkpoint."""
     from sleeplm.checkpoint import Checkpointer
-    from sleeplm.evaluate import eval_sets, evaluate
-    from sleeplm.loop import train_iterator
+    from sleeplm.data import task_of
     from sleeplm.presets import experiment_from_json
-    from sleeplm.train import init_train_state
 
-    record_path = args.workdir / "experiment.json"
+    record_path = workdir / "experiment.json"
     if not record_path.exists():
         raise SystemExit(f"error: {record_path} does not exist: --workdir must be a training run directory")
     experiment = experiment_from_json(json.loads(record_path.read_text()))
+    codec = task_of(experiment.task).codec(experiment.task, workdir)
+    state = Checkpointer(workdir / "checkpoints", keep=experiment.run.keep_checkpoints).restore_state(experiment, step)
+    return experiment, codec, state
+
+
+def _eval(args, extra) -> None:
+    import dataclasses
+
+    from sleeplm.evaluate import eval_sets, evaluate
+
+    experiment, _, state = _load_run(args.workdir, args.step)
     if args.eval_examples:
-        run = dataclasses.replace(experiment.run, eval_examples=args.eval_examples)
-        experiment = dataclasses.replace(experiment, run=run)
-    checkpoints = Checkpointer(args.workdir / "checkpoints", keep=experiment.run.keep_checkpoints)
-    if checkpoints.latest_step() is None:
-        raise SystemExit(f"error: no checkpoint in {checkpoints.directory}")
-    template = init_train_state(jax.random.key(0), experiment.config, experiment.train)
-    state = checkpoints.restore(template, train_iterator(experiment), experiment, step=args.step)
+        experiment = dataclasses.replace(
+            experiment, run=dataclasses.replace(experiment.run, eval_examples=args.eval_examples)
+        )
     metrics = {"step": int(state.step)} | evaluate(state.params, eval_sets(experiment), experiment)
     out = args.workdir / f"eval_step{int(state.step)}.json"
     out.write_text(json.dumps(metrics, indent=2) + "\n")
     print(json.dumps(metrics, indent=2))
     print(f"wrote {out}")
+
+
+def _generate(args, extra) -> None:
+    import jax
+
+    from sleeplm.generate import Sampling, generate
+    from sleeplm.streams import restore_stream, save_stream, start_stream
+
+    experiment, codec, state = _load_run(args.workdir, args.step)
+    config = experiment.config
+    prompts = [[int(i) for i in p.split()] for p in args.prompt] if args.ids else [codec.encode(p) for p in args.prompt]
+    if args.stream:
+        stream = restore_stream(args.stream, config)
+    else:
+        capacity = None if config.sleep.eviction_mode.bounded else args.capacity
+        stream = start_stream(config, len(prompts), jax.random.key(args.seed), capacity)
+    sampling = Sampling(args.temperature, args.top_k, args.top_p)
+    result = generate(
+        state.params, stream, prompts, config, max_new_tokens=args.max_new_tokens, sampling=sampling,
+        stop_tokens=args.stop_id, sleep=args.sleep,
+    )  # fmt: skip
+    rows = [[int(t) for t in row[:n]] for row, n in zip(result.tokens, result.lengths, strict=True)]
+    for prompt, row in zip(args.prompt, rows, strict=True):
+        print(json.dumps({"prompt": prompt, "ids": row, "text": codec.decode(row)}))
+    if args.save_stream:
+        print(f"saved the stream to {save_stream(args.save_stream, result.stream, config)}", file=sys.stderr)
+
+
+def _score(args, extra) -> None:
+    import numpy as np
+
+    from sleeplm.score import score
+
+    experiment, codec, state = _load_run(args.workdir, args.step)
+    if args.ids_file:
+        ids = np.load(args.ids_file, mmap_mode="r")
+        ids = ids[None] if ids.ndim == 1 else ids
+    else:
+        ids = np.asarray([codec.encode(args.text_file.read_text())], np.int32)
+    result = score(state.params, ids, experiment.config, block_windows=args.block_windows, progress=True)
+    record = {"step": int(state.step), "tokens": result.tokens, "mean_nll": result.mean_nll}
+    record |= {"perplexity": float(np.exp(result.mean_nll)), "buckets": result.buckets}
+    print(json.dumps(record, indent=2))
+    if args.out:
+        args.out.write_text(json.dumps(record, indent=2) + "\n")
+        print(f"wrote {args.out}", file=sys.stderr)
 
 
 def _plot(args, extra) -> None:
@@ -146,6 +194,31 @@ def build_parser() -> argparse.ArgumentParser:
     plot.add_argument("--chance", type=float, default=None)
     plot.add_argument("--out", type=Path, required=True)
     plot.set_defaults(run=_plot)
+    generate = commands.add_parser("generate", help="continue prompts with a run's checkpoint (sleeping as it goes)")
+    generate.add_argument("--workdir", type=Path, required=True)
+    generate.add_argument("--step", type=int, default=None, help="checkpoint step (default: the latest)")
+    generate.add_argument("--prompt", action="append", required=True, help="a prompt (repeat for a batch)")
+    generate.add_argument("--ids", action="store_true", help="prompts are whitespace-separated token ids")
+    generate.add_argument("--max-new-tokens", type=int, default=32)
+    generate.add_argument("--temperature", type=float, default=0.0, help="0: greedy")
+    generate.add_argument("--top-k", type=int, default=None)
+    generate.add_argument("--top-p", type=float, default=1.0)
+    generate.add_argument("--seed", type=int, default=0)
+    generate.add_argument("--stop-id", type=int, action="append", default=[], help="a token id that ends a row")
+    generate.add_argument("--sleep", default="on_full", help="on_full (sleep as a window fills) or deferred")
+    generate.add_argument("--stream", type=Path, default=None, help="continue a saved stream")
+    generate.add_argument("--save-stream", type=Path, default=None, help="save the stream here to continue later")
+    generate.add_argument("--capacity", type=int, default=4096, help="tokens a no-eviction stream can hold")
+    generate.set_defaults(run=_generate)
+    scorer = commands.add_parser("score", help="log-likelihood of a long text under a run's checkpoint")
+    scorer.add_argument("--workdir", type=Path, required=True)
+    scorer.add_argument("--step", type=int, default=None, help="checkpoint step (default: the latest)")
+    source = scorer.add_mutually_exclusive_group(required=True)
+    source.add_argument("--text-file", type=Path, help="a text, encoded with the run's tokenizer")
+    source.add_argument("--ids-file", type=Path, help="token ids, .npy (T,) or (B, T), read memory-mapped")
+    scorer.add_argument("--block-windows", type=int, default=16, help="windows per device block")
+    scorer.add_argument("--out", type=Path, default=None)
+    scorer.set_defaults(run=_score)
     for name, fn, text in (
         ("demo", _demo, "train Rule 110 at N=1 and N=2 on the same data, compare (the README's make demo)"),
         ("stream", _stream, "stream tokens through wake/sleep, check against forward, time wake and sleep"),
@@ -172,5 +245,5 @@ def main(argv: list[str] | None = None) -> None:
         raise SystemExit(f"error: unrecognized arguments: {' '.join(extra)}")
     try:
         args.run(args, extra)
-    except ValueError as error:  # bad settings: one clear line, no traceback
+    except (ValueError, OSError) as error:  # bad settings, files or checkpoints: one clear line, no traceback
         raise SystemExit(f"error: {error}") from None

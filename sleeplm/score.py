@@ -154,8 +154,8 @@ def score(
     nll_sum, count = (np.asarray(x, np.float64) for x in jax.device_get((carry.nll_sum, carry.count)))
     buckets = []
     for k in np.flatnonzero(count):
-        start, end = (0 if k == 0 else window * 2 ** (k - 1)), window * 2**k
-        buckets.append({"start": int(start), "end": end, "tokens": int(count[k]), "mean_nll": nll_sum[k] / count[k]})
+        start, end = (0 if k == 0 else window * 2 ** int(k - 1)), window * 2 ** int(k)
+        buckets.append({"start": start, "end": end, "tokens": int(count[k]), "mean_nll": float(nll_sum[k] / count[k])})
     per_token = None
     if keep_token_log_likelihoods:
         per_token = np.concatenate([np.asarray(ll)[:, : v.shape[1]] for ll, v in kept], axis=1)

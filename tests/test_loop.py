@@ -109,6 +109,20 @@ def test_cli_train_eval_plot(tmp_path, capsys):
     assert (tmp_path / "p.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert "wrote" in capsys.readouterr().out
 
+    # Generation and scoring from the run's checkpoint; prompts are the task's tokens.
+    cli_main(["generate", "--workdir", str(run), "--prompt", "0 1 1 <query>", "--prompt", "1", "--max-new-tokens", "3"])
+    rows = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert [len(row["ids"]) for row in rows] == [3, 3]
+    assert all(len(row["text"].split()) == 3 for row in rows)  # decoded with the task's vocabulary
+    np.save(tmp_path / "ids.npy", np.random.default_rng(0).integers(0, 4, 30))
+    cli_main(
+        ["score", "--workdir", str(run), "--ids-file", str(tmp_path / "ids.npy"), "--out", str(tmp_path / "s.json")]
+    )
+    scored = json.loads((tmp_path / "s.json").read_text())
+    assert scored["tokens"] == 29 and scored["perplexity"] > 1 and scored["step"] == 3
+    with pytest.raises(SystemExit, match=r"tokens \['2'\] are not in the vocabulary"):
+        cli_main(["generate", "--workdir", str(run), "--prompt", "0 2"])
+
 
 @pytest.mark.parametrize(
     ("argv", "message"),

@@ -501,3 +501,35 @@ def test_the_text_task_is_registered_and_its_config_validated(tmp_path):
     ):
         with pytest.raises(ValueError, match=message):
             TextConfig(**changes)
+
+
+def test_a_text_run_generates_with_its_own_tokenizer_and_refuses_a_missing_or_mismatched_one(
+    tmp_path, corpus_texts, capsys
+):
+    """A run directory (its experiment, a checkpoint, its run files) made without training: `sleeplm generate`
+    encodes the prompt and decodes the output with the workdir's tokenizer.json, and fails naming the file when it
+    is missing or has another vocabulary size than the model."""
+    from sleeplm.checkpoint import Checkpointer
+    from sleeplm.cli import main as cli_main
+    from sleeplm.train import init_train_state
+
+    experiment = text_experiment(tmp_path)
+    small = dataclasses.replace(experiment.config.model, d_model=16, num_heads=2, mlp_dim=32)
+    experiment = dataclasses.replace(experiment, config=dataclasses.replace(experiment.config, model=small))
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "experiment.json").write_text(json.dumps(experiment.to_json()))
+    save_run_files(experiment.task, run, resumed=False)
+    state = init_train_state(jax.random.key(0), experiment.config, experiment.train)
+    Checkpointer(run / "checkpoints", keep=1).save(state, train_iterator(experiment), experiment)
+    tokenizer = load_tokenizer(run / "tokenizer.json")
+
+    cli_main(["generate", "--workdir", str(run), "--prompt", "the fast sleep", "--max-new-tokens", "4"])
+    row = json.loads(capsys.readouterr().out)
+    assert len(row["ids"]) == 4 and row["text"] == decode(tokenizer, row["ids"])
+    (run / "tokenizer.json").rename(tmp_path / "kept.json")
+    with pytest.raises(SystemExit, match=r"run/tokenizer.json"):
+        cli_main(["generate", "--workdir", str(run), "--prompt", "the"])
+    train_tokenizer(corpus_texts, VOCAB - 20, run / "tokenizer.json")
+    with pytest.raises(SystemExit, match=r"run/tokenizer.json.*280.*300|run/tokenizer.json.*300.*280"):
+        cli_main(["generate", "--workdir", str(run), "--prompt", "the"])

@@ -17,7 +17,7 @@ from sleeplm.data.arith import ARITH, ArithConfig, ArithSource
 from sleeplm.data.common import TaskSource, Vocabulary
 from sleeplm.data.depo import DEPO, DepoConfig, DepoSource
 from sleeplm.data.rule110 import RULE110, Rule110Config, Rule110Source
-from sleeplm.data.task import Task, TaskConfig, vocabulary_size
+from sleeplm.data.task import Codec, Task, TaskConfig, vocabulary_size
 from sleeplm.data.text import TEXT, TextConfig, TextSource
 
 TASKS: dict[str, Task] = {}
@@ -99,6 +99,7 @@ __all__ = [
     "TASKS",
     "ArithConfig",
     "ArithSource",
+    "Codec",
     "DepoConfig",
     "DepoSource",
     "Rule110Config",

@@ -10,7 +10,7 @@ training, evaluation and the experiment record reach a task only through its `Ta
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -52,6 +52,20 @@ def no_run_files(config: Any) -> dict[str, Path]:
 
 
 @dataclasses.dataclass(frozen=True)
+class Codec:
+    """Text <-> token ids for a run's prompts and outputs (`sleeplm generate`, `sleeplm score`)."""
+
+    encode: Callable[[str], list[int]]
+    decode: Callable[[Sequence[int]], str]
+
+
+def vocabulary_codec(config: Any, workdir: Path) -> Codec:
+    """The default, for tasks with a `Vocabulary`: whitespace-separated token strings."""
+    vocab = config.vocab
+    return Codec(lambda text: [int(i) for i in vocab.encode(text.split())], lambda ids: " ".join(vocab.decode(ids)))
+
+
+@dataclasses.dataclass(frozen=True)
 class Task:
     """A task: `name` (its "task_name" in experiment records), `config_type`, `source_type`, and for evaluation
 
@@ -62,7 +76,8 @@ class Task:
       loss_mask and the task's metadata, concatenated likewise);
 
     and for the run, `run_files(config)`: {name: path} of files a run's workdir keeps a copy of (the text task's
-    tokenizer.json, with which a run's outputs are decoded), see `sleeplm.data.save_run_files`.
+    tokenizer.json, with which a run's outputs are decoded), see `sleeplm.data.save_run_files`; and
+    `codec(config, workdir)`: how a run's prompts become token ids and its outputs text.
     """
 
     name: str
@@ -71,6 +86,7 @@ class Task:
     held_out_sets: Callable[[Any], dict[str, dict[str, Any]]] = no_held_out_sets
     metrics: Callable[[dict[str, np.ndarray], dict[str, np.ndarray]], dict[str, float]] = no_metrics
     run_files: Callable[[Any], dict[str, Path]] = no_run_files
+    codec: Callable[[Any, Path], Codec] = vocabulary_codec
 
     def __post_init__(self) -> None:
         if not isinstance(self.name, str) or not self.name:

@@ -29,8 +29,8 @@ from sleeplm.data.corpus import (
     find_files,
 )
 from sleeplm.data.packing import PackedRows
-from sleeplm.data.task import Task
-from sleeplm.data.tokenizer import PAD, SMALLEST_VOCAB, load_tokenizer, special_id
+from sleeplm.data.task import Codec, Task
+from sleeplm.data.tokenizer import PAD, SMALLEST_VOCAB, decode, encode, load_tokenizer, special_id
 
 
 @dataclasses.dataclass(frozen=True)
@@ -173,4 +173,10 @@ def text_run_files(config: TextConfig) -> dict[str, Path]:
     return {"tokenizer.json": cache.tokenizer_path, "corpus.json": cache.directory / MANIFEST}
 
 
-TEXT = Task("text", TextConfig, TextSource, metrics=text_metrics, run_files=text_run_files)
+def text_codec(config: TextConfig, workdir: Path) -> Codec:
+    """The run's own tokenizer (its workdir's tokenizer.json), which must have the model's vocabulary size."""
+    tokenizer = load_tokenizer(Path(workdir) / "tokenizer.json", expected_vocab_size=config.vocab_size)
+    return Codec(lambda text: [int(i) for i in encode(tokenizer, text)], lambda ids: decode(tokenizer, ids))
+
+
+TEXT = Task("text", TextConfig, TextSource, metrics=text_metrics, run_files=text_run_files, codec=text_codec)
