@@ -108,6 +108,9 @@ class SleepConfig:
     `eviction` names a mode of `sleeplm.eviction.EVICTIONS`: "hard" (KV cleared after each slept window), "sliding"
     (sliding-window attention of width L), or "none": the no-eviction baseline, where the whole sequence is one
     window (full causal attention, never slept on; `window` then only lays out the task).
+    `loop_layers` (start, stop): the contiguous blocks [start, stop) that passes 2..N re-run, each pass feeding
+    those blocks' previous output back as their input; the blocks before and after them run in the wake pass only
+    (None: every block, the method as the paper states it; docs/method.md, "Choices where the paper is silent").
     `remat` rematerialises each window pass in the backward pass (memory for compute);
     `stop_gradient_between_windows` truncates backpropagation at window boundaries (both off by default).
     """
@@ -115,6 +118,7 @@ class SleepConfig:
     window: int = 24
     passes: int = 1
     eviction: str = "hard"
+    loop_layers: tuple[int, int] | None = None
     remat: bool = False
     stop_gradient_between_windows: bool = False
 
@@ -123,6 +127,14 @@ class SleepConfig:
         _positive_int("sleep.passes", self.passes)
         if self.eviction not in EVICTIONS:
             _fail("sleep.eviction", self.eviction, f"allowed modes are {tuple(EVICTIONS)}")
+        if self.loop_layers is not None:  # from JSON or the command line: a list, or strings
+            try:
+                start, stop = (int(i) for i in self.loop_layers)
+            except (TypeError, ValueError):
+                _fail("sleep.loop_layers", self.loop_layers, "must be two block indices (start, stop)")
+            if not 0 <= start < stop:
+                _fail("sleep.loop_layers", self.loop_layers, "must satisfy 0 <= start < stop")
+            object.__setattr__(self, "loop_layers", (start, stop))
 
     @property
     def eviction_mode(self) -> Eviction:
@@ -140,3 +152,11 @@ class Config:
             _fail("model", type(self.model).__name__, "must be a ModelConfig")
         if not isinstance(self.sleep, SleepConfig):
             _fail("sleep", type(self.sleep).__name__, "must be a SleepConfig")
+        blocks = len(self.model.layers)
+        if self.sleep.loop_layers is not None and self.sleep.loop_layers[1] > blocks:
+            _fail("sleep.loop_layers", self.sleep.loop_layers, f"must lie within the model's {blocks} blocks")
+
+    @property
+    def looped_blocks(self) -> tuple[int, int]:
+        """(start, stop): the blocks that sleep passes re-run (every block unless `sleep.loop_layers` says)."""
+        return self.sleep.loop_layers or (0, len(self.model.layers))

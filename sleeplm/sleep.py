@@ -51,10 +51,17 @@ def param_logical_axes(config: Config) -> Params:
     return jax.tree.map(lambda box: box.axes, param_annotations(config), is_leaf=lambda x: isinstance(x, Annotated))
 
 
-def window_pass(params: Params, h: jax.Array, caches: tuple[Any, ...], context: WindowContext, config: Config):
-    """One pass of the block stack over hidden states h (B, n, d) at the context's window positions; returns the
-    last block's output and the caches after it."""
-    return HybridLM(config).apply(params, h, caches, context, method=HybridLM.window_pass)
+def window_pass(
+    params: Params,
+    h: jax.Array,
+    caches: tuple[Any, ...],
+    context: WindowContext,
+    config: Config,
+    blocks: tuple[int, int] | None = None,
+):
+    """One pass of the block stack (or of `blocks` = (start, stop) only) over hidden states h (B, n, d) at the
+    context's window positions; returns the last block's output and every block's cache after it."""
+    return HybridLM(config).apply(params, h, caches, context, *(blocks or ()), method=HybridLM.window_pass)
 
 
 def _embed(params, tokens, config):
@@ -81,21 +88,33 @@ def check_tokens(tokens: jax.Array, config: Config) -> None:
 
 def _pass_fn(config: Config):
     """The window pass, rematerialised in the backward pass when `sleep.remat` is set."""
-    return jax.checkpoint(window_pass, static_argnums=(4,)) if config.sleep.remat else window_pass
+    return jax.checkpoint(window_pass, static_argnums=(4, 5)) if config.sleep.remat else window_pass
+
+
+def wake_pass(params: Params, h: jax.Array, caches: tuple[Any, ...], context: WindowContext, config: Config):
+    """The wake pass: every block once. Returns the last block's output (for the logits), the looped blocks'
+    output (what sleep pass 2 reads; the same unless `sleep.loop_layers` stops before the last block) and the
+    caches."""
+    pass_fn, (_, stop), blocks = _pass_fn(config), config.looped_blocks, len(config.model.layers)
+    looped, caches = pass_fn(params, h, caches, context, config, (0, stop))
+    if stop == blocks:
+        return looped, looped, caches
+    out, caches = pass_fn(params, looped, caches, context, config, (stop, blocks))
+    return out, looped, caches
 
 
 def sleep_passes(
     params: Params, hidden: jax.Array, caches: tuple[Any, ...], prev_valid: jax.Array, config: Config
 ) -> tuple[Any, ...]:
-    """Passes 2..N over a full window (a `lax.scan`, N is never unrolled): each takes the previous pass's last
-    hidden states as input, and each layer continues from the cache it ended the previous pass with."""
+    """Passes 2..N over a full window (a `lax.scan`, N is never unrolled) of the looped blocks: each takes their
+    previous output as input, and each continues from the cache it ended the previous pass with."""
     context = window_start(hidden.shape[0], hidden.shape[1], prev_valid)
+    pass_fn, looped = _pass_fn(config), config.looped_blocks
 
     def one_pass(carry, _):
         h, caches = carry
-        return pass_fn(params, h, caches, context, config), None
+        return pass_fn(params, h, caches, context, config, looped), None
 
-    pass_fn = _pass_fn(config)
     (_, caches), _ = lax.scan(one_pass, (hidden, caches), None, length=config.sleep.passes - 1)
     return caches
 
@@ -121,54 +140,66 @@ def _forward_hidden(
 
     Full windows are scanned one by one; inside a window a `lax.scan` runs the N passes, passes 2..N only for rows
     whose window is slept on (full and followed by more of the same document), so the scan body holds a single copy
-    of the window pass; a slept window is then evicted. A row's caches reset at a window where a document starts.
+    of each block; a slept window is then evicted. A row's caches reset at a window where a document starts.
     A partial last window (never slept on) runs once more at its own length rather than padded to a whole window.
     Without eviction ("none") the whole sequence is one window.
     """
     batch, length, d_model = embedded.shape
     window = config.sleep.eviction_mode.window_length(config.sleep.window, length)
-    passes = config.sleep.passes
+    passes, (start, stop), blocks = config.sleep.passes, config.looped_blocks, len(config.model.layers)
     num_full, remainder = divmod(length, window)
     embedded = shard_batch(embedded)
     pass_fn = _pass_fn(config)
     resets, slept = _window_flags(valid, document_start, window)
 
     def one_window(carry, inputs):
-        caches, prev_valid = carry
+        caches, prev_valid, _ = carry
         x, valid_w, reset_w, slept_w = inputs
         caches, prev_valid = reset(caches, prev_valid, reset_w, window, config)
         context = WindowContext(jnp.zeros((batch,), jnp.int32), prev_valid, valid_w)
+        run = lambda first, last: lambda operands: pass_fn(params, *operands, context, config, (first, last))
+        keep = lambda operands: operands
 
         def one_pass(pass_carry, index):
-            h, caches, wake_h = pass_carry
+            """Pass `index`: the looped blocks on the previous pass's looped output (the embeddings in the wake
+            pass, index 0, which alone also runs the blocks before and after them)."""
+            h, caches, wake_out, wake_looped = pass_carry
             rows = (index == 0) | slept_w
-            run = lambda operands: pass_fn(params, *operands, context, config)
-            new = lax.cond(jnp.any(rows), run, lambda operands: operands, (h, caches))
-            h, caches = select_rows(rows, new, (h, caches))
-            return (h, caches, jnp.where(index == 0, h, wake_h)), None
 
-        (_, caches, wake_h), _ = lax.scan(one_pass, (x, caches, x), jnp.arange(passes))
+            def looped_pass(operands):
+                if start > 0:
+                    operands = lax.cond(index == 0, run(0, start), keep, operands)
+                return run(start, stop)(operands)
+
+            new = lax.cond(jnp.any(rows), looped_pass, keep, (h, caches))
+            h, caches = select_rows(rows, new, (h, caches))
+            out = h
+            if stop < blocks:
+                out, caches = lax.cond(index == 0, run(stop, blocks), keep, (h, caches))
+            first = index == 0
+            return (h, caches, jnp.where(first, out, wake_out), jnp.where(first, h, wake_looped)), None
+
+        (_, caches, wake_out, wake_looped), _ = lax.scan(one_pass, (x, caches, x, x), jnp.arange(passes))
         caches, prev_valid = evict(caches, prev_valid, slept_w, config)
         if config.sleep.stop_gradient_between_windows:
             caches = lax.stop_gradient(caches)
-        return (caches, prev_valid), shard_batch(wake_h)
+        return (caches, prev_valid, wake_looped), shard_batch(wake_out)
 
     def windowed(x):  # (B, num_full * L, ...) -> (num_full, B, L, ...)
         return jnp.moveaxis(x[:, : num_full * window].reshape(batch, num_full, window, *x.shape[2:]), 1, 0)
 
-    carry = (init_caches(config, batch, window), jnp.zeros((batch,), bool))
+    empty = jnp.zeros((batch, window, d_model), embedded.dtype)
+    carry = (init_caches(config, batch, window), jnp.zeros((batch,), bool), empty)
     inputs = (windowed(embedded), windowed(valid), resets[:num_full], slept[:num_full])
-    (caches, prev_valid), hidden = lax.scan(one_window, carry, inputs)
+    (caches, prev_valid, window_hidden), hidden = lax.scan(one_window, carry, inputs)
     hidden = jnp.moveaxis(hidden, 0, 1).reshape(batch, num_full * window, d_model)
     last_valid = valid[:, num_full * window :] if remainder else valid[:, -window:]
     if remainder:
         caches, prev_valid = reset(caches, prev_valid, resets[num_full], window, config)
         context = WindowContext(jnp.zeros((batch,), jnp.int32), prev_valid, last_valid)
-        last, caches = pass_fn(params, embedded[:, num_full * window :], caches, context, config)
+        last, looped, caches = wake_pass(params, embedded[:, num_full * window :], caches, context, config)
         hidden = jnp.concatenate([hidden, last], axis=1)
-        window_hidden = jnp.zeros((batch, window, d_model), hidden.dtype).at[:, :remainder].set(last)
-    else:
-        window_hidden = hidden[:, -window:]
+        window_hidden = empty.at[:, :remainder].set(looped)
     pos = jnp.sum(last_valid, axis=1, dtype=jnp.int32)
     return shard_batch(hidden), SleepState(caches, window_hidden, pos, prev_valid)
 
@@ -249,8 +280,8 @@ def consume(
         index = jnp.clip(consumed[:, None] + jnp.arange(chunk), 0, length - 1)
         x = jnp.take_along_axis(embedded, index[:, :, None], axis=1)
         context = WindowContext(state.pos, state.prev_valid, jnp.arange(chunk) < take[:, None])
-        h, caches = window_pass(params, x, state.layers, context, config)
-        hidden = write_slots(state.hidden, h, state.pos, context.valid)
+        h, looped, caches = wake_pass(params, x, state.layers, context, config)
+        hidden = write_slots(state.hidden, looped, state.pos, context.valid)
         out = write_slots(out, h, consumed, context.valid)
         return SleepState(caches, hidden, state.pos + take, state.prev_valid), consumed + take, out
 

@@ -85,11 +85,13 @@ def _gdn(p, x, positions, fast_weights, config):
     return o @ p["o"]["kernel"], fast_weights
 
 
-def _stack(params, h, positions, fast, prev_kv, config):
-    """One pass over all blocks. fast / prev_kv: per-layer dicts (updated copies returned)."""
+def _stack(params, h, positions, fast, prev_kv, config, blocks=None):
+    """One pass over all blocks (or over `blocks`, a range). fast / prev_kv: per-layer dicts (updated copies
+    returned; kv holds the blocks that ran)."""
     m = config.model
     fast, kv = dict(fast), {}
-    for i, kind in enumerate(m.layers):
+    for i in range(len(m.layers)) if blocks is None else blocks:
+        kind = m.layers[i]
         p = params[f"blocks_{i}"]
         y = _rms(h, p["mixer_norm"]["scale"], m.norm_eps)
         if kind == "attn":
@@ -123,21 +125,25 @@ def plain_hybrid_forward(params, tokens, config: Config):
 
 
 def looped_sleep_forward(params, tokens, config: Config, return_states=False):
-    """The semantics as written: per window a wake pass, then (if full and followed) passes 2..N on the previous pass's
-    output, the fast weights continuing; then the KV is evicted (hard) or the last pass's KV kept (sliding)."""
+    """The semantics as written: per window a wake pass over every block, then (if full and followed) passes 2..N of
+    the looped blocks (all, unless sleep.loop_layers names some), each on their previous output, the fast weights
+    continuing; then the KV is evicted (hard) or the KV each block computed last is kept (sliding)."""
     p = params["params"]
     window, passes = config.sleep.window, config.sleep.passes
+    first, last = config.sleep.loop_layers or (0, len(config.model.layers))
     embedded = p["embedding"]["embedding"][tokens]
     length = tokens.shape[1]
     fast, kept, outputs = _zero_fast(tokens.shape[0], config), {}, []
     for start in range(0, length, window):
         positions = jnp.arange(start, min(start + window, length))
-        h = embedded[:, start : start + window]
-        slept = start + window < length
-        for n in range(passes if slept else 1):
-            h, fast, kv = _stack(p, h, positions, fast, kept, config)
-            if n == 0:
-                outputs.append(h)
+        looped, fast, kv = _stack(p, embedded[:, start : start + window], positions, fast, kept, config, range(last))
+        out, fast, after = _stack(p, looped, positions, fast, kept, config, range(last, len(config.model.layers)))
+        outputs.append(out)
+        kv |= after
+        if start + window < length:  # full and followed: sleep
+            for _ in range(passes - 1):
+                looped, fast, again = _stack(p, looped, positions, fast, kept, config, range(first, last))
+                kv |= again
         kept = kv if config.sleep.eviction == "sliding" else {}
     logits = _logits(params, jnp.concatenate(outputs, 1), config)
     return (logits, fast) if return_states else logits

@@ -48,14 +48,14 @@ class HybridLM(nn.Module):
         return self.embedding(tokens).astype(self.config.model.dtype)
 
     def window_pass(
-        self, h: jax.Array, caches: tuple[Any, ...], context: WindowContext
+        self, h: jax.Array, caches: tuple[Any, ...], context: WindowContext, start: int = 0, stop: int | None = None
     ) -> tuple[jax.Array, tuple[Any, ...]]:
-        """One pass of the whole block stack over window positions pos .. pos + n - 1 (h: (B, n, d))."""
-        new_caches = []
-        for block, cache in zip(self.blocks, caches, strict=True):
-            h, cache = block(h, cache, context)
-            new_caches.append(cache)
-        return h, tuple(new_caches)
+        """One pass of blocks [start, stop) (all by default) over window positions pos .. pos + n - 1 (h: (B, n,
+        d)); `caches` holds every block's cache, and the others come back unchanged."""
+        caches = list(caches)
+        for i in range(start, len(self.blocks) if stop is None else stop):
+            h, caches[i] = self.blocks[i](h, caches[i], context)
+        return h, tuple(caches)
 
     def logits(self, h: jax.Array) -> jax.Array:
         return self.head(self.final_norm(h).astype(jnp.float32))
