@@ -55,6 +55,10 @@ DEPO = SMALL | {
     "sleep.window": "16",
 }
 ARITH = SMALL | {"task.num_vars": "16", "task.max_ops": "3", "task.windows": "2", "sleep.window": "24"}
+# Language modelling on the Python standard library (the lm-cpu preset: d=128, 4 blocks, L=64, vocabulary 4096), with
+# rows of 8 windows (512 tokens) so that the loss by position within a document reaches [4L, 8L); batch 8 keeps the
+# preset's 4096 tokens a step. 800 steps, Muon at the preset's 2e-3.
+LM = QUIET | {"task.windows": "8", "train.batch_size": "8", "run.eval_examples": "128", "run.eval_batch_size": "32"}
 
 
 def sweeps(muon_lr: str) -> dict[str, list[Run]]:
@@ -68,6 +72,14 @@ def sweeps(muon_lr: str) -> dict[str, list[Run]]:
         "rule110-depth-N2": [rule110(f"t{t}", t, 2, **lr) for t in RULE110_DEPTHS],
         # Fig. 3: Depo at a scaled-down size, loss and accuracy per hop count k.
         "depo": [Run(f"N{n}", "depo-cpu", DEPO | lr | {"sleep.passes": str(n)}) for n in (1, 2, 4)],
+        # Language modelling with sleep: N = 1 and 2 (hard eviction) between the same hybrid without eviction (an
+        # upper bound) and attention alone with eviction (a floor: nothing crosses a window), at equal tokens.
+        "lm": [
+            Run("N1", "lm-cpu", LM),
+            Run("N2", "lm-cpu", LM | {"sleep.passes": "2"}),
+            Run("no-eviction", "lm-cpu", LM | {"sleep.eviction": "none"}),
+            Run("attention-evicted", "lm-cpu", LM | {"model.layers": ATTENTION_ONLY}),
+        ],
         # Fig. 4/5: arithmetic with distractors, accuracy per op count, hard and sliding eviction.
         "arith": [
             Run(f"{eviction}-N{n}", "arith-cpu", ARITH | lr | {"sleep.eviction": eviction, "sleep.passes": str(n)})

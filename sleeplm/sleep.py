@@ -138,25 +138,29 @@ def _forward_hidden(
     """Last-block hidden states (B, T, d) of the wake pass at every position of a whole sequence, and the state a
     stream of the same tokens ends in.
 
-    Full windows are scanned one by one; inside a window a `lax.scan` runs the N passes, passes 2..N only for rows
+    Windows of L are scanned one by one; inside a window a `lax.scan` runs the N passes, passes 2..N only for rows
     whose window is slept on (full and followed by more of the same document), so the scan body holds a single copy
-    of each block; a slept window is then evicted. A row's caches reset at a window where a document starts.
-    A partial last window (never slept on) runs once more at its own length rather than padded to a whole window.
-    Without eviction ("none") the whole sequence is one window.
+    of each block; a slept window is then evicted. A row's caches reset at a window where a document starts. A
+    partial last window (never slept on) runs once more at its own length rather than padded to a whole window.
+    Without eviction ("none") the caches hold the whole sequence: windows are only the steps of the scan, each
+    attending to every earlier slot of its document, and nothing is slept on.
     """
     batch, length, d_model = embedded.shape
-    window = config.sleep.eviction_mode.window_length(config.sleep.window, length)
+    mode, window = config.sleep.eviction_mode, config.sleep.window
+    capacity = mode.window_length(window, length)  # cache slots per row
     passes, (start, stop), blocks = config.sleep.passes, config.looped_blocks, len(config.model.layers)
     num_full, remainder = divmod(length, window)
     embedded = shard_batch(embedded)
     pass_fn = _pass_fn(config)
     resets, slept = _window_flags(valid, document_start, window)
+    slept &= mode.bounded
 
     def one_window(carry, inputs):
-        caches, prev_valid, _ = carry
+        caches, prev_valid, pos, looped_buffer = carry
         x, valid_w, reset_w, slept_w = inputs
-        caches, prev_valid = reset(caches, prev_valid, reset_w, window, config)
-        context = WindowContext(jnp.zeros((batch,), jnp.int32), prev_valid, valid_w)
+        caches, prev_valid = reset(caches, prev_valid, reset_w, capacity, config)
+        pos = jnp.where(reset_w, 0, pos)
+        context = WindowContext(pos, prev_valid, valid_w)
         run = lambda first, last: lambda operands: pass_fn(params, *operands, context, config, (first, last))
         keep = lambda operands: operands
 
@@ -180,28 +184,32 @@ def _forward_hidden(
             return (h, caches, jnp.where(first, out, wake_out), jnp.where(first, h, wake_looped)), None
 
         (_, caches, wake_out, wake_looped), _ = lax.scan(one_pass, (x, caches, x, x), jnp.arange(passes))
+        looped_buffer = write_slots(looped_buffer, wake_looped, pos, valid_w)
         caches, prev_valid = evict(caches, prev_valid, slept_w, config)
+        pos = jnp.where(slept_w, 0, pos + jnp.sum(valid_w, axis=1, dtype=jnp.int32))
         if config.sleep.stop_gradient_between_windows:
             caches = lax.stop_gradient(caches)
-        return (caches, prev_valid, wake_looped), shard_batch(wake_out)
+        return (caches, prev_valid, pos, looped_buffer), shard_batch(wake_out)
 
     def windowed(x):  # (B, num_full * L, ...) -> (num_full, B, L, ...)
         return jnp.moveaxis(x[:, : num_full * window].reshape(batch, num_full, window, *x.shape[2:]), 1, 0)
 
-    empty = jnp.zeros((batch, window, d_model), embedded.dtype)
-    carry = (init_caches(config, batch, window), jnp.zeros((batch,), bool), empty)
+    zeros = lambda: jnp.zeros((batch,), jnp.int32)
+    looped_buffer = jnp.zeros((batch, capacity, d_model), embedded.dtype)
+    carry = (init_caches(config, batch, capacity), zeros().astype(bool), zeros(), looped_buffer)
     inputs = (windowed(embedded), windowed(valid), resets[:num_full], slept[:num_full])
-    (caches, prev_valid, window_hidden), hidden = lax.scan(one_window, carry, inputs)
+    (caches, prev_valid, pos, looped_buffer), hidden = lax.scan(one_window, carry, inputs)
     hidden = jnp.moveaxis(hidden, 0, 1).reshape(batch, num_full * window, d_model)
-    last_valid = valid[:, num_full * window :] if remainder else valid[:, -window:]
     if remainder:
-        caches, prev_valid = reset(caches, prev_valid, resets[num_full], window, config)
-        context = WindowContext(jnp.zeros((batch,), jnp.int32), prev_valid, last_valid)
+        last_valid = valid[:, num_full * window :]
+        caches, prev_valid = reset(caches, prev_valid, resets[num_full], capacity, config)
+        pos = jnp.where(resets[num_full], 0, pos)
+        context = WindowContext(pos, prev_valid, last_valid)
         last, looped, caches = wake_pass(params, embedded[:, num_full * window :], caches, context, config)
         hidden = jnp.concatenate([hidden, last], axis=1)
-        window_hidden = empty.at[:, :remainder].set(looped)
-    pos = jnp.sum(last_valid, axis=1, dtype=jnp.int32)
-    return shard_batch(hidden), SleepState(caches, window_hidden, pos, prev_valid)
+        looped_buffer = write_slots(looped_buffer, looped, pos, last_valid)
+        pos = pos + jnp.sum(last_valid, axis=1, dtype=jnp.int32)
+    return shard_batch(hidden), SleepState(caches, looped_buffer, pos, prev_valid)
 
 
 def _sequence_masks(tokens, valid, document_start):

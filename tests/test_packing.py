@@ -41,7 +41,9 @@ def token_losses(logits, targets):
     return optax.softmax_cross_entropy_with_integer_labels(logits, jnp.asarray(targets))
 
 
-@pytest.mark.parametrize(("passes", "eviction"), [(1, "hard"), (3, "hard"), (1, "sliding"), (3, "sliding")])
+@pytest.mark.parametrize(
+    ("passes", "eviction"), [(1, "hard"), (3, "hard"), (1, "sliding"), (3, "sliding"), (3, "none")]
+)
 def test_packed_rows_equal_each_document_alone(passes, eviction):
     config = make_config(passes, eviction)
     params = perturbed(init_params(jax.random.key(31), config), jax.random.key(32))
