@@ -28,6 +28,8 @@ test-slow: $(STAMP)
 bench: $(STAMP)
 	$(PY) benchmarks/bench_gated_delta.py --out benchmarks/results/gated_delta_cpu.json
 	$(PY) benchmarks/bench_train.py --out benchmarks/results/train_rule110_cpu.json
+	$(PY) benchmarks/bench_train.py --preset lm-cpu --passes 1,2 --batch 16 --out benchmarks/results/train_lm_cpu.json
+	$(PY) benchmarks/bench_inference.py --out benchmarks/results/inference_cpu.json
 
 # On a GPU machine (no venv: its preinstalled jax is used): correctness and pallas vs xla vs reference timings.
 bench-gpu:
@@ -42,8 +44,9 @@ static-check: $(STAMP)
 		--out pallas_kernels/gated_delta/results/static_check.json
 
 # The CPU-scale reproduction (experiments/RESULTS.md), figure by figure; finished runs are skipped on a rerun.
-# First the N=1 learning rate (Muon 4e-3 won at t=3, the default of run.py since), then the depth where N=1 fails
-# within 600 steps at that rate (t=4), then the sleep sweep and baselines there. Many hours on 2 cores.
+# First the N=1 learning rate (at t=3 and t=4; Muon 8e-3, the best at t=4, is run.py's default), then the depth where
+# N=1 fails within 600 steps (t=4), then the sleep sweep and baselines there, Depo, arithmetic and language modelling
+# on the standard library. Many hours on 2 cores.
 # The first, untuned (2e-3) sweeps: add `--muon-lr 2e-3 --results experiments/results/untuned-lr2e-3`.
 REPRODUCE := $(PY) experiments/run.py
 reproduce-cpu: $(STAMP)
@@ -55,6 +58,7 @@ reproduce-cpu: $(STAMP)
 	$(REPRODUCE) rule110-depth-N2
 	$(REPRODUCE) depo
 	$(REPRODUCE) arith
+	$(REPRODUCE) lm
 	$(PY) experiments/report.py
 
 lint: $(STAMP)

@@ -1,11 +1,13 @@
-"""Training throughput of the Rule 110 preset at several N, and model FLOP utilisation against a matmul peak
-measured in the same run.
+"""Training throughput of a preset at several N, model FLOP utilisation against a matmul peak measured in the same
+run, and the data pipeline's share of a step (the time to draw the next global batch from the training iterator,
+as the training loop does, against the step time).
 
-    python benchmarks/bench_train.py [--passes 1,2,4 --batch 64 --steps 5] [--out FILE]
+    python benchmarks/bench_train.py [--preset rule110 --passes 1,2,4 --batch 64 --steps 5] [--out FILE]
+    python benchmarks/bench_train.py --preset lm-cpu --passes 1,2 --batch 16 --out benchmarks/results/train_lm_cpu.json
 
 Model FLOPs are counted analytically (XLA's cost analysis does not multiply `lax.scan` bodies by their trip
-count) and count only useful work: N passes over each slept window, one over the last window's real tokens, and
-training = 3x forward. Padding the last window to a whole window is real compute but not counted.
+count) and count only useful work: N passes over each slept window (full, and followed by more of its document),
+one pass over every other real token, and training = 3x forward. Padding is real compute but not counted.
 """
 
 from __future__ import annotations
@@ -16,13 +18,14 @@ from pathlib import Path
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from common import write_record
 
 from sleeplm.config import Config
-from sleeplm.data import batched, make_source
+from sleeplm.loop import train_iterator
 from sleeplm.presets import build_experiment
 from sleeplm.timing import median_seconds
-from sleeplm.train import TrainConfig, init_train_state, train_step
+from sleeplm.train import TrainConfig, init_train_state, model_batch, train_step
 
 
 def forward_flops_per_token_pass(config: Config) -> float:
@@ -40,12 +43,20 @@ def forward_flops_per_token_pass(config: Config) -> float:
     return sum(per_layer[kind] + mlp for kind in m.layers)
 
 
-def train_flops_per_sequence(config: Config, length: int) -> float:
+def train_flops(config: Config, batch: dict) -> float:
+    """Model FLOPs of one training step on `batch` (its real tokens; packed rows' documents counted as they are)."""
     window, passes = config.sleep.window, config.sleep.passes
-    slept = (length - 1) // window
-    token_passes = slept * window * passes + (length - slept * window)
-    head = 2 * config.model.d_model * config.model.vocab_size * length
-    return 3 * (token_passes * forward_flops_per_token_pass(config) + head)
+    inputs = np.asarray(batch["inputs"])
+    valid = np.asarray(batch.get("valid", np.ones(inputs.shape, bool)))
+    starts = np.asarray(batch.get("document_start", np.zeros(inputs.shape, bool)))
+    following = np.arange(window, inputs.shape[1], window)  # each window's successor's first position
+    slept = valid[:, following] & ~starts[:, following]  # a full window followed by more of its document
+    if config.sleep.eviction_mode.bounded:
+        token_passes = valid.sum() + slept.sum() * window * (passes - 1)
+    else:
+        token_passes = valid.sum()
+    head = 2 * config.model.d_model * config.model.vocab_size * valid.sum()
+    return float(3 * (token_passes * forward_flops_per_token_pass(config) + head))
 
 
 def matmul_peak(size: int = 2048, repeats: int = 5) -> float:
@@ -66,8 +77,9 @@ def main() -> None:
     peak = matmul_peak()
     base = build_experiment(args.preset, {"train.batch_size": str(args.batch), "train.steps": "1000"})
     length = base.task.sequence_length
-    batch = jax.tree.map(jnp.asarray, batched(make_source(base.task, "train", size=args.batch), args.batch, 0)[0])
-    batch = {k: batch[k] for k in ("inputs", "targets", "loss_mask")}
+    iterator = train_iterator(base)
+    batch = jax.tree.map(jnp.asarray, model_batch(next(iterator)))
+    data_s = median_seconds(lambda: next(iterator), repeats=20, warmup=True)  # what the loop waits for each step
     rows = []
     for n in (int(x) for x in args.passes.split(",")):
         config = dataclasses.replace(base.config, sleep=dataclasses.replace(base.config.sleep, passes=n))
@@ -80,15 +92,17 @@ def main() -> None:
             return metrics["loss"]
 
         seconds = median_seconds(step, batch, repeats=args.steps)
-        flops = args.batch * train_flops_per_sequence(config, length)
+        flops = train_flops(config, batch)
+        real_tokens = int(np.asarray(batch.get("valid", batch["inputs"] >= 0)).sum())
         rows.append(
             {
                 "passes": n,
                 "step_s": seconds,
-                "tokens_per_s": args.batch * length / seconds,
+                "tokens_per_s": real_tokens / seconds,
                 "model_flops": flops,
                 "achieved_flops_per_s": flops / seconds,
                 "mfu": flops / seconds / peak,
+                "data_share": data_s / (data_s + seconds),
             }
         )
     for row in rows:
@@ -99,13 +113,14 @@ def main() -> None:
         f"train step, {args.preset}: d={m.d_model}, {len(m.layers)} blocks, L={base.config.sleep.window}, "
         f"sequence {length} tokens, batch {args.batch}; matmul peak measured in this run: {peak / 1e9:.1f} GFLOP/s"
     )
-    print(f"{'N':>3}{'step s':>9}{'tokens/s':>10}{'GFLOP/s':>9}{'MFU':>7}{'step vs N=1':>13}")
+    print(f"data pipeline: {1e3 * data_s:.1f} ms to draw a global batch (median of 20)")
+    print(f"{'N':>3}{'step s':>9}{'tokens/s':>10}{'GFLOP/s':>9}{'MFU':>7}{'step vs N=1':>13}{'data share':>12}")
     for r in rows:
         print(
             f"{r['passes']:>3}{r['step_s']:>9.3f}{r['tokens_per_s']:>10.0f}{r['achieved_flops_per_s'] / 1e9:>9.1f}"
-            f"{r['mfu']:>7.1%}{r['step_time_vs_n1']:>13.2f}"
+            f"{r['mfu']:>7.1%}{r['step_time_vs_n1']:>13.2f}{r['data_share']:>12.1%}"
         )
-    write_record(args, rows, matmul_peak_flops_per_s=peak)
+    write_record(args, rows, matmul_peak_flops_per_s=peak, data_seconds_per_batch=data_s)
 
 
 if __name__ == "__main__":
