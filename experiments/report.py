@@ -122,6 +122,58 @@ def per_group_table(runs: dict, prefix: str) -> str:
     return "\n".join(lines)
 
 
+def position_keys(record: dict) -> list[str]:
+    """The loss-by-position keys of an evaluation ("loss@pos0-L", "loss@posL-2L", ...), nearest first."""
+    keys = [k for k in record if k.startswith("loss@pos")]
+    return sorted(keys, key=lambda k: _bucket_start(k.removeprefix("loss@pos")))
+
+
+def _bucket_start(bucket: str) -> int:
+    start = bucket.split("-")[0]
+    return 0 if start == "0" else int(start.removesuffix("L") or 1)
+
+
+def lm_table(runs: dict, sweep_dir: Path) -> tuple[dict, str]:
+    """Final held-out perplexity and loss by position within the document for each language-modelling run."""
+    if not runs:
+        return {}, ""
+    keys = position_keys(next(iter(runs.values()))["final"])
+    lines = ["| run | layers | eviction | N | perplexity | " + " | ".join(k.removeprefix("loss@") for k in keys)]
+    lines[0] += " | minutes |"
+    lines.append("|---" * (len(keys) + 6) + "|")
+    table = {}
+    for name, r in runs.items():
+        layers = json.loads((sweep_dir / name / "experiment.json").read_text())["config"]["model"]["layers"]
+        final = r["final"]
+        table[name] = {"layers": layers, "perplexity": final["perplexity"], **{k: final[k] for k in keys}}
+        cells = " | ".join(f"{final[k]:.3f}" for k in keys)
+        kinds = "/".join(dict.fromkeys(layers))
+        lines.append(
+            f"| {name} | {kinds} | {r['eviction']} | {r['passes']} | {final['perplexity']:.1f} | {cells} "
+            f"| {r['seconds'] / 60:.1f} |"
+        )
+    return table, "\n".join(lines)
+
+
+def lm_plot(runs: dict, sweep_dir: Path, path: Path) -> None:
+    """Left: held-out loss by position within the document (final evaluation); right: perplexity while training."""
+    figure, (by_position, curves) = plt.subplots(1, 2, figsize=(11, 3.9))
+    for name, r in runs.items():
+        keys = position_keys(r["final"])
+        by_position.plot(range(len(keys)), [r["final"][k] for k in keys], marker="o", label=name)
+        evals = read_evals(sweep_dir / name)
+        curves.plot([e["tokens"] for e in evals], [e["perplexity"] for e in evals], label=name)
+    by_position.set_xticks(range(len(keys)), [k.removeprefix("loss@pos") for k in keys])
+    by_position.set(xlabel="position in the document", ylabel="held-out loss (nats/token)", title="loss by position")
+    curves.set(xlabel="training tokens (incl. padding)", ylabel="held-out perplexity", yscale="log", title="training")
+    for axes in (by_position, curves):
+        axes.grid(alpha=0.3)
+        axes.legend(fontsize=8)
+    figure.tight_layout()
+    figure.savefig(path, dpi=120)
+    plt.close(figure)
+
+
 @contextlib.contextmanager
 def final_accuracy_plot(path: Path, xlabel: str, title: str):
     """Axes to draw final held-out exact accuracies on; chance (4 strings) marked; saved to `path` on exit."""
@@ -164,6 +216,11 @@ def main() -> None:
         if runs:
             report[sweep] = runs
             sections.append(f"## {sweep} (final held-out accuracy per group)\n\n" + per_group_table(runs, prefix))
+    lm_runs = load(results, "lm")
+    if lm_runs:
+        report["lm"], markdown = lm_table(lm_runs, results / "lm")
+        sections.append("## lm (final held-out perplexity and loss by position)\n\n" + markdown)
+        lm_plot(lm_runs, results / "lm", results / "lm" / "loss_by_position.png")
     (results / "report.json").write_text(json.dumps(report, indent=2) + "\n")
     with final_accuracy_plot(results / "depth_gain.png", "Rule 110 depth t", "Rule 110: depth vs passes") as axes:
         for key, label in (("N1", "N=1"), ("N2", "N=2")):

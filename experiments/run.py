@@ -67,6 +67,8 @@ def summarize(sweep: str, out: Path, info: dict) -> None:
     if runs:
         strings = json.loads((runs[0] / "experiment.json").read_text())["task"].get("num_strings")
         metric, chance = ("exact", 1 / 2**strings) if strings else ("accuracy", None)
+        if "perplexity" in read_evals(runs[0])[0]:  # language modelling
+            metric = "perplexity"
         plot_runs(runs, metric, out / f"{metric}.png", title=f"{sweep}: held-out {metric}", chance=chance)
 
 
