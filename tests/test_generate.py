@@ -35,7 +35,15 @@ def run(params, config, prompts, key=0, **kwargs):
     return generate(params, stream, prompts, config, max_new_tokens=kwargs.pop("max_new_tokens", NEW), **kwargs)
 
 
-@pytest.mark.parametrize(("passes", "eviction"), [(1, "hard"), (3, "hard"), (1, "sliding"), (3, "sliding")])
+@pytest.mark.parametrize(
+    ("passes", "eviction"),
+    [
+        pytest.param(1, "hard", marks=pytest.mark.slow),
+        (3, "hard"),
+        pytest.param(1, "sliding", marks=pytest.mark.slow),
+        (3, "sliding"),
+    ],
+)
 def test_greedy_generation_is_the_argmax_of_forward_over_what_it_generated(passes, eviction):
     config, params = model(passes, eviction)
     prompts = prompts_for(PROMPT_LENGTHS)

@@ -34,7 +34,14 @@ def test_one_pass_with_looped_blocks_is_the_unlooped_model():
     np.testing.assert_array_equal(forward(params, tokens, looping(config, (1, 3))), forward(params, tokens, config))
 
 
-@pytest.mark.parametrize(("eviction", "blocks"), [("hard", (1, 3)), ("sliding", (0, 2)), ("hard", (2, 4))])
+@pytest.mark.parametrize(
+    ("eviction", "blocks"),
+    [
+        ("hard", (1, 3)),
+        pytest.param("sliding", (0, 2), marks=pytest.mark.slow),
+        pytest.param("hard", (2, 4), marks=pytest.mark.slow),
+    ],
+)
 def test_looped_blocks_agree_across_forward_streaming_and_the_reference(eviction, blocks):
     config = looping(make_config(3, eviction, layers=FOUR), blocks)
     params = perturbed(init_params(jax.random.key(63), config), jax.random.key(64))

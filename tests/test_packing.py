@@ -42,7 +42,14 @@ def token_losses(logits, targets):
 
 
 @pytest.mark.parametrize(
-    ("passes", "eviction"), [(1, "hard"), (3, "hard"), (1, "sliding"), (3, "sliding"), (3, "none")]
+    ("passes", "eviction"),
+    [
+        pytest.param(1, "hard", marks=pytest.mark.slow),
+        (3, "hard"),
+        pytest.param(1, "sliding", marks=pytest.mark.slow),
+        (3, "sliding"),
+        (3, "none"),
+    ],
 )
 def test_packed_rows_equal_each_document_alone(passes, eviction):
     config = make_config(passes, eviction)

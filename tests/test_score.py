@@ -19,7 +19,10 @@ def forward_log_likelihoods(params, tokens, config) -> np.ndarray:
     return -np.asarray(optax.softmax_cross_entropy_with_integer_labels(logits, jnp.asarray(tokens[:, 1:])))
 
 
-@pytest.mark.parametrize(("passes", "eviction"), [(3, "hard"), (3, "sliding"), (1, "hard")])
+@pytest.mark.parametrize(
+    ("passes", "eviction"),
+    [(3, "hard"), pytest.param(3, "sliding", marks=pytest.mark.slow), pytest.param(1, "hard", marks=pytest.mark.slow)],
+)
 def test_scores_equal_forward_whatever_the_blocks(passes, eviction):
     config = make_config(passes, eviction)
     params = perturbed(init_params(jax.random.key(51), config), jax.random.key(52))
