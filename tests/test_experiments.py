@@ -27,12 +27,12 @@ def test_every_sweep_run_is_a_valid_experiment_with_a_unique_name():
             build_experiment(run.preset, run.overrides)
 
 
-def _fake_finished(results: Path, sweep: str, run: Run, exact: float = 0.5) -> None:
+def _fake_finished(results: Path, sweep: str, run: Run, exact: float = 0.5, **metrics: float) -> None:
     """What run.py leaves for a finished run: experiment.json, metrics.jsonl with an eval record, time.json."""
     out = results / sweep / run.name
     out.mkdir(parents=True)
     (out / "experiment.json").write_text(json.dumps(build_experiment(run.preset, run.overrides).to_json()))
-    record = {"step": 600, "kind": "eval", "tokens": 10, "loss": 0.1, "exact": exact, "accuracy": 0.9}
+    record = {"step": 600, "kind": "eval", "tokens": 10, "loss": 0.1, "exact": exact, "accuracy": 0.9} | metrics
     (out / "metrics.jsonl").write_text(json.dumps(record) + "\n")
     (out / "time.json").write_text(json.dumps({"seconds": 1.0}))
 
@@ -69,6 +69,22 @@ def test_depo_and_arithmetic_sweeps_are_summarised_by_accuracy(tmp_path, no_trai
         _fake_finished(tmp_path, sweep, _by_name(sweep)[name])
         run_script.main([sweep, "--only", name, "--results", str(tmp_path)])
         assert (tmp_path / sweep / "accuracy.png").exists()
+
+
+def test_the_language_modelling_sweep_reports_perplexity_and_loss_by_position(
+    tmp_path, no_training, monkeypatch, capsys
+):
+    by_position = {"loss@pos0-L": 3.0, "loss@posL-2L": 2.5, "loss@pos2L-4L": 2.25, "loss@pos4L-8L": 2.0}
+    for i, name in enumerate(("N1", "N2")):
+        metrics = {key: value - 0.1 * i for key, value in by_position.items()}
+        _fake_finished(tmp_path, "lm", _by_name("lm")[name], perplexity=12.0 - i, **metrics)
+        run_script.main(["lm", "--only", name, "--results", str(tmp_path)])
+    assert (tmp_path / "lm" / "perplexity.png").exists()
+    monkeypatch.setattr(sys, "argv", ["report.py", "--results", str(tmp_path)])
+    report.main()
+    table = capsys.readouterr().out.split("## lm")[1]
+    assert "| N2 | attn/gdn | hard | 2 | 11.0 | 2.900 | 2.400 | 2.150 | 1.900 |" in table  # nearest position first
+    assert (tmp_path / "lm" / "loss_by_position.png").exists()
 
 
 def test_an_unknown_run_name_is_rejected_with_the_choices(capsys):
