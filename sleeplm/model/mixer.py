@@ -7,7 +7,9 @@ A kind is one `Mixer` subclass in one module, registered under a name in `sleepl
 - the logical axes of its cache's arrays (`cache_axes`), from which the sleep state is sharded;
 - the model fields that sharding splits over a logical axis (`split_sizes`), so a mesh that cannot divide them fails
   at setup naming the field;
-- its config checks (`check_config`), run when a `ModelConfig` lists the kind.
+- its config checks (`check_config`), run when a `ModelConfig` lists the kind;
+- optionally, how to make it add nothing to the residual stream (`silence`), so a retrofit can insert it into a
+  trained model without changing the model's function.
 The block stack, `init_state`, `evict`, the sharding rules and the optimizer ask the kind; none switches on its name.
 """
 
@@ -48,6 +50,9 @@ def write_slots(slots: jax.Array, values: jax.Array, start: jax.Array, valid: ja
     """Writes each row's valid values (B, n, ...) into its slots (B, L, ...) from position start (B,) on; every
     other slot keeps its content (no clamping at the end: values that would land past the last slot are dropped)."""
     window, length = slots.shape[1], values.shape[1]
+    if length == 1:  # one token per row (decoding): a scatter touches one slot, not all L (out of range: dropped)
+        index = jnp.where(valid[:, 0], start, window)
+        return slots.at[jnp.arange(slots.shape[0]), index].set(values[:, 0].astype(slots.dtype), mode="drop")
     offset = jnp.arange(window)[None, :] - start[:, None]  # (B, L): the value that lands in each slot
     index = jnp.clip(offset, 0, length - 1)
     written = (offset >= 0) & (offset < length) & jnp.take_along_axis(valid, index, axis=1)
@@ -89,6 +94,12 @@ class Mixer(nn.Module):
     def split_sizes(cls, model: ModelConfig) -> dict[str, dict[str, int]]:
         """{logical axis: {"model.FIELD": size}} for the sizes this kind's parameters and cache split over it."""
         return {}
+
+    @classmethod
+    def silence(cls, params: dict) -> dict:
+        """This kind's parameters (one block's) changed so that its output is zero whatever its input (e.g. a zero
+        output projection), the others kept: a retrofit inserts the kind this way."""
+        raise NotImplementedError(f"mixer kind {cls.__name__} cannot be inserted by a retrofit: it defines no silence")
 
 
 def axes_like(tree: Any, *axes: str | None) -> Any:
