@@ -8,7 +8,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from test_sleep import MODEL, WINDOW, make_config, perturbed
+from test_sleep import MODEL, PASSES_AND_MODES, WINDOW, make_config, perturbed
 
 from sleeplm import forward, init_params
 from sleeplm.checkpoint import CheckpointError
@@ -35,15 +35,7 @@ def run(params, config, prompts, key=0, **kwargs):
     return generate(params, stream, prompts, config, max_new_tokens=kwargs.pop("max_new_tokens", NEW), **kwargs)
 
 
-@pytest.mark.parametrize(
-    ("passes", "eviction"),
-    [
-        pytest.param(1, "hard", marks=pytest.mark.slow),
-        (3, "hard"),
-        pytest.param(1, "sliding", marks=pytest.mark.slow),
-        (3, "sliding"),
-    ],
-)
+@pytest.mark.parametrize(("passes", "eviction"), PASSES_AND_MODES)
 def test_greedy_generation_is_the_argmax_of_forward_over_what_it_generated(passes, eviction):
     config, params = model(passes, eviction)
     prompts = prompts_for(PROMPT_LENGTHS)

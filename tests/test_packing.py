@@ -8,7 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
-from test_sleep import MODEL, WINDOW, make_config, perturbed
+from test_sleep import MODEL, PASSES_AND_MODES, WINDOW, make_config, perturbed
 
 from sleeplm import forward, init_params
 
@@ -41,16 +41,7 @@ def token_losses(logits, targets):
     return optax.softmax_cross_entropy_with_integer_labels(logits, jnp.asarray(targets))
 
 
-@pytest.mark.parametrize(
-    ("passes", "eviction"),
-    [
-        pytest.param(1, "hard", marks=pytest.mark.slow),
-        (3, "hard"),
-        pytest.param(1, "sliding", marks=pytest.mark.slow),
-        (3, "sliding"),
-        (3, "none"),
-    ],
-)
+@pytest.mark.parametrize(("passes", "eviction"), [*PASSES_AND_MODES, (3, "none")])
 def test_packed_rows_equal_each_document_alone(passes, eviction):
     config = make_config(passes, eviction)
     params = perturbed(init_params(jax.random.key(31), config), jax.random.key(32))

@@ -82,6 +82,14 @@ def perturbed(params, key, scale=0.3):
 looped_sleep_forward = jax.jit(reference_model.looped_sleep_forward, static_argnums=(2, 3))
 plain_hybrid_forward = jax.jit(reference_model.plain_hybrid_forward, static_argnums=2)
 
+# N in {1, 3} under hard and sliding eviction (N = 1 in make test-slow), for the tests of features built on the core.
+PASSES_AND_MODES = [
+    pytest.param(1, "hard", marks=pytest.mark.slow),
+    (3, "hard"),
+    pytest.param(1, "sliding", marks=pytest.mark.slow),
+    (3, "sliding"),
+]
+
 # Every N and mode, with lengths that are (18) and are not (17) multiples of L; N=2 gets all four combinations.
 CASES = [(n, mode, length) for n in (1, 2, 3) for mode in ("hard", "sliding") for length in (18, 17)]
 CASES = [case for case in CASES if case[0] == 2 or (case[1] == "hard") == (case[2] == 17)]
