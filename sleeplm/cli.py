@@ -1,4 +1,4 @@
-"""`sleeplm train|eval|generate|score|plot|demo|stream|presets` (also `python -m sleeplm ...`).
+"""`sleeplm train|eval|generate|score|convert|export|plot|demo|stream|presets` (also `python -m sleeplm ...`).
 
 Overrides use dotted keys after the options: `sleeplm train --preset rule110-cpu --workdir runs/a --sleep.passes 2
 --task.steps 4 --train.steps 800`.
@@ -52,19 +52,60 @@ def _train(args, extra) -> None:
 
     if args.distributed:
         _initialize_distributed()
-    experiment = build_experiment(args.preset, parse_overrides(extra))
-    mesh = None
-    if args.mesh:
-        from sleeplm.parallel import MeshConfig, make_mesh
+    overrides = parse_overrides(extra)
+    experiment = build_experiment(args.preset, overrides)
+    start = None
+    if args.init_from:
+        from sleeplm.finetune import fine_tuning
+        from sleeplm.retrofit import parse_positions
 
-        mesh = make_mesh(MeshConfig.parse(args.mesh))
+        insert_at = parse_positions(args.insert_gdn_at) if args.insert_gdn_at else ()
+        experiment, start = fine_tuning(experiment, overrides, args.init_from, insert_at, args.insert_kind)
+    elif args.insert_gdn_at:
+        raise SystemExit("error: --insert-gdn-at inserts blocks into a pretrained model: give --init-from WORKDIR")
+    mesh = _mesh(args.mesh)
     if args.fresh and (args.workdir / "checkpoints").exists():
         import shutil
 
         shutil.rmtree(args.workdir)
-    result = run_training(experiment, args.workdir, mesh=mesh, rules=args.rules, stop_at=args.stop_at)
+    result = run_training(experiment, args.workdir, mesh=mesh, rules=args.rules, stop_at=args.stop_at, start=start)
     print(json.dumps(result, indent=2))
     print(f"outputs in {args.workdir}: metrics.jsonl, experiment.json, checkpoints/")
+
+
+def _mesh(text: str | None):
+    if not text:
+        return None
+    from sleeplm.parallel import MeshConfig, make_mesh
+
+    return make_mesh(MeshConfig.parse(text))
+
+
+def _convert_hf(args, extra) -> None:
+    from sleeplm.config import SleepConfig
+    from sleeplm.hf.convert import convert
+    from sleeplm.presets import overridden
+    from sleeplm.retrofit import parse_positions
+
+    overrides = parse_overrides(extra)
+    outside = [key for key in overrides if not key.startswith("sleep.")]
+    if outside:
+        raise SystemExit(f"error: --{outside[0]} is not a convert option: convert takes --sleep.FIELD overrides")
+    changes = {key.partition(".")[2]: value for key, value in overrides.items()}
+    sleep = overridden(SleepConfig(window=1024, passes=1, eviction="sliding"), "sleep", changes)
+    insert_at = parse_positions(args.insert_gdn_at) if args.insert_gdn_at else ()
+    out = convert(
+        args.from_hf, args.out, sleep, mesh=_mesh(args.mesh), rules=args.rules, insert_gdn_at=insert_at,
+        insert_kind=args.insert_kind,
+    )  # fmt: skip
+    print(f"converted {args.from_hf} into {out}: experiment.json, checkpoints/ (step 0), hf_config.json")
+
+
+def _export_hf(args, extra) -> None:
+    from sleeplm.hf.export import export
+
+    out = export(args.source, args.to_hf, step=args.step)
+    print(f"exported {args.source} into {out}: config.json, model.safetensors")
 
 
 def _load_run(workdir: Path, step: int | None):
@@ -172,7 +213,7 @@ def _presets(args, extra) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="sleeplm", description="LLM sleep: train, evaluate, plot.")
+    parser = argparse.ArgumentParser(prog="sleeplm", description="LLM sleep: train, evaluate, convert, plot.")
     commands = parser.add_subparsers(dest="command", required=True)
     train = commands.add_parser("train", help="train a preset (with --SECTION.FIELD VALUE overrides)")
     train.add_argument("--preset", required=True)
@@ -182,6 +223,8 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--rules", default="fsdp+tp", help="logical-axis rules: dp, fsdp or fsdp+tp")
     train.add_argument("--stop-at", type=int, default=None, help="stop after this step, resumable (as if preempted)")
     train.add_argument("--distributed", action="store_true", help="initialise jax.distributed (multi-host)")
+    train.add_argument("--init-from", type=Path, default=None, help="start from this workdir's model (sleeplm convert)")
+    _insert_options(train)
     train.set_defaults(run=_train)
     evaluate = commands.add_parser("eval", help="evaluate a run's checkpoint on held-out data")
     evaluate.add_argument("--workdir", type=Path, required=True)
@@ -219,6 +262,18 @@ def build_parser() -> argparse.ArgumentParser:
     scorer.add_argument("--block-windows", type=int, default=16, help="windows per device block")
     scorer.add_argument("--out", type=Path, default=None)
     scorer.set_defaults(run=_score)
+    convert = commands.add_parser("convert", help="a transformers checkpoint directory to a sleeplm workdir")
+    convert.add_argument("--from-hf", type=Path, required=True, help="config.json, *.safetensors, tokenizer.json")
+    convert.add_argument("--out", type=Path, required=True, help="the new workdir (must not exist)")
+    convert.add_argument("--mesh", default=None, help="place the weights sharded over devices, e.g. fsdp=-1")
+    convert.add_argument("--rules", default="fsdp+tp", help="logical-axis rules: dp, fsdp or fsdp+tp")
+    _insert_options(convert)
+    convert.set_defaults(run=_convert_hf)
+    export = commands.add_parser("export", help="a workdir's parameters as a transformers checkpoint directory")
+    export.add_argument("--from", dest="source", type=Path, required=True, help="a sleeplm workdir")
+    export.add_argument("--to-hf", type=Path, required=True, help="the new checkpoint directory (must not exist)")
+    export.add_argument("--step", type=int, default=None, help="checkpoint step (default: the latest)")
+    export.set_defaults(run=_export_hf)
     for name, fn, text in (
         ("demo", _demo, "train Rule 110 at N=1 and N=2 on the same data, compare (the README's make demo)"),
         ("stream", _stream, "stream tokens through wake/sleep, check against forward, time wake and sleep"),
@@ -227,6 +282,13 @@ def build_parser() -> argparse.ArgumentParser:
         sub = commands.add_parser(name, help=text, add_help=name == "presets")
         sub.set_defaults(run=fn)
     return parser
+
+
+def _insert_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--insert-gdn-at", default=None, help="retrofit: insert mixer-only blocks before these blocks, e.g. 2,5"
+    )
+    parser.add_argument("--insert-kind", default="gdn", help="the mixer kind of the inserted blocks")
 
 
 def _show_progress_messages() -> None:
@@ -241,7 +303,7 @@ def main(argv: list[str] | None = None) -> None:
     argv = sys.argv[1:] if argv is None else argv
     _show_progress_messages()
     args, extra = build_parser().parse_known_args(argv)
-    if extra and args.command not in ("train", "demo", "stream"):
+    if extra and args.command not in ("train", "convert", "demo", "stream"):
         raise SystemExit(f"error: unrecognized arguments: {' '.join(extra)}")
     try:
         args.run(args, extra)

@@ -38,7 +38,9 @@ class Derived(int):
 _DERIVED = {
     "num_kv_heads": lambda m: m.num_heads,
     "head_dim": lambda m: m.d_model // m.num_heads,
+    "rotary_dim": lambda m: m.head_dim,
     "gdn_heads": lambda m: m.num_heads,
+    "gdn_key_heads": lambda m: m.gdn_heads,
     "gdn_head_dim_k": lambda m: m.head_dim,
     "gdn_head_dim_v": lambda m: m.head_dim,
     "mlp_dim": lambda m: 4 * m.d_model,
@@ -50,11 +52,19 @@ class ModelConfig:
     """The hybrid block stack (docs/method.md, "The model").
 
     `layers` names the mixer of each block in order, each a kind registered in `sleeplm.model.kinds` ("attn",
-    "gdn", or one registered by the user). Attention uses `num_heads` query heads of `head_dim` (default
-    d_model // num_heads) and `num_kv_heads` key/value heads (default num_heads; GQA when fewer); Gated DeltaNet uses
-    `gdn_heads` heads (default num_heads) with key dim `gdn_head_dim_k` and value dim `gdn_head_dim_v` (default
-    head_dim); the MLP's hidden size is `mlp_dim` (default 4 d_model). `gdn_implementation` is a name of
+    "gdn", "gated_attn", "grouped_gdn", or one registered by the user). Attention uses `num_heads` query heads of
+    `head_dim` (default d_model // num_heads), RoPE on the first `rotary_dim` dims of each (default head_dim), and
+    `num_kv_heads` key/value heads (default num_heads; GQA when fewer); Gated DeltaNet uses `gdn_heads` (value)
+    heads (default num_heads) with key dim `gdn_head_dim_k` and value dim `gdn_head_dim_v` (default head_dim), and
+    "grouped_gdn" `gdn_key_heads` query/key heads (default gdn_heads), each shared by gdn_heads / gdn_key_heads
+    value heads; the MLP's hidden size is `mlp_dim` (default 4 d_model). `gdn_implementation` is a name of
     `sleeplm.ops.implementation_names()`.
+
+    `zero_centered_norm`: every RMSNorm of the stack (block norms, final norm, attention's q/k norms) scales by
+    (1 + w) with w initialised to 0, as the Qwen3-Next family stores it (the GDN output norm keeps its plain scale).
+    `tie_embeddings`: the head reads the embedding table (logits = h E^T) and has no parameter of its own.
+    `inserted_blocks`: indices of blocks a retrofit inserted (`sleeplm.retrofit`): each is a mixer without an MLP,
+    and its parameters are declared new (`train.trainable="new"` trains only them).
     """
 
     vocab_size: int = 32
@@ -63,7 +73,9 @@ class ModelConfig:
     num_heads: int = 4
     num_kv_heads: int | None = None
     head_dim: int | None = None
+    rotary_dim: int | None = None
     gdn_heads: int | None = None
+    gdn_key_heads: int | None = None
     gdn_head_dim_k: int | None = None
     gdn_head_dim_v: int | None = None
     mlp_dim: int | None = None
@@ -71,6 +83,9 @@ class ModelConfig:
     conv_width: int = 4
     rope_theta: float = 10_000.0
     norm_eps: float = 1e-6
+    zero_centered_norm: bool = False
+    tie_embeddings: bool = False
+    inserted_blocks: tuple[int, ...] = ()
     dtype: str = "float32"
     gdn_implementation: str = "auto"
     gdn_chunk_size: int = 64
@@ -86,8 +101,14 @@ class ModelConfig:
             _fail("num_heads", self.num_heads, f"must divide d_model={self.d_model} (or set head_dim)")
         for name in derive:
             object.__setattr__(self, name, Derived(_DERIVED[name](self)))
+        if isinstance(self.layers, list):  # from JSON
+            object.__setattr__(self, "layers", tuple(self.layers))
         if not isinstance(self.layers, tuple) or not self.layers:
             _fail("layers", self.layers, "must be a non-empty tuple of mixer kinds")
+        self._check_inserted_blocks()
+        for name in ("zero_centered_norm", "tie_embeddings"):
+            if not isinstance(getattr(self, name), bool):
+                _fail(name, getattr(self, name), "must be True or False")
         for i, kind in enumerate(self.layers):
             mixer_kind(kind, field=f"layers[{i}]").check_config(self)
         if self.dtype not in DTYPES:
@@ -99,6 +120,17 @@ class ModelConfig:
         if not self.norm_eps > 0:
             _fail("norm_eps", self.norm_eps, "must be > 0")
 
+    def _check_inserted_blocks(self) -> None:
+        """`inserted_blocks` as a sorted tuple of distinct block indices (JSON and the command line give lists and
+        strings)."""
+        try:
+            blocks = tuple(int(i) for i in self.inserted_blocks)
+        except (TypeError, ValueError):
+            _fail("inserted_blocks", self.inserted_blocks, "must be block indices")
+        if len(set(blocks)) != len(blocks) or not all(0 <= i < len(self.layers) for i in blocks):
+            _fail("inserted_blocks", self.inserted_blocks, f"must be distinct indices of the {len(self.layers)} blocks")
+        object.__setattr__(self, "inserted_blocks", tuple(sorted(blocks)))
+
 
 @dataclasses.dataclass(frozen=True)
 class SleepConfig:
@@ -106,8 +138,8 @@ class SleepConfig:
 
     `window` is L (tokens per window), `passes` is N (all passes over a slept window: N=1 means no sleep),
     `eviction` names a mode of `sleeplm.eviction.EVICTIONS`: "hard" (KV cleared after each slept window), "sliding"
-    (sliding-window attention of width L), or "none": the no-eviction baseline, where the whole sequence is one
-    window (full causal attention, never slept on; `window` then only lays out the task).
+    (sliding-window attention of width L), or "none": the no-eviction baseline, where the caches keep every token
+    (full causal attention, nothing slept on; `window` then only lays out the task and the steps of the scan).
     `loop_layers` (start, stop): the contiguous blocks [start, stop) that passes 2..N re-run, each pass feeding
     those blocks' previous output back as their input; the blocks before and after them run in the wake pass only
     (None: every block, the method as the paper states it; docs/method.md, "Choices where the paper is silent").

@@ -11,8 +11,9 @@ import dataclasses
 
 @dataclasses.dataclass(frozen=True)
 class Eviction:
-    """`bounded`: the sequence is cut into windows of L tokens, each slept on and evicted when full and followed;
-    when False the whole sequence is one window (full causal attention, never slept on). `keeps_previous_window`:
+    """`bounded`: a window of L tokens is slept on and evicted when full and followed by more of its document; when
+    False nothing is slept on or evicted, and the caches hold every token of the document (full causal attention:
+    `forward` still steps through windows of L, but into caches as long as the sequence). `keeps_previous_window`:
     attention keeps the last window's keys and values beside the current window's, so every query sees the last L
     positions (sliding-window attention of width L); when False a window's KV is cleared as it ends."""
 
@@ -20,9 +21,9 @@ class Eviction:
     bounded: bool
     keeps_previous_window: bool
 
-    def window_length(self, window: int, length: int) -> int:
-        """Tokens per window for a sequence of `length` tokens, given the configured window L."""
-        return window if self.bounded else length
+    def cache_length(self, window: int, capacity: int) -> int:
+        """Cache slots per row: the configured window L, or, without eviction, the most tokens a row will hold."""
+        return window if self.bounded else capacity
 
 
 EVICTIONS: dict[str, Eviction] = {

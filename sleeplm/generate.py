@@ -15,7 +15,7 @@ import numpy as np
 from jax import lax
 
 from sleeplm.config import Config
-from sleeplm.sleep import Params, consume, full_rows, logits_of, sleep_rows
+from sleeplm.sleep import Params, at_last_token, consume, full_rows, logits_of, sleep_rows
 from sleeplm.streams import Stream
 
 SLEEP_POLICIES = ("on_full", "deferred")
@@ -61,19 +61,17 @@ def sample(logits: jax.Array, keys: jax.Array, sampled: jax.Array, sampling: Sam
 
 @functools.partial(
     jax.jit,
-    static_argnames=("config", "max_new_tokens", "sampling", "stop_tokens", "sleep"),
+    static_argnames=("config", "max_tokens", "sampling", "sleep"),
     donate_argnames=("stream",),
 )
-def _generate(params, stream, prompt, prompt_valid, config, max_new_tokens, sampling, stop_tokens, sleep):
+def _generate(params, stream, prompt, prompt_valid, stops, max_new_tokens, config, max_tokens, sampling, sleep):
     state, logits = stream.state, stream.logits
     if prompt.shape[1]:  # prompt processing: each row's tokens in whole windows (one step per window)
         hidden, state = consume(params, state, prompt, prompt_valid, config)
         count = jnp.sum(prompt_valid, axis=1)
-        last = jnp.take_along_axis(hidden, jnp.maximum(count - 1, 0)[:, None, None], axis=1)[:, 0]
-        logits = jnp.where(count[:, None] > 0, logits_of(params, last, config), logits)
+        logits = jnp.where(count[:, None] > 0, logits_of(params, at_last_token(hidden, count), config), logits)
     consumed = stream.consumed + jnp.sum(prompt_valid, axis=1, dtype=jnp.int32)
     batch = prompt.shape[0]
-    stops = jnp.asarray(stop_tokens or (NO_TOKEN,), jnp.int32)
 
     def more(carry):
         step, _, _, _, _, done, _ = carry
@@ -89,7 +87,7 @@ def _generate(params, stream, prompt, prompt_valid, config, max_new_tokens, samp
         done = done | jnp.isin(token, stops)
         return step + 1, state, logits, sampled + live, consumed + live, done, out
 
-    out = jnp.full((batch, max_new_tokens), NO_TOKEN, jnp.int32)
+    out = jnp.full((batch, max_tokens), NO_TOKEN, jnp.int32)  # max_tokens >= max_new_tokens (a compile bucket)
     carry = (0, state, logits, stream.sampled, consumed, jnp.zeros((batch,), bool), out)
     _, state, logits, sampled, consumed, _, out = lax.while_loop(more, one_token, carry)
     if sleep == "on_full":
@@ -106,8 +104,13 @@ class Generation(NamedTuple):
     stream: Stream
 
 
+def _bucket(length: int) -> int:
+    """The padded size of `length` items: a power of two (0 stays 0), so calls of similar sizes share a compile."""
+    return 0 if length == 0 else 1 << (length - 1).bit_length()
+
+
 def _pad_prompts(prompts, vocab_size: int) -> tuple[np.ndarray, np.ndarray]:
-    """Ragged prompts (a sequence of id sequences) -> right-padded ids (B, P) and the valid mask."""
+    """Ragged prompts (a sequence of id sequences) -> right-padded ids (B, P) and the valid mask, P a power of two."""
     rows = [np.asarray(p).reshape(-1) for p in prompts]
     for i, row in enumerate(rows):
         if row.size and not np.issubdtype(row.dtype, np.integer):
@@ -117,7 +120,7 @@ def _pad_prompts(prompts, vocab_size: int) -> tuple[np.ndarray, np.ndarray]:
             raise ValueError(
                 f"prompt {i} has token id {int(bad[0])} outside the vocabulary: ids must be in [0, {vocab_size})"
             )
-    length = max(len(row) for row in rows)
+    length = _bucket(max(len(row) for row in rows))
     ids = np.zeros((len(rows), length), np.int32)
     valid = np.zeros((len(rows), length), bool)
     for i, row in enumerate(rows):
@@ -166,8 +169,19 @@ def generate(
                 f"prompt {int(needed.argmax())} needs {int(needed.max())} tokens of the stream's capacity "
                 f"{stream.state.window} (sleep.eviction='none' keeps every token): start a stream with more capacity"
             )
+    stops = np.full((max(_bucket(len(stop_tokens)), 1),), NO_TOKEN, np.int32)  # NO_TOKEN is never sampled
+    stops[: len(stop_tokens)] = stop_tokens
     tokens, stream = _generate(
-        params, stream, jnp.asarray(ids), jnp.asarray(valid), config, max_new_tokens, sampling, stop_tokens, sleep
+        params,
+        stream,
+        jnp.asarray(ids),
+        jnp.asarray(valid),
+        jnp.asarray(stops),
+        max_new_tokens,
+        config,
+        _bucket(max_new_tokens),
+        sampling,
+        sleep,
     )
-    tokens = np.asarray(jax.device_get(tokens))
+    tokens = np.asarray(jax.device_get(tokens))[:, :max_new_tokens]
     return Generation(tokens, (tokens != NO_TOKEN).sum(axis=1), stream)

@@ -4,6 +4,7 @@ checkpoints with resume, and a guard that stops on a non-finite loss before anyt
 from __future__ import annotations
 
 import json
+import shutil
 import time
 from pathlib import Path
 
@@ -18,6 +19,8 @@ from sleeplm import train as train_lib
 from sleeplm.checkpoint import Checkpointer
 from sleeplm.data import make_source, save_run_files
 from sleeplm.evaluate import eval_sets, evaluate
+from sleeplm.finetune import PretrainedStart
+from sleeplm.hf import HF_CONFIG
 from sleeplm.parallel import ShardedTraining, batch_sharding
 from sleeplm.presets import Experiment
 from sleeplm.train import model_batch
@@ -67,7 +70,8 @@ def _stepper(experiment: Experiment, mesh: Mesh | None, rules: str):
     config, train = experiment.config, experiment.train
     if mesh is None:
         put = lambda batch: jax.tree.map(jnp.asarray, model_batch(batch))
-        init = lambda key: train_lib.init_train_state(key, config, train)
+        # Committed to the device like the step's outputs, so the step compiles once, not again at step 2.
+        init = lambda key: jax.device_put(train_lib.init_train_state(key, config, train), jax.devices()[0])
         return init, lambda state, batch: train_lib.train_step(state, batch, config, train), put, None
     sharded = ShardedTraining.create(config, train, mesh, rules, eval_batch_size=experiment.run.eval_batch_size)
     sharding = batch_sharding(mesh, sharded.rules)
@@ -85,13 +89,15 @@ def run_training(
     stop_at: int | None = None,
     mesh: Mesh | None = None,
     rules: str = "fsdp+tp",
+    start: PretrainedStart | None = None,
 ) -> dict:
     """Trains `experiment` in `workdir` (checkpoints/, metrics.jsonl, experiment.json, the task's run files such
     as tokenizer.json); returns the last eval.
 
     `stop_at` ends the run early at that step (checkpointing it) as if interrupted, without changing the schedule.
     With a `mesh`, params, optimizer state and batches are sharded by `rules` (see `sleeplm.parallel`); a
-    checkpoint restores onto whatever mesh the run has now.
+    checkpoint restores onto whatever mesh the run has now. `start` (`sleeplm.finetune.fine_tuning`): the
+    parameters of a run without checkpoints of its own come from a pretrained workdir (the optimizer starts fresh).
     """
     workdir = Path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
@@ -102,11 +108,15 @@ def run_training(
     checkpoints = Checkpointer(workdir / "checkpoints", keep=run.keep_checkpoints)
     if resume and checkpoints.latest_step() is not None:
         state = checkpoints.restore(state, iterator, experiment)
-    start = int(state.step)
+    elif start is not None:
+        state = state._replace(params=start.params(state.params))
+    first = int(state.step)
     if jax.process_index() == 0:
         (workdir / "experiment.json").write_text(json.dumps(experiment.to_json(), indent=2) + "\n")
-        save_run_files(experiment.task, workdir, resumed=start > 0)  # e.g. tokenizer.json, to decode the run's outputs
-    log = MetricsLog(workdir / "metrics.jsonl", resume_step=start)
+        save_run_files(experiment.task, workdir, resumed=first > 0)  # e.g. tokenizer.json, to decode the run's outputs
+        if start is not None and (start.workdir / HF_CONFIG).is_file():  # what `sleeplm export` writes back
+            shutil.copyfile(start.workdir / HF_CONFIG, workdir / HF_CONFIG)
+    log = MetricsLog(workdir / "metrics.jsonl", resume_step=first)
     sets = eval_sets(experiment)
     tokens_per_step = train.batch_size * experiment.task.sequence_length  # real tokens, not padding
     stop = min(stop_at or train.steps, train.steps)
@@ -115,7 +125,7 @@ def run_training(
     last_eval: dict = {}
     clock = time.perf_counter()
     show = run.progress and jax.process_index() == 0
-    bar = tqdm(total=train.steps, initial=start, disable=not show, desc=f"N={config.sleep.passes}")
+    bar = tqdm(total=train.steps, initial=first, disable=not show, desc=f"N={config.sleep.passes}")
 
     def flush(step: int) -> None:
         """Fetches the pending step metrics (one host sync per flush), checks them, writes them."""
@@ -136,7 +146,7 @@ def run_training(
         bar.update(step - bar.n)
         pending.clear()
 
-    for step in range(start + 1, stop + 1):
+    for step in range(first + 1, stop + 1):
         state, metrics = step_fn(state, put_batch(next(iterator)))
         pending.append((step, metrics))
         evaluating, saving = step % run.eval_every == 0 or step == train.steps, step % run.checkpoint_every == 0

@@ -17,7 +17,7 @@ from jax.sharding import PartitionSpec as P
 from sleeplm.config import Config
 from sleeplm.model.kinds import mixer_kind
 from sleeplm.sharding import MESH_AXES, LogicalAxes, Rules, logical_to_spec, rules_named, use_rules
-from sleeplm.sleep import param_logical_axes
+from sleeplm.sleep import init_params, param_logical_axes
 from sleeplm.state import SleepState
 from sleeplm.train import TrainConfig, TrainState, eval_step, init_train_state, train_step
 
@@ -122,6 +122,15 @@ def train_state_shardings(abstract: TrainState, mesh: Mesh, rules: Rules, config
         return NamedSharding(mesh, P())
 
     return jax.tree_util.tree_map_with_path(sharding, abstract)
+
+
+def param_shardings(config: Config, mesh: Mesh, rules: str | Rules = "fsdp+tp") -> dict:
+    """The params tree's shardings on `mesh`, as a sharded run holds them (after checking the mesh divides the
+    model, naming the field when it does not)."""
+    rules = rules_named(rules) if isinstance(rules, str) else rules
+    check_divisible(config, _axis_size(mesh, rules.get("batch")), mesh, rules)
+    abstract = jax.eval_shape(lambda key: init_params(key, config), jax.random.key(0))
+    return train_state_shardings(abstract, mesh, _effective_rules(config, mesh, rules), config)
 
 
 def batch_sharding(mesh: Mesh, rules: Rules) -> NamedSharding:

@@ -74,7 +74,7 @@ class Experiment:
 def experiment_from_json(record: dict) -> Experiment:
     """Rebuilds an Experiment from `Experiment.to_json()` (as saved in a run's experiment.json)."""
     task = task_named(record["task_name"])
-    model = dict(record["config"]["model"], layers=tuple(record["config"]["model"]["layers"]))
+    model = dict(record["config"]["model"])
     return Experiment(
         task.config_type(**record["task"]),
         Config(ModelConfig(**model), SleepConfig(**record["config"]["sleep"])),
@@ -192,9 +192,14 @@ def apply_overrides(experiment: Experiment, overrides: dict[str, str]) -> Experi
     """Applies {"sleep.passes": "4", ...}; unknown sections/fields and bad values raise ValueError naming them.
 
     Each section's fields change together (one validation per section), so e.g. train.steps and
-    train.warmup_steps may be lowered in the same call.
+    train.warmup_steps may be lowered in the same call. The result is made `consistent`.
     """
-    by_section: dict[str, dict[str, Any]] = {}
+    return consistent(with_overrides(experiment, overrides))
+
+
+def with_overrides(experiment: Experiment, overrides: dict[str, str]) -> Experiment:
+    """`apply_overrides` without making the result consistent (a pretrained model keeps its own vocabulary)."""
+    by_section: dict[str, dict[str, str]] = {}
     for key, text in overrides.items():
         section, _, field = key.partition(".")
         if section not in SECTIONS or not field:
@@ -203,19 +208,28 @@ def apply_overrides(experiment: Experiment, overrides: dict[str, str]) -> Experi
             )
         if key == "task.window":
             raise ValueError("--task.window is not a setting: set --sleep.window, the task's window follows it")
-        target = _section(experiment, section)
-        fields = {f.name for f in dataclasses.fields(target)}
-        if field not in fields:
-            raise ValueError(f"--{key} is invalid: {section} has the fields {sorted(fields)}")
-        hint = typing.get_type_hints(type(target))[field]
-        by_section.setdefault(section, {})[field] = _convert(key, text, getattr(target, field), hint)
+        by_section.setdefault(section, {})[field] = text
     for section, changes in by_section.items():
-        updated = dataclasses.replace(_section(experiment, section), **changes)
+        updated = overridden(_section(experiment, section), section, changes)
         path = SECTIONS[section]
         if len(path) == 2:
             updated = dataclasses.replace(experiment.config, **{path[1]: updated})
         experiment = dataclasses.replace(experiment, **{path[0]: updated})
-    return consistent(experiment)
+    return experiment
+
+
+def overridden(target: Any, section: str, changes: dict[str, str]) -> Any:
+    """The config dataclass `target` of `section` with {field: text} parsed by each field's type and applied
+    together; unknown fields and bad values raise ValueError naming --SECTION.FIELD."""
+    fields = {f.name for f in dataclasses.fields(target)}
+    parsed = {}
+    for field, text in changes.items():
+        key = f"{section}.{field}"
+        if field not in fields:
+            raise ValueError(f"--{key} is invalid: {section} has the fields {sorted(fields)}")
+        hint = typing.get_type_hints(type(target))[field]
+        parsed[field] = _convert(key, text, getattr(target, field), hint)
+    return dataclasses.replace(target, **parsed)
 
 
 def _section(experiment: Experiment, section: str):

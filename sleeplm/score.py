@@ -22,7 +22,7 @@ from jax import lax
 from tqdm.auto import tqdm
 
 from sleeplm.config import Config
-from sleeplm.sleep import Params, consume, logits_of
+from sleeplm.sleep import Params, at_last_token, consume, logits_of
 from sleeplm.state import SleepState, init_state
 
 MAX_BUCKETS = 40  # distance buckets [0, L), [L, 2L), [2L, 4L), ...: 2^38 windows is past any sequence
@@ -61,8 +61,7 @@ def score_block(params: Params, carry: ScoreCarry, tokens: jax.Array, valid: jax
         nll_sum = carry.nll_sum - jnp.einsum("bt,btk->k", jnp.where(scored, log_likelihood, 0.0), buckets)
         count = carry.count + jnp.sum(buckets, axis=(0, 1)).astype(jnp.int32)
         count_real = jnp.sum(real, axis=1)
-        last = jnp.take_along_axis(logits, jnp.maximum(count_real - 1, 0)[:, None, None], axis=1)[:, 0]
-        next_logits = jnp.where(count_real[:, None] > 0, last, carry.logits)
+        next_logits = jnp.where(count_real[:, None] > 0, at_last_token(logits, count_real), carry.logits)
         carry = ScoreCarry(state, next_logits, carry.position + count_real, nll_sum, count)
         return carry, jnp.where(scored, log_likelihood, jnp.nan)
 
@@ -145,8 +144,8 @@ def score(
                 zeros.astype(jnp.int32),
             )
         carry, log_likelihoods = score_block(params, carry, jnp.asarray(ids, jnp.int32), jnp.asarray(valid), config)
-        if keep_token_log_likelihoods:
-            kept.append((log_likelihoods, valid))
+        if keep_token_log_likelihoods:  # on the host: device memory stays one block
+            kept.append((np.asarray(jax.device_get(log_likelihoods)), valid))
         bar.update(int(valid.sum()))
     bar.close()
     if carry is None:
@@ -158,7 +157,7 @@ def score(
         buckets.append({"start": start, "end": end, "tokens": int(count[k]), "mean_nll": float(nll_sum[k] / count[k])})
     per_token = None
     if keep_token_log_likelihoods:
-        per_token = np.concatenate([np.asarray(ll)[:, : v.shape[1]] for ll, v in kept], axis=1)
+        per_token = np.concatenate([ll[:, : v.shape[1]] for ll, v in kept], axis=1)
         per_token = per_token[:, : int(np.asarray(jax.device_get(carry.position)).max())]
     total = int(count.sum())
     return Score(total, float(nll_sum.sum() / max(total, 1)), buckets, per_token)

@@ -17,6 +17,7 @@ from typing import Any
 import chex
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax import lax
 
 from sleeplm.config import Config
@@ -24,7 +25,7 @@ from sleeplm.model.hybrid import HybridLM
 from sleeplm.model.mixer import WindowContext, window_start, write_slots
 from sleeplm.model.params import Annotated, annotations, unbox
 from sleeplm.sharding import shard_batch
-from sleeplm.state import SleepState, evict, init_caches, reset, select_rows
+from sleeplm.state import SleepState, cache_length, evict, init_caches, reset, select_rows
 
 Params = dict
 
@@ -80,7 +81,8 @@ def check_tokens(tokens: jax.Array, config: Config) -> None:
         raise ValueError(f"tokens must be integer ids of shape (batch, time), got dtype {tokens.dtype}")
     if isinstance(tokens, jax.core.Tracer) or tokens.size == 0:
         return
-    low, high = (int(x) for x in jax.device_get((jnp.min(tokens), jnp.max(tokens))))
+    ids = np.asarray(jax.device_get(tokens))  # on the host: jnp.min here would be staged into an enclosing trace
+    low, high = int(ids.min()), int(ids.max())
     if low < 0 or high >= config.model.vocab_size:
         bad = low if low < 0 else high
         raise ValueError(f"token id {bad} is outside the vocabulary: ids must be in [0, {config.model.vocab_size})")
@@ -125,29 +127,63 @@ def _window_flags(valid: jax.Array, document_start: jax.Array, window: int) -> t
     length = valid.shape[1]
     starts = jnp.arange(0, length, window)
     resets = document_start[:, starts].T
-    following = jnp.concatenate([starts[1:], jnp.asarray([length])])  # the next window's first position
-    has_next = following < length
+    following = starts + window  # the next window's first position
+    full = (following <= length)[:, None] & valid[:, jnp.minimum(following, length) - 1].T  # valid is a prefix
     next_index = jnp.minimum(following, length - 1)
-    continues = has_next[:, None] & valid[:, next_index].T & ~document_start[:, next_index].T
-    return resets, continues
+    continues = (following < length)[:, None] & valid[:, next_index].T & ~document_start[:, next_index].T
+    return resets, full & continues
+
+
+def check_masks(valid: Any, document_start: Any, window: int) -> None:
+    """Packed-row masks, checked when concrete: within each window of L, `valid` is a prefix (a document's last
+    window is padded at its end), and a document starts only at a window start, on a valid token."""
+    if isinstance(valid, jax.core.Tracer) or isinstance(document_start, jax.core.Tracer):
+        return
+    valid, document_start = (np.asarray(jax.device_get(mask), bool) for mask in (valid, document_start))
+    batch, length = valid.shape
+    padded = np.zeros((batch, -(-length // window) * window), bool)
+    padded[:, :length] = valid
+    windows = padded.reshape(batch, -1, window)
+    rows, windows_index, offsets = np.nonzero(windows[:, :, 1:] & ~windows[:, :, :-1])
+    if rows.size:
+        raise ValueError(
+            f"valid is not a prefix of each window of {window} tokens: row {rows[0]} has a valid token at position "
+            f"{windows_index[0] * window + offsets[0] + 1} after padding (pad a document's last window at its end)"
+        )
+    starts = np.zeros_like(padded)
+    starts[:, :length] = document_start
+    first_valid, first_start = windows[:, 1:, 0], starts.reshape(batch, -1, window)[:, 1:, 0]
+    rows, after = np.nonzero(~windows[:, :-1].all(-1) & first_valid & ~first_start)
+    if rows.size:
+        raise ValueError(
+            f"row {rows[0]} continues a document at position {(after[0] + 1) * window} after a window with padding: "
+            "padding may only end a document (the next window starts another, with document_start, or is padding)"
+        )
+    off = np.argwhere(document_start & ((np.arange(length) % window != 0) | ~valid))
+    if off.size:
+        row, position = off[0]
+        raise ValueError(
+            f"document_start is True at row {row}, position {position}: documents must start at a window start "
+            f"(a multiple of {window}) on a valid token"
+        )
 
 
 def _forward_hidden(
-    params: Params, embedded: jax.Array, valid: jax.Array, document_start: jax.Array, config: Config
+    params: Params, embedded: jax.Array, valid: jax.Array, document_start: jax.Array, capacity: int, config: Config
 ) -> tuple[jax.Array, SleepState]:
     """Last-block hidden states (B, T, d) of the wake pass at every position of a whole sequence, and the state a
     stream of the same tokens ends in.
 
-    Windows of L are scanned one by one; inside a window a `lax.scan` runs the N passes, passes 2..N only for rows
-    whose window is slept on (full and followed by more of the same document), so the scan body holds a single copy
-    of each block; a slept window is then evicted. A row's caches reset at a window where a document starts. A
-    partial last window (never slept on) runs once more at its own length rather than padded to a whole window.
-    Without eviction ("none") the caches hold the whole sequence: windows are only the steps of the scan, each
-    attending to every earlier slot of its document, and nothing is slept on.
+    Windows of L are scanned one by one; inside a window a `lax.scan` runs the N passes of the looped blocks, passes
+    2..N only for rows whose window is slept on (full and followed by more of the same document), so the scan body
+    holds a single copy of each block (blocks before or after the looped ones run once, in the wake pass); a slept
+    window is then evicted. A row's caches reset at a window where a document starts. A partial last window (never
+    slept on) runs once more at its own length rather than padded to a whole window.
+    Without eviction ("none") the caches hold `capacity` slots (at least the sequence): windows are only the steps of
+    the scan, each attending to every earlier slot of its document, and nothing is slept on.
     """
     batch, length, d_model = embedded.shape
     mode, window = config.sleep.eviction_mode, config.sleep.window
-    capacity = mode.window_length(window, length)  # cache slots per row
     passes, (start, stop), blocks = config.sleep.passes, config.looped_blocks, len(config.model.layers)
     num_full, remainder = divmod(length, window)
     embedded = shard_batch(embedded)
@@ -163,27 +199,18 @@ def _forward_hidden(
         context = WindowContext(pos, prev_valid, valid_w)
         run = lambda first, last: lambda operands: pass_fn(params, *operands, context, config, (first, last))
         keep = lambda operands: operands
+        h, caches = run(0, start)((x, caches)) if start > 0 else (x, caches)
 
         def one_pass(pass_carry, index):
-            """Pass `index`: the looped blocks on the previous pass's looped output (the embeddings in the wake
-            pass, index 0, which alone also runs the blocks before and after them)."""
-            h, caches, wake_out, wake_looped = pass_carry
+            """Pass `index` of the looped blocks on the previous pass's output (index 0: the wake pass)."""
+            h, caches, wake_looped = pass_carry
             rows = (index == 0) | slept_w
-
-            def looped_pass(operands):
-                if start > 0:
-                    operands = lax.cond(index == 0, run(0, start), keep, operands)
-                return run(start, stop)(operands)
-
-            new = lax.cond(jnp.any(rows), looped_pass, keep, (h, caches))
+            new = lax.cond(jnp.any(rows), run(start, stop), keep, (h, caches))
             h, caches = select_rows(rows, new, (h, caches))
-            out = h
-            if stop < blocks:
-                out, caches = lax.cond(index == 0, run(stop, blocks), keep, (h, caches))
-            first = index == 0
-            return (h, caches, jnp.where(first, out, wake_out), jnp.where(first, h, wake_looped)), None
+            return (h, caches, jnp.where(index == 0, h, wake_looped)), None
 
-        (_, caches, wake_out, wake_looped), _ = lax.scan(one_pass, (x, caches, x, x), jnp.arange(passes))
+        (_, caches, wake_looped), _ = lax.scan(one_pass, (h, caches, h), jnp.arange(passes))
+        wake_out, caches = run(stop, blocks)((wake_looped, caches)) if stop < blocks else (wake_looped, caches)
         looped_buffer = write_slots(looped_buffer, wake_looped, pos, valid_w)
         caches, prev_valid = evict(caches, prev_valid, slept_w, config)
         pos = jnp.where(slept_w, 0, pos + jnp.sum(valid_w, axis=1, dtype=jnp.int32))
@@ -219,20 +246,32 @@ def _sequence_masks(tokens, valid, document_start):
     return valid, document_start
 
 
-@functools.partial(jax.jit, static_argnames=("config",))
-def _forward(params, tokens, valid, document_start, config):
-    valid, document_start = _sequence_masks(tokens, valid, document_start)
-    hidden, state = _forward_hidden(params, _embed(params, tokens, config), valid, document_start, config)
+@functools.partial(jax.jit, static_argnames=("capacity", "config"))
+def _forward(params, tokens, valid, document_start, capacity, config):
+    embedded = _embed(params, tokens, config)
+    hidden, state = _forward_hidden(params, embedded, valid, document_start, capacity, config)
     return logits_of(params, hidden, config), state
 
 
 def forward_with_state(
-    params: Params, tokens: jax.Array, config: Config, *, valid=None, document_start=None
+    params: Params, tokens: jax.Array, config: Config, *, valid=None, document_start=None, capacity=None
 ) -> tuple[jax.Array, SleepState]:
     """`forward`'s logits and the `SleepState` after the last token: what streaming the same tokens through
-    `wake_step` ends in (its last window not yet slept on), so a stream can continue from it."""
+    `wake_step` ends in (its last window not yet slept on), so a stream can continue from it.
+
+    Under the no-eviction mode the state holds `capacity` tokens per row (default: the sequence's length, which
+    leaves no room to continue); under the evicting modes `capacity` must be None.
+    """
     check_tokens(tokens, config)
-    return _forward(params, tokens, valid, document_start, config)
+    valid, document_start = _sequence_masks(tokens, valid, document_start)
+    check_masks(valid, document_start, config.sleep.window)
+    if not config.sleep.eviction_mode.bounded:
+        capacity = tokens.shape[1] if capacity is None else capacity
+        if isinstance(capacity, int) and capacity < tokens.shape[1]:
+            raise ValueError(
+                f"capacity={capacity} is invalid: it must hold the whole sequence, {tokens.shape[1]} tokens"
+            )
+    return _forward(params, tokens, valid, document_start, cache_length(config, capacity), config)
 
 
 def forward(params: Params, tokens: jax.Array, config: Config, *, valid=None, document_start=None) -> jax.Array:
@@ -243,6 +282,12 @@ def forward(params: Params, tokens: jax.Array, config: Config, *, valid=None, do
     of the row resets there, and a window is slept on only when the same document continues after it.
     """
     return forward_with_state(params, tokens, config, valid=valid, document_start=document_start)[0]
+
+
+def at_last_token(values: jax.Array, count: jax.Array) -> jax.Array:
+    """values[b, count[b] - 1] of (B, n, ...) values: each row's last fed token (row b's first when count is 0)."""
+    index = jnp.maximum(count - 1, 0).reshape(-1, 1, *(1,) * (values.ndim - 2))
+    return jnp.take_along_axis(values, index, axis=1)[:, 0]
 
 
 def sleep_rows(params: Params, state: SleepState, rows: jax.Array, config: Config) -> SleepState:
@@ -272,7 +317,7 @@ def consume(
     no-eviction mode tokens beyond the stream's capacity are not consumed and their hidden states are NaN.
     """
     batch, length = tokens.shape
-    chunk = min(length, state.window)
+    chunk = min(length, config.sleep.window)  # also without eviction: attention scores stay (L, capacity) per step
     embedded = _embed(params, tokens, config)
     total = jnp.sum(valid, axis=1, dtype=jnp.int32)
     out = jnp.full((batch, length, config.model.d_model), jnp.nan, embedded.dtype)
@@ -326,4 +371,5 @@ def wake_step(
     chex.assert_equal(tokens.shape[0], state.hidden.shape[0])
     valid = jnp.ones(tokens.shape, bool) if valid is None else jnp.asarray(valid, bool)
     chex.assert_equal_shape([tokens, valid])
+    check_masks(valid, np.zeros(valid.shape, bool), tokens.shape[1])
     return _wake(params, state, tokens, valid, config)

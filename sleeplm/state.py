@@ -11,6 +11,7 @@ from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
+from jax import lax
 
 from sleeplm.config import Config
 from sleeplm.model.kinds import mixer_kind
@@ -19,8 +20,9 @@ from sleeplm.model.kinds import mixer_kind
 class SleepState(NamedTuple):
     """Everything `wake_step` and `sleep_step` carry.
 
-    `layers`: one cache per block, in layer order. `hidden`: (B, L, d_model), the last block's output of the wake
-    pass at each position of the current window (the input of sleep pass 2). `pos`: (B,) int32, tokens in each
+    `layers`: one cache per block, in layer order. `hidden`: (B, L, d_model), the wake pass's output of the looped
+    blocks (the last block unless `sleep.loop_layers` stops earlier) at each position of the current window: the
+    input of sleep pass 2. `pos`: (B,) int32, tokens in each
     row's current window so far. `prev_valid`: (B,) bool, whether a row holds a previous window's KV (modes that
     keep it).
     """
@@ -41,25 +43,26 @@ def init_caches(config: Config, batch_size: int, window: int) -> tuple[Any, ...]
     return tuple(mixer_kind(kind).init_cache(config, batch_size, window) for kind in config.model.layers)
 
 
-def init_state(config: Config, batch_size: int, capacity: int | None = None) -> SleepState:
-    """The state at the start of a sequence: no KV, zero fast weights, an empty first window.
-
-    Under an evicting mode the window is `sleep.window` (`capacity` must be None). The no-eviction mode ("none")
-    keeps every token in one window, so it needs the most tokens the stream will hold, `capacity`.
-    """
-    if not isinstance(batch_size, int) or batch_size < 1:
-        raise ValueError(f"batch_size={batch_size!r} is invalid: must be a positive integer")
+def cache_length(config: Config, capacity: int | None) -> int:
+    """Cache slots per row. Under an evicting mode, the window `sleep.window` (`capacity` must be None); the
+    no-eviction mode ("none") keeps every token, so it needs the most tokens a row will hold, `capacity`."""
     if config.sleep.eviction_mode.bounded:
         if capacity is not None:
             raise ValueError(f"capacity={capacity!r} is invalid: only sleep.eviction='none' takes a capacity")
-        window = config.sleep.window
-    else:
-        if not isinstance(capacity, int) or capacity < 1:
-            raise ValueError(
-                f"capacity={capacity!r} is invalid: sleep.eviction={config.sleep.eviction!r} keeps every token in one "
-                "window, so a stream needs the most tokens it will hold (a positive integer)"
-            )
-        window = capacity
+    elif not isinstance(capacity, int) or capacity < 1:
+        raise ValueError(
+            f"capacity={capacity!r} is invalid: sleep.eviction={config.sleep.eviction!r} keeps every token in one "
+            "window, so a stream needs the most tokens it will hold (a positive integer)"
+        )
+    return config.sleep.eviction_mode.cache_length(config.sleep.window, capacity)
+
+
+def init_state(config: Config, batch_size: int, capacity: int | None = None) -> SleepState:
+    """The state at the start of a sequence: no KV, zero fast weights, an empty first window of
+    `cache_length(config, capacity)` slots."""
+    if not isinstance(batch_size, int) or batch_size < 1:
+        raise ValueError(f"batch_size={batch_size!r} is invalid: must be a positive integer")
+    window = cache_length(config, capacity)
     return SleepState(
         layers=init_caches(config, batch_size, window),
         hidden=jnp.zeros((batch_size, window, config.model.d_model), config.model.dtype),
@@ -79,8 +82,12 @@ def evict(caches: tuple[Any, ...], prev_valid: jax.Array, rows: jax.Array, confi
     eviction mode. Returns the new caches and `prev_valid`; other rows are unchanged."""
     mode = config.sleep.eviction_mode
     kinds = [mixer_kind(kind) for kind in config.model.layers]
-    evicted = tuple(kind.evict(cache, mode) for kind, cache in zip(kinds, caches, strict=True))
-    caches = select_rows(rows, evicted, caches)
+
+    def apply(caches):
+        evicted = tuple(kind.evict(cache, mode) for kind, cache in zip(kinds, caches, strict=True))
+        return select_rows(rows, evicted, caches)
+
+    caches = lax.cond(jnp.any(rows), apply, lambda caches: caches, caches)  # most windows: no row to touch
     return caches, jnp.where(rows, mode.keeps_previous_window, prev_valid)
 
 
@@ -88,5 +95,6 @@ def reset(caches: tuple[Any, ...], prev_valid: jax.Array, rows: jax.Array, windo
     """Starts a new sequence in `rows` (B,) bool (a document start): their caches become those of an empty stream
     with windows of `window` tokens, nothing is kept from a previous window. Returns the new caches and
     `prev_valid`."""
-    fresh = init_caches(config, prev_valid.shape[0], window)
-    return select_rows(rows, fresh, caches), jnp.where(rows, False, prev_valid)
+    apply = lambda caches: select_rows(rows, init_caches(config, prev_valid.shape[0], window), caches)
+    caches = lax.cond(jnp.any(rows), apply, lambda caches: caches, caches)
+    return caches, jnp.where(rows, False, prev_valid)

@@ -52,6 +52,9 @@ def start_stream(config: Config, batch_size: int, key: jax.Array, capacity: int 
 def _row_keys(key: jax.Array, batch_size: int) -> jax.Array:
     if not jnp.issubdtype(key.dtype, jax.dtypes.prng_key):
         raise ValueError(f"key must be a typed PRNG key (jax.random.key), got dtype {key.dtype}")
+    default = jax.random.key_impl(jax.random.key(0))
+    if str(jax.random.key_impl(key)) != str(default):  # the stream keeps raw key data of the default kind
+        raise ValueError(f"key uses the PRNG {jax.random.key_impl(key)}: streams take the default one, {default}")
     if key.ndim == 0:
         return jax.vmap(lambda b: jax.random.fold_in(key, b))(jnp.arange(batch_size))
     if key.shape != (batch_size,):

@@ -20,7 +20,9 @@ from sleeplm.sleep import forward, init_params, param_annotations
 @dataclasses.dataclass(frozen=True)
 class TrainConfig:
     """Optimisation settings. `muon_lr` drives the hidden weight matrices, `adam_lr` everything else (embedding,
-    norms, gates, decay parameters, short convolutions, output head)."""
+    norms, gates, decay parameters, short convolutions, output head). `trainable`: "all" parameters, or only the
+    "new" ones (declared new: the blocks a retrofit inserted, `ModelConfig.inserted_blocks`); the others then get
+    zero updates and count for nothing in gradient clipping."""
 
     steps: int = 600
     batch_size: int = 64
@@ -31,6 +33,7 @@ class TrainConfig:
     clip_norm: float = 1.0
     accumulation: int = 1
     seed: int = 0
+    trainable: str = "all"
 
     def __post_init__(self) -> None:
         check_positive_ints(self, ("steps", "batch_size", "accumulation"), prefix="train.")
@@ -43,6 +46,11 @@ class TrainConfig:
             raise ValueError(f"train.weight_decay={self.weight_decay!r} is invalid: must be >= 0")
         if self.batch_size % self.accumulation:
             raise ValueError(f"train.accumulation={self.accumulation} is invalid: must divide batch_size")
+        if self.trainable not in TRAINABLE:
+            raise ValueError(f"train.trainable={self.trainable!r} is invalid: allowed are {TRAINABLE}")
+
+
+TRAINABLE = ("all", "new")
 
 
 def optimizer_labels(config: Config) -> dict:
@@ -52,20 +60,33 @@ def optimizer_labels(config: Config) -> dict:
     )
 
 
+def new_parameters_mask(config: Config) -> dict:
+    """True for each parameter declared new (`sleeplm.model.params.new_parameters`)."""
+    return jax.tree.map(lambda box: box.new, param_annotations(config), is_leaf=is_annotated)
+
+
 def make_optimizer(train: TrainConfig, config: Config) -> optax.GradientTransformation:
     def schedule(peak):
         return optax.warmup_cosine_decay_schedule(0.0, peak, train.warmup_steps, train.steps, end_value=0.0)
 
-    return optax.chain(
-        optax.clip_by_global_norm(train.clip_norm),
-        optax.multi_transform(
-            {
-                "muon": optax.contrib.muon(schedule(train.muon_lr), weight_decay=train.weight_decay),
-                "adam": optax.adamw(schedule(train.adam_lr), weight_decay=train.weight_decay),
-            },
-            optimizer_labels(config),
-        ),
-    )
+    transforms = {
+        "muon": optax.contrib.muon(schedule(train.muon_lr), weight_decay=train.weight_decay),
+        "adam": optax.adamw(schedule(train.adam_lr), weight_decay=train.weight_decay),
+    }
+    labels = optimizer_labels(config)
+    clip = optax.clip_by_global_norm(train.clip_norm)
+    if train.trainable == "all":
+        return optax.chain(clip, optax.multi_transform(transforms, labels))
+    new = new_parameters_mask(config)
+    if not any(jax.tree.leaves(new)):
+        raise ValueError(
+            "train.trainable='new' is invalid for this model: it declares no new parameters (model.inserted_blocks "
+            "is empty; insert blocks with --insert-gdn-at)"
+        )
+    frozen = jax.tree.map(lambda is_new: not is_new, new)
+    labels = jax.tree.map(lambda label, is_new: label if is_new else "frozen", labels, new)
+    zero_frozen = optax.masked(optax.set_to_zero(), frozen)  # before clipping: frozen gradients count for nothing
+    return optax.chain(zero_frozen, clip, optax.multi_transform(transforms | {"frozen": optax.set_to_zero()}, labels))
 
 
 # What a batch gives the model: always inputs, targets and loss_mask; packed rows also `valid` and `document_start`

@@ -2,14 +2,78 @@
 
 from __future__ import annotations
 
+import gc
 import os
 
 # The tests' models are tiny: compiling them dominates the suite's time, and LLVM's optimisation of the compiled CPU
 # code buys nothing at these sizes. Level 0 compiles about a third faster; the subprocess checks inherit it.
 os.environ["XLA_FLAGS"] = os.environ.get("XLA_FLAGS", "") + " --xla_backend_optimization_level=0"
 
+import jax
 import numpy as np
 import pytest
+
+# Checks that run with `make test-slow` only (CI runs both), so that `make test` stays under 10 minutes on 2 cores:
+# each is a further case of a check that `make test` runs at another setting, or a long end-to-end run.
+SLOW = {
+    "test_parallel.py": [
+        "test_three_sharded_steps_match_one_device",
+        "test_params_and_optimizer_state_are_sharded",
+        "test_eval_and_streaming_under_a_mesh",
+        "test_data_parallel_replicates_params",
+        "test_pallas_kernels_run_per_shard_under_a_mesh",
+        "test_a_mesh_that_does_not_divide",
+    ],
+    "test_sleep.py": [
+        "test_forward_matches_looped_reference_and_streaming[1-",
+        "[2-hard-18]",
+        "[2-sliding-17]",
+        "[3-sliding-18]",
+        "test_four_block_stack_matches_looped_reference[sliding]",
+        "test_bfloat16_activations",
+        "test_pieces_that_cross_window_boundaries_stream_like_forward[slid",
+        "test_away_from_initialisation_logits_and_final_states_agree[sliding",
+    ],
+    "test_generate.py": [
+        "test_greedy_generation_is_the_argmax_of_forward_over_what_it_generated[3-sliding]",
+        "test_a_saved_and_restored_stream_continues_exactly_like_an_uninterrupted_one[deferred]",
+        "test_sampling_is_deterministic_in_the_key_and_stays_in_the_top_k",
+    ],
+    "test_loop.py": ["test_mismatched_and_corrupted_checkpoints_fail_clearly"],
+    "test_evaluate.py": ["test_a_task_registered_outside_the_package_trains_evaluates_and_records"],
+    "test_looped_blocks.py": ["test_one_pass_with_looped_blocks_is_the_unlooped_model"],
+    "test_ops.py": [
+        "test_gradients_match_reference_and_float64[xla-1]",
+        "[xla-16]",
+        "[pallas-64]",
+        "test_gradients_under_extreme_gates[zero-pallas]",
+        "[mixed-pallas]",
+    ],
+    "test_pallas_gated_delta.py": [
+        "test_padded_layouts_and_blocks_match_the_reference[gpu-24-12-32]",
+        "test_stage1_and_its_backward_match_a_float64_solve[64-1.0-4]",
+        "[16-1.0-64]",
+    ],
+    "test_train.py": ["test_gradient_accumulation_matches_one_big_batch"],
+    "test_packing.py": ["test_packed_rows_equal_each_document_alone[3-hard]"],
+    "test_hf.py": ["test_the_new_kinds_stream_and_sleep_like_forward[sliding]"],
+}
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        if any(name in item.name for name in SLOW.get(item.path.name, ())):
+            item.add_marker(pytest.mark.slow)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _release_compiled_programs():
+    """Drops every compiled program after each test module. Each holds about three memory mappings of its code
+    (measured), and workers that ran most of the suite without this aborted inside XLA's compiler, as a process
+    does when its mappings reach the kernel's limit (vm.max_map_count, 65530 here)."""
+    yield
+    jax.clear_caches()
+    gc.collect()
 
 
 def numpy_gated_delta_rule(q, k, v, g, beta, initial_state):

@@ -115,6 +115,23 @@ def _logits(params, h, config):
     return _rms(h, p["final_norm"]["scale"], config.model.norm_eps) @ p["head"]["kernel"]
 
 
+def _check_implemented(config: Config) -> None:
+    """This model implements the original attention + GDN stack under hard or sliding eviction, and no more: any
+    other setting fails here rather than being compared against a model that ignores it."""
+    m = config.model
+    unsupported = {
+        "layers": set(m.layers) - {"attn", "gdn"},
+        "sleep.eviction": config.sleep.eviction not in ("hard", "sliding"),
+        "rotary_dim": m.rotary_dim != m.head_dim,
+        "zero_centered_norm": m.zero_centered_norm,
+        "tie_embeddings": m.tie_embeddings,
+        "inserted_blocks": bool(m.inserted_blocks),
+    }
+    named = [name for name, flag in unsupported.items() if flag]
+    if named:
+        raise NotImplementedError(f"the reference model does not implement {named} of {config}")
+
+
 def plain_hybrid_forward(params, tokens, config: Config):
     """N = 1: one pass of the stack over the whole sequence, attention masked to the window (hard) or the last L
     positions (sliding), the fast weights running through the whole sequence. No windows, no state."""
@@ -128,6 +145,7 @@ def looped_sleep_forward(params, tokens, config: Config, return_states=False):
     """The semantics as written: per window a wake pass over every block, then (if full and followed) passes 2..N of
     the looped blocks (all, unless sleep.loop_layers names some), each on their previous output, the fast weights
     continuing; then the KV is evicted (hard) or the KV each block computed last is kept (sliding)."""
+    _check_implemented(config)
     p = params["params"]
     window, passes = config.sleep.window, config.sleep.passes
     first, last = config.sleep.loop_layers or (0, len(config.model.layers))

@@ -307,7 +307,7 @@ def test_bad_task_registrations_fail_clearly(make, message):
 
 def test_committed_experiment_records_read_back_with_their_task_unchanged():
     records = sorted((Path(__file__).parents[1] / "experiments" / "results").rglob("*experiment.json"))
-    assert {json.loads(path.read_text())["task_name"] for path in records} == {"rule110", "depo", "arith"}
+    assert {json.loads(path.read_text())["task_name"] for path in records} == {"rule110", "depo", "arith", "text"}
     for path in records:
         record = json.loads(path.read_text())
         again = experiment_from_json(record).to_json()

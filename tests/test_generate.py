@@ -97,6 +97,21 @@ def test_a_saved_and_restored_stream_continues_exactly_like_an_uninterrupted_one
         np.testing.assert_array_equal(a, b)
 
 
+def test_a_window_the_last_token_fills_is_slept_on_now_or_at_the_next_token():
+    config, params = model(3, "hard")
+    prompts = prompts_for((WINDOW - 4,))  # 4 new tokens fill the window exactly
+    now, later = (run(params, config, prompts, max_new_tokens=4, sleep=sleep) for sleep in ("on_full", "deferred"))
+    np.testing.assert_array_equal(now.tokens, later.tokens)
+    assert int(now.stream.state.pos[0]) == 0 and int(later.stream.state.pos[0]) == WINDOW
+    now, later = (
+        generate(params, g.stream, [[]], config, max_new_tokens=5, sleep=sleep)
+        for g, sleep in ((now, "on_full"), (later, "deferred"))
+    )
+    np.testing.assert_array_equal(now.tokens, later.tokens)
+    for a, b in zip(jax.tree.leaves(now.stream), jax.tree.leaves(later.stream), strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-6)
+
+
 def test_bad_restores_fail_clearly(tmp_path):
     config, params = model(2, "hard")
     saved = save_stream(tmp_path / "stream", run(params, config, prompts_for((4,)), max_new_tokens=2).stream, config)
@@ -158,3 +173,5 @@ def test_bad_generation_inputs_fail_clearly():
     full = start_stream(none, 1, jax.random.key(0), capacity=2 * WINDOW)
     with pytest.raises(ValueError, match=r"prompt 0 needs 19 tokens of the stream's capacity 12"):
         generate(params, full, [list(range(9))], none, max_new_tokens=10)
+    with pytest.raises(ValueError, match=r"key uses the PRNG rbg: streams take the default one, threefry2x32"):
+        start_stream(config, 1, jax.random.key(0, impl="rbg"))

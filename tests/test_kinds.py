@@ -132,11 +132,12 @@ class ExponentialMixer(Mixer):
         inputs = dense(heads * width, ("embed", "heads"), "into", x.dtype)(x).reshape(batch, length, heads, width)
         keep = jax.nn.sigmoid(param(self, "decay", nn.initializers.ones, (heads,), (None,)))[:, None]
 
-        def step(mean, u):
-            mean = keep * mean + (1 - keep) * u.astype(jnp.float32)
+        def step(mean, inputs_t):
+            u, valid = inputs_t  # padding (valid False) leaves the mean as it is
+            mean = jnp.where(valid[:, None, None], keep * mean + (1 - keep) * u.astype(jnp.float32), mean)
             return mean, mean
 
-        mean, means = jax.lax.scan(step, cache.mean, jnp.moveaxis(inputs, 1, 0))
+        mean, means = jax.lax.scan(step, cache.mean, (jnp.moveaxis(inputs, 1, 0), context.valid.T))
         out = jnp.moveaxis(means, 0, 1).reshape(batch, length, heads * width).astype(x.dtype)
         return dense(model.d_model, ("heads", "embed"), "out", x.dtype)(out), RunningMean(mean)
 
@@ -202,6 +203,28 @@ def test_a_kind_registered_here_streams_like_forward():
     assert state.layers[0].mean.shape == (2, 2, 8) and "running_mean" in params["params"]["blocks_0"]
 
 
+@pytest.mark.parametrize("kind", sorted(MIXERS))
+def test_padding_changes_no_kinds_cache(kind):
+    """The mixer contract for every registered kind: a row's padded positions (valid False) leave its cache as it
+    was, while the same tokens, real, change it."""
+    model = ModelConfig(vocab_size=16, d_model=32, layers=(kind,), num_heads=2, mlp_dim=32)
+    config = Config(model, SleepConfig(window=6, passes=2))
+    params = init_params(jax.random.key(0), config)
+    params = jax.tree.map(lambda x: x + 0.2 * jax.random.normal(jax.random.key(1), x.shape), params)
+    tokens = jax.random.randint(jax.random.key(2), (2, 6), 0, model.vocab_size)
+    _, state = wake_step(params, init_state(config, 2), tokens[:, :3], config)  # some history first
+    before = jax.tree.map(np.asarray, state.layers)
+    valid = np.array([[True] * 3, [False] * 3])
+    _, state = wake_step(params, state, tokens[:, 3:], config, valid=valid)
+    assert list(np.asarray(state.pos)) == [6, 3]
+    changed = False
+    for old, new in zip(jax.tree.leaves(before), jax.tree.leaves(state.layers), strict=True):
+        np.testing.assert_array_equal(np.asarray(new)[1], old[1])
+        changed |= not np.array_equal(np.asarray(new)[0], old[0])
+    assert changed
+
+
+@pytest.mark.slow  # an 8-device subprocess: ~50 s
 def test_a_kind_and_a_task_registered_here_train_sharded_on_8_devices_like_on_one():
     script = Path(__file__).with_name("extension_check.py")
     done = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=900, check=False)

@@ -10,16 +10,18 @@ import optax
 import pytest
 from test_sleep import MODEL, PASSES_AND_MODES, WINDOW, make_config, perturbed
 
+import sleeplm.sleep
 from sleeplm import forward, init_params
 
-# Input lengths (tokens - 1) of the documents of two rows of 6 windows: shorter than, equal to, longer than a window.
-ROWS = [[3, WINDOW, 2 * WINDOW + 1], [WINDOW - 1, 2 * WINDOW, 1, WINDOW]]
-ROW_WINDOWS = 6
+# Input lengths (tokens - 1) of the documents of two rows: shorter than, equal to, longer than a window, and last a
+# document that starts in the rows' trailing partial window (the row length is not a multiple of the window).
+ROWS = [[3, WINDOW, 2 * WINDOW + 1, 2], [WINDOW - 1, 2 * WINDOW, 1, WINDOW, 3]]
+ROW_LENGTH = 5 * WINDOW + 3
 
 
 def pack(documents: list[list[np.ndarray]]):
-    """(inputs, targets, valid, document_start) for rows of ROW_WINDOWS windows, each document from a window start."""
-    length = ROW_WINDOWS * WINDOW
+    """(inputs, targets, valid, document_start) for rows of ROW_LENGTH tokens, each document from a window start."""
+    length = ROW_LENGTH
     arrays = {
         name: np.zeros((len(documents), length), dtype)
         for name, dtype in (("inputs", np.int32), ("targets", np.int32), ("valid", bool), ("document_start", bool))
@@ -28,12 +30,12 @@ def pack(documents: list[list[np.ndarray]]):
         at = 0
         for doc in docs:
             n = len(doc) - 1
+            assert at + n <= length
             arrays["inputs"][row, at : at + n] = doc[:-1]
             arrays["targets"][row, at : at + n] = doc[1:]
             arrays["valid"][row, at : at + n] = True
             arrays["document_start"][row, at] = True
             at += -(-n // WINDOW) * WINDOW
-        assert at <= length
     return arrays
 
 
@@ -62,15 +64,22 @@ def test_packed_rows_equal_each_document_alone(passes, eviction):
             at += -(-n // WINDOW) * WINDOW
 
 
-def test_without_resets_a_document_would_see_the_one_before():
-    """The control: the same packed row with its document starts unmarked gives the later documents other losses
-    (the test above would catch a reset that does nothing)."""
+def test_without_resets_a_document_would_see_the_one_before(monkeypatch):
+    """The control: the same packed row with the document-start reset disabled gives the later documents other
+    losses (the test above would catch a reset that does nothing)."""
     config = make_config(3, "sliding")
     params = perturbed(init_params(jax.random.key(31), config), jax.random.key(32))
     rng = np.random.default_rng(33)
     packed = pack([[rng.integers(0, MODEL.vocab_size, n + 1) for n in ROWS[0]]])
-    inputs, valid = jnp.asarray(packed["inputs"]), packed["valid"]
-    with_resets = forward(params, inputs, config, valid=valid, document_start=packed["document_start"])
-    without = forward(params, inputs, config, valid=valid)
+    run = lambda: forward(
+        params, jnp.asarray(packed["inputs"]), config, valid=packed["valid"], document_start=packed["document_start"]
+    )
+    with_resets = run()
+    monkeypatch.setattr(sleeplm.sleep, "reset", lambda caches, prev_valid, *_: (caches, prev_valid))
+    jax.clear_caches()  # trace again with the patched reset, and drop that trace afterwards
+    try:
+        without = run()
+    finally:
+        jax.clear_caches()
     second = slice(WINDOW, 2 * WINDOW)
     assert np.max(np.abs(with_resets[:, second] - without[:, second])) > 1e-3

@@ -309,6 +309,25 @@ def test_bad_inputs_fail_with_clear_messages():
         init_state(config, 2, capacity=8)
     with pytest.raises(ValueError, match=r"capacity=None is invalid: sleep.eviction='none' keeps every token"):
         init_state(make_config(2, "none"), 2)
+    with pytest.raises(ValueError, match=r"capacity=4 is invalid: it must hold the whole sequence, 5 tokens"):
+        forward_with_state(params, tokens_for(5), make_config(2, "none"), capacity=4)
+    concrete = tokens_for(5).at[0, 0].set(13)
+    with pytest.raises(ValueError, match=r"token id 13 is outside"):  # concrete ids inside a trace are checked too
+        jax.jit(lambda p: forward(p, concrete, config))(params)
+    valid = np.ones((2, 2 * WINDOW), bool)
+    valid[1, 2] = False
+    with pytest.raises(ValueError, match=r"valid is not a prefix .* row 1 has a valid token at position 3 after"):
+        forward(params, tokens_for(2 * WINDOW), config, valid=valid)
+    valid = np.ones((2, 2 * WINDOW), bool)
+    valid[0, WINDOW - 1] = False
+    with pytest.raises(ValueError, match=rf"row 0 continues a document at position {WINDOW} after a window with pad"):
+        forward(params, tokens_for(2 * WINDOW), config, valid=valid)
+    with pytest.raises(ValueError, match=r"valid is not a prefix"):
+        wake_step(params, state, tokens_for(3), config, valid=np.array([[True, False, True]] * 2))
+    starts = np.zeros((2, 2 * WINDOW), bool)
+    starts[0, 1] = True
+    with pytest.raises(ValueError, match=rf"document_start is True at row 0, position 1: .*a multiple of {WINDOW}"):
+        forward(params, tokens_for(2 * WINDOW), config, document_start=starts)
 
 
 @pytest.mark.parametrize(
@@ -317,6 +336,7 @@ def test_bad_inputs_fail_with_clear_messages():
         (dict(model=dict(layers=("attn", "mamba"))), r"layers\[1\]='mamba' is invalid"),
         (dict(model=dict(num_heads=3)), r"num_heads=3 is invalid: must divide d_model=32"),
         (dict(model=dict(num_kv_heads=3, num_heads=4)), r"num_kv_heads=3 is invalid"),
+        (dict(model=dict(num_heads=32)), r"head_dim=1 \(d_model // num_heads\) is invalid for attention: must be even"),
         (dict(model=dict(dtype="float16")), r"dtype='float16' is invalid"),
         (dict(model=dict(gdn_implementation="cuda")), r"gdn_implementation='cuda' is invalid"),
         (dict(sleep=dict(passes=0)), r"sleep.passes=0 is invalid: must be a positive integer"),
@@ -328,6 +348,10 @@ def test_config_validation(kwargs, message):
     with pytest.raises(ValueError, match=message):
         model = dataclasses.replace(MODEL, **kwargs.get("model", {}))
         Config(model, SleepConfig(**kwargs.get("sleep", {})))
+
+
+def test_an_odd_head_dim_is_refused_only_where_rope_needs_it():
+    assert dataclasses.replace(MODEL, num_heads=32, layers=("gdn",)).head_dim == 1  # GDN has no RoPE
 
 
 def test_no_eviction_baseline_is_one_window_of_full_attention():
@@ -344,3 +368,6 @@ def test_no_eviction_baseline_is_one_window_of_full_attention():
     assert_close(jnp.concatenate([first, rest], axis=1), forward(params, tokens, none), rtol=1e-5)
     beyond, _ = wake_step(params, state, tokens[:, :1], none)  # past the capacity: not consumed, NaN, never garbage
     assert np.all(np.isnan(beyond))
+    _, state = forward_with_state(params, tokens[:, :-3], none, capacity=tokens.shape[1])  # room to continue
+    rest, _ = wake_step(params, state, tokens[:, -3:], none)
+    assert_close(rest, forward(params, tokens, none)[:, -3:], rtol=1e-5)

@@ -323,21 +323,25 @@ class TokenCache:
         return np.asarray(self.tokens[self.offsets[index] : self.offsets[index + 1]])
 
 
-def cached_tokens(corpus: Corpus, tokenizer_path: Path, cache_dir: Path) -> TokenCache:
-    """The corpus tokenized by the tokenizer at `tokenizer_path`, built once per key and memory-mapped."""
+def cached_tokens(corpus: Corpus, tokenizer_path: Path, cache_dir: Path, eos_token: str = EOS) -> TokenCache:
+    """The corpus tokenized by the tokenizer at `tokenizer_path`, each document ended by `eos_token`, built once
+    per key and memory-mapped."""
     inputs = {"corpus": corpus.fingerprint, "tokenizer_sha256": _file_digest(tokenizer_path)}
+    if eos_token != EOS:  # caches of the package's own tokenizers keep their keys
+        inputs["eos_token"] = eos_token
     final = Path(cache_dir) / f"tokens-{_key('tokens', inputs)}"
     if not _complete(final):
         logger.info(f"tokenizing {len(corpus.files)} files into {final}")
-        write_atomically(final, lambda directory: {**inputs, **write_tokens(corpus, tokenizer_path, directory)})
+        build = lambda directory: {**inputs, **write_tokens(corpus, tokenizer_path, directory, eos_token)}
+        write_atomically(final, build)
     return TokenCache.load(final)
 
 
-def write_tokens(corpus: Corpus, tokenizer_path: Path, directory: Path) -> dict:
+def write_tokens(corpus: Corpus, tokenizer_path: Path, directory: Path, eos_token: str = EOS) -> dict:
     """Tokenizes every document into the files of a token cache in `directory`; returns the manifest's counts."""
-    tokenizer = load_tokenizer(tokenizer_path)
+    tokenizer = load_tokenizer(tokenizer_path, special_tokens=(eos_token,))
     dtype = np.uint16 if tokenizer.get_vocab_size() <= 1 << 16 else np.uint32
-    eos = np.asarray([special_id(tokenizer, EOS)], dtype)
+    eos = np.asarray([special_id(tokenizer, eos_token)], dtype)
     offsets, digests, files = array("q", [0]), array("Q"), array("i")  # compact while the corpus streams by
     report = ReadReport()
     with (directory / "tokens.bin").open("wb") as out:

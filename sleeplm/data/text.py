@@ -30,7 +30,7 @@ from sleeplm.data.corpus import (
 )
 from sleeplm.data.packing import PackedRows
 from sleeplm.data.task import Codec, Task
-from sleeplm.data.tokenizer import PAD, SMALLEST_VOCAB, decode, encode, load_tokenizer, special_id
+from sleeplm.data.tokenizer import EOS, PAD, SMALLEST_VOCAB, decode, encode, load_tokenizer, special_id
 
 
 @dataclasses.dataclass(frozen=True)
@@ -41,7 +41,10 @@ class TextConfig:
     "strict" (they fail naming file and offset). `vocab_size`: the tokenizer's (and the model's) vocabulary size;
     `tokenizer`: the path of a tokenizer.json to use, or "" to train one on the corpus's first
     `tokenizer_training_bytes` bytes (cached). A row holds `windows` windows of `window` tokens. `cache_dir`: where
-    tokenizers and token caches are kept ("": $XDG_CACHE_HOME/sleeplm, else ~/.cache/sleeplm)."""
+    tokenizers and token caches are kept ("": $XDG_CACHE_HOME/sleeplm, else ~/.cache/sleeplm). `eos_token` ends
+    every document and `pad_token` fills rows after the last one: the package's own tokenizers name them `<eos>`
+    and `<pad>`; a pretrained model's tokenizer has its own (e.g. "<|endoftext|>"), and may have fewer tokens than
+    the model's (padded) vocabulary."""
 
     files: str = "{stdlib}/**/*.py"
     exclude: str = "{stdlib}/site-packages/**"
@@ -53,9 +56,11 @@ class TextConfig:
     windows: int = 4
     window: int = 128
     cache_dir: str = ""
+    eos_token: str = EOS
+    pad_token: str = PAD
 
     def __post_init__(self) -> None:
-        for name in ("files", "exclude", "text_field", "tokenizer", "cache_dir"):
+        for name in ("files", "exclude", "text_field", "tokenizer", "cache_dir", "eos_token", "pad_token"):
             if not isinstance(getattr(self, name), str):
                 raise ValueError(f"task.{name}={getattr(self, name)!r} is invalid: must be a string")
         if not self.files:
@@ -72,6 +77,10 @@ class TextConfig:
     @property
     def sequence_length(self) -> int:
         return self.windows * self.window
+
+    @property
+    def special_tokens(self) -> tuple[str, str]:
+        return (self.pad_token, self.eos_token)
 
 
 def cache_directory(config: TextConfig) -> Path:
@@ -96,13 +105,13 @@ def token_cache(config: TextConfig) -> TokenCache:
     """The corpus tokenized (the tokenizer trained first when needed); built once per corpus state, cached."""
     corpus = corpus_of(config)
     path = tokenizer_path(config, corpus)
-    load_tokenizer(path, expected_vocab_size=config.vocab_size)
-    return cached_tokens(corpus, path, cache_directory(config))
+    load_tokenizer(path, expected_vocab_size=config.vocab_size, special_tokens=config.special_tokens)
+    return cached_tokens(corpus, path, cache_directory(config), config.eos_token)
 
 
 def text_tokenizer(config: TextConfig) -> Tokenizer:
     """The tokenizer of `config`'s token cache (what generation and scoring decode with)."""
-    return load_tokenizer(token_cache(config).tokenizer_path, expected_vocab_size=config.vocab_size)
+    return load_tokenizer(token_cache(config).tokenizer_path, config.vocab_size, config.special_tokens)
 
 
 class TextSource(TaskSource):
@@ -122,7 +131,8 @@ class TextSource(TaskSource):
         where = f"files={config.files!r} at held_out_fraction={self.held_out_fraction}"
         if not len(chosen):
             raise ValueError(f"the {self.split} split of {where} has no document among the corpus's {len(held_out)}")
-        pad = special_id(load_tokenizer(self.cache.tokenizer_path, config.vocab_size), PAD)
+        tokenizer = load_tokenizer(self.cache.tokenizer_path, config.vocab_size, config.special_tokens)
+        pad = special_id(tokenizer, config.pad_token)
         starts, lengths = self.cache.offsets[chosen], self.cache.lengths[chosen]
         self.rows = PackedRows(self.cache.tokens, starts, lengths, config.window, config.windows, pad, self.seed)
         if self.split == "eval" and self.rows.rows_in_epoch(0) < self.size:
@@ -175,7 +185,7 @@ def text_run_files(config: TextConfig) -> dict[str, Path]:
 
 def text_codec(config: TextConfig, workdir: Path) -> Codec:
     """The run's own tokenizer (its workdir's tokenizer.json), which must have the model's vocabulary size."""
-    tokenizer = load_tokenizer(Path(workdir) / "tokenizer.json", expected_vocab_size=config.vocab_size)
+    tokenizer = load_tokenizer(Path(workdir) / "tokenizer.json", config.vocab_size, config.special_tokens)
     return Codec(lambda text: [int(i) for i in encode(tokenizer, text)], lambda ids: decode(tokenizer, ids))
 
 

@@ -52,9 +52,12 @@ def train_tokenizer(texts: Iterable[str], vocab_size: int, path: str | Path) -> 
     return _text_only(tokenizer)
 
 
-def load_tokenizer(path: str | Path, expected_vocab_size: int | None = None) -> Tokenizer:
-    """The tokenizer saved at `path`; fails naming the file when it is missing, unreadable, lacks the special
-    tokens, or has a vocabulary size other than `expected_vocab_size`."""
+def load_tokenizer(
+    path: str | Path, expected_vocab_size: int | None = None, special_tokens: Sequence[str] = SPECIAL_TOKENS
+) -> Tokenizer:
+    """The tokenizer saved at `path`; fails naming the file when it is missing, unreadable, lacks the
+    `special_tokens` (this package's `<pad>` and `<eos>` by default; a pretrained model's tokenizer names its own),
+    or has a vocabulary size other than `expected_vocab_size`."""
     path = Path(path)
     if not path.is_file():
         raise ValueError(f"tokenizer file {path} does not exist")
@@ -62,7 +65,7 @@ def load_tokenizer(path: str | Path, expected_vocab_size: int | None = None) -> 
         tokenizer = Tokenizer.from_file(str(path))
     except Exception as error:
         raise ValueError(f"tokenizer file {path} is not a tokenizers JSON file ({error})") from error
-    missing = [token for token in SPECIAL_TOKENS if tokenizer.token_to_id(token) is None]
+    missing = [token for token in special_tokens if tokenizer.token_to_id(token) is None]
     if missing:
         raise ValueError(f"tokenizer file {path} lacks the special tokens {missing}")
     size = tokenizer.get_vocab_size()

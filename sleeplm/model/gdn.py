@@ -56,6 +56,19 @@ def causal_short_conv(
 
 class GatedDeltaNet(Mixer):
     @classmethod
+    def check_config(cls, model: ModelConfig) -> None:
+        if model.gdn_key_heads != model.gdn_heads:
+            raise ValueError(
+                f"gdn_key_heads={model.gdn_key_heads!r} is invalid for the 'gdn' kind: its queries and keys have the "
+                f"gdn_heads={model.gdn_heads} heads of its values (the 'grouped_gdn' kind shares key heads)"
+            )
+
+    @classmethod
+    def silence(cls, params: dict) -> dict:
+        """A zero output projection: the block adds nothing until training moves it."""
+        return {**params, "o": {**params["o"], "kernel": jnp.zeros_like(params["o"]["kernel"])}}
+
+    @classmethod
     def init_cache(cls, config: Config, batch: int, window: int) -> FastWeightState:
         model = config.model
         heads, d_k, d_v = model.gdn_heads, model.gdn_head_dim_k, model.gdn_head_dim_v
@@ -83,6 +96,11 @@ class GatedDeltaNet(Mixer):
         self, x: jax.Array, state: FastWeightState, context: WindowContext
     ) -> tuple[jax.Array, FastWeightState]:
         """x: (B, n, d) for window positions pos .. pos + n - 1, continuing from the fast weights in `state`."""
+        q, k, v, conv = self.queries_keys_values(x, state, context)
+        return self.delta_rule_output(x, q, k, v, state, context, conv)
+
+    def queries_keys_values(self, x: jax.Array, state: FastWeightState, context: WindowContext):
+        """(q, k, v) per value head (B, n, H, d_k / d_v), q and k unit-norm, and the short convolution's history."""
         cfg = self.config.model
         batch, length, _ = x.shape
         heads, d_k, d_v = cfg.gdn_heads, cfg.gdn_head_dim_k, cfg.gdn_head_dim_v
@@ -99,8 +117,15 @@ class GatedDeltaNet(Mixer):
         q, k, v = jnp.split(qkv, [heads * d_k, 2 * heads * d_k], axis=-1)
         q = l2_normalize(nn.silu(q).reshape(batch, length, heads, d_k))
         k = l2_normalize(nn.silu(k).reshape(batch, length, heads, d_k))
-        v = v.reshape(batch, length, heads, d_v)
+        return q, k, v.reshape(batch, length, heads, d_v), conv
 
+    def delta_rule_output(self, x, q, k, v, state: FastWeightState, context: WindowContext, conv):
+        """The gated delta rule over (q, k, v) from the fast weights in `state`, then the gated norm and the output
+        projection: (output (B, n, d_model), the new cache)."""
+        cfg = self.config.model
+        batch, length, _ = x.shape
+        heads, d_v = cfg.gdn_heads, cfg.gdn_head_dim_v
+        projection = lambda features, name: dense(features, ("embed", "heads"), name, x.dtype)
         a_log = param(self, "A_log", _a_log_init, (heads,), (None,))
         dt_bias = param(self, "dt_bias", _dt_bias_init, (heads,), (None,))
         per_head = lambda name: dense(heads, ("embed", None), name, jnp.float32, hidden_matrix=False)  # tiny gates

@@ -4,12 +4,16 @@ line here (or a `register_mixer` call in user code)."""
 from __future__ import annotations
 
 from sleeplm.model.attention import Attention
+from sleeplm.model.gated_attention import GatedAttention
 from sleeplm.model.gdn import GatedDeltaNet
+from sleeplm.model.grouped_gdn import GroupedGatedDeltaNet
 from sleeplm.model.mixer import Mixer
 
 MIXERS: dict[str, type[Mixer]] = {
     "attn": Attention,
     "gdn": GatedDeltaNet,
+    "gated_attn": GatedAttention,  # the Qwen3-Next / Qwen3.5 full-attention layer
+    "grouped_gdn": GroupedGatedDeltaNet,  # the Qwen3-Next / Qwen3.5 linear-attention layer
 }
 
 

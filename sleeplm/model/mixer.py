@@ -50,9 +50,9 @@ def write_slots(slots: jax.Array, values: jax.Array, start: jax.Array, valid: ja
     """Writes each row's valid values (B, n, ...) into its slots (B, L, ...) from position start (B,) on; every
     other slot keeps its content (no clamping at the end: values that would land past the last slot are dropped)."""
     window, length = slots.shape[1], values.shape[1]
-    if length == 1:  # one token per row (decoding): a scatter touches one slot, not all L (out of range: dropped)
-        index = jnp.where(valid[:, 0], start, window)
-        return slots.at[jnp.arange(slots.shape[0]), index].set(values[:, 0].astype(slots.dtype), mode="drop")
+    if length < window:  # fewer values than slots (decoding, a chunk into a long buffer): a scatter touches only n
+        index = jnp.where(valid, start[:, None] + jnp.arange(length), window)  # padding and overflow: dropped
+        return slots.at[jnp.arange(slots.shape[0])[:, None], index].set(values.astype(slots.dtype), mode="drop")
     offset = jnp.arange(window)[None, :] - start[:, None]  # (B, L): the value that lands in each slot
     index = jnp.clip(offset, 0, length - 1)
     written = (offset >= 0) & (offset < length) & jnp.take_along_axis(valid, index, axis=1)

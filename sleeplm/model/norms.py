@@ -20,14 +20,17 @@ def l2_normalize(x: jax.Array, eps: float = 1e-6) -> jax.Array:
 
 
 class RMSNorm(nn.Module):
-    """RMSNorm over the last axis with a learned scale."""
+    """RMSNorm over the last axis with a learned scale w; `zero_centered`: the scale applied is 1 + w, w starting
+    at 0 (the Qwen3-Next family's layout, where weight decay pulls towards the identity)."""
 
     eps: float = 1e-6
+    zero_centered: bool = False
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
-        scale = param(self, "scale", nn.initializers.ones, (x.shape[-1],), (None,))
-        return (rms_normalize(x, self.eps) * scale).astype(x.dtype)
+        init = nn.initializers.zeros if self.zero_centered else nn.initializers.ones
+        scale = param(self, "scale", init, (x.shape[-1],), (None,))
+        return (rms_normalize(x, self.eps) * (1.0 + scale if self.zero_centered else scale)).astype(x.dtype)
 
 
 class GatedRMSNorm(nn.Module):

@@ -2,13 +2,17 @@
 
 Every parameter is created through `param` or `dense` with its logical axes (one name or None per dim, mapped to
 mesh axes by the sharding rules, `sleeplm.sharding`) and whether it is a hidden matrix (optimised by Muon; all
-others by AdamW). The annotation is flax axis metadata: `init` returns it boxed around each array, `apply` unboxes
-it, and `annotations` reads it back. Sharding and the optimizer's labels come from here; nothing matches on names.
+others by AdamW), and whether it is new (created inside `new_parameters()`: a block a retrofit inserted, which
+`train.trainable="new"` trains alone). The annotation is flax axis metadata: `init` returns it boxed around each
+array, `apply` unboxes it, and `annotations` reads it back. Sharding and the optimizer's labels come from here;
+nothing matches on names.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import contextlib
+import contextvars
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import flax.linen as nn
@@ -27,6 +31,7 @@ class Annotated(meta.AxisMetadata):
     value: Any
     axes: LogicalAxes = struct.field(pytree_node=False)
     hidden_matrix: bool = struct.field(pytree_node=False, default=False)
+    new: bool = struct.field(pytree_node=False, default=False)
 
     def unbox(self) -> Any:
         return self.value
@@ -41,13 +46,26 @@ class Annotated(meta.AxisMetadata):
         return self.replace(axes=LogicalAxes((*self.axes[:index], *self.axes[index + 1 :])))
 
 
+_creating_new = contextvars.ContextVar("sleeplm_new_parameters", default=False)
+
+
+@contextlib.contextmanager
+def new_parameters(new: bool = True) -> Iterator[None]:
+    """Parameters created inside the block are declared new when `new` (a retrofit's inserted blocks)."""
+    token = _creating_new.set(new)
+    try:
+        yield
+    finally:
+        _creating_new.reset(token)
+
+
 def annotated_init(init: Callable, axes: LogicalAxes, hidden_matrix: bool = False) -> Callable:
     """`init` whose result is boxed with its annotation (an initializer for `nn.Module.param` or flax layers)."""
 
     def boxed(key, shape, dtype=jnp.float32):
         if len(axes) != len(shape):
             raise ValueError(f"logical axes {axes} do not match a parameter of shape {shape}")
-        return Annotated(init(key, shape, dtype), LogicalAxes(axes), hidden_matrix)
+        return Annotated(init(key, shape, dtype), LogicalAxes(axes), hidden_matrix, _creating_new.get())
 
     return boxed
 
