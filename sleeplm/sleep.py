@@ -81,8 +81,8 @@ def check_tokens(tokens: jax.Array, config: Config) -> None:
         raise ValueError(f"tokens must be integer ids of shape (batch, time), got dtype {tokens.dtype}")
     if isinstance(tokens, jax.core.Tracer) or tokens.size == 0:
         return
-    ids = np.asarray(jax.device_get(tokens))  # on the host: jnp.min here would be staged into an enclosing trace
-    low, high = int(ids.min()), int(ids.max())
+    with jax.ensure_compile_time_eval():  # two scalars, evaluated now even inside an enclosing trace
+        low, high = (int(x) for x in jax.device_get((jnp.min(tokens), jnp.max(tokens))))
     if low < 0 or high >= config.model.vocab_size:
         bad = low if low < 0 else high
         raise ValueError(f"token id {bad} is outside the vocabulary: ids must be in [0, {config.model.vocab_size})")
@@ -134,13 +134,16 @@ def _window_flags(valid: jax.Array, document_start: jax.Array, window: int) -> t
     return resets, full & continues
 
 
-def check_masks(valid: Any, document_start: Any, window: int) -> None:
-    """Packed-row masks, checked when concrete: within each window of L, `valid` is a prefix (a document's last
-    window is padded at its end), and a document starts only at a window start, on a valid token."""
-    if isinstance(valid, jax.core.Tracer) or isinstance(document_start, jax.core.Tracer):
+def check_masks(shape: tuple[int, int], valid: Any, document_start: Any, window: int) -> None:
+    """Packed-row masks (B, T) as the caller gave them (None: the default), checked when concrete: within each
+    window of L, `valid` is a prefix (a document's last window is padded at its end), padding only ends a document,
+    and a document starts only at a window start, on a valid token. Defaults are not read (no transfer)."""
+    given = [mask for mask in (valid, document_start) if mask is not None]
+    if not given or any(isinstance(mask, jax.core.Tracer) for mask in given):
         return
-    valid, document_start = (np.asarray(jax.device_get(mask), bool) for mask in (valid, document_start))
-    batch, length = valid.shape
+    valid = np.ones(shape, bool) if valid is None else np.asarray(jax.device_get(valid), bool)
+    document_start = np.zeros(shape, bool) if document_start is None else np.asarray(jax.device_get(document_start))
+    batch, length = shape
     padded = np.zeros((batch, -(-length // window) * window), bool)
     padded[:, :length] = valid
     windows = padded.reshape(batch, -1, window)
@@ -263,15 +266,14 @@ def forward_with_state(
     leaves no room to continue); under the evicting modes `capacity` must be None.
     """
     check_tokens(tokens, config)
-    valid, document_start = _sequence_masks(tokens, valid, document_start)
-    check_masks(valid, document_start, config.sleep.window)
-    if not config.sleep.eviction_mode.bounded:
-        capacity = tokens.shape[1] if capacity is None else capacity
-        if isinstance(capacity, int) and capacity < tokens.shape[1]:
-            raise ValueError(
-                f"capacity={capacity} is invalid: it must hold the whole sequence, {tokens.shape[1]} tokens"
-            )
-    return _forward(params, tokens, valid, document_start, cache_length(config, capacity), config)
+    masks = _sequence_masks(tokens, valid, document_start)  # shapes checked first
+    check_masks(tokens.shape, valid, document_start, config.sleep.window)
+    valid, document_start = masks
+    bounded = config.sleep.eviction_mode.bounded
+    slots = cache_length(config, tokens.shape[1] if capacity is None and not bounded else capacity)
+    if not bounded and slots < tokens.shape[1]:
+        raise ValueError(f"capacity={capacity} is invalid: it must hold the whole sequence, {tokens.shape[1]} tokens")
+    return _forward(params, tokens, valid, document_start, slots, config)
 
 
 def forward(params: Params, tokens: jax.Array, config: Config, *, valid=None, document_start=None) -> jax.Array:
@@ -369,7 +371,8 @@ def wake_step(
     """
     check_tokens(tokens, config)
     chex.assert_equal(tokens.shape[0], state.hidden.shape[0])
+    given = valid
     valid = jnp.ones(tokens.shape, bool) if valid is None else jnp.asarray(valid, bool)
     chex.assert_equal_shape([tokens, valid])
-    check_masks(valid, np.zeros(valid.shape, bool), tokens.shape[1])
+    check_masks(tokens.shape, given, None, tokens.shape[1])  # one window of n: valid is a prefix
     return _wake(params, state, tokens, valid, config)

@@ -82,13 +82,8 @@ def evict(caches: tuple[Any, ...], prev_valid: jax.Array, rows: jax.Array, confi
     eviction mode. Returns the new caches and `prev_valid`; other rows are unchanged."""
     mode = config.sleep.eviction_mode
     kinds = [mixer_kind(kind) for kind in config.model.layers]
-
-    def apply(caches):
-        evicted = tuple(kind.evict(cache, mode) for kind, cache in zip(kinds, caches, strict=True))
-        return select_rows(rows, evicted, caches)
-
-    caches = lax.cond(jnp.any(rows), apply, lambda caches: caches, caches)  # most windows: no row to touch
-    return caches, jnp.where(rows, mode.keeps_previous_window, prev_valid)
+    evicted = tuple(kind.evict(cache, mode) for kind, cache in zip(kinds, caches, strict=True))
+    return select_rows(rows, evicted, caches), jnp.where(rows, mode.keeps_previous_window, prev_valid)
 
 
 def reset(caches: tuple[Any, ...], prev_valid: jax.Array, rows: jax.Array, window: int, config: Config):
@@ -96,5 +91,5 @@ def reset(caches: tuple[Any, ...], prev_valid: jax.Array, rows: jax.Array, windo
     with windows of `window` tokens, nothing is kept from a previous window. Returns the new caches and
     `prev_valid`."""
     apply = lambda caches: select_rows(rows, init_caches(config, prev_valid.shape[0], window), caches)
-    caches = lax.cond(jnp.any(rows), apply, lambda caches: caches, caches)
+    caches = lax.cond(jnp.any(rows), apply, lambda caches: caches, caches)  # most windows start no document
     return caches, jnp.where(rows, False, prev_valid)
