@@ -2,9 +2,9 @@
 
     python experiments/report.py [--results experiments/results]
 
-Writes RESULTS/report.json, depth_gain.png (final exact vs Rule 110 depth, N=1 and N=2) and
-rule110-sleep-tT.png per sleep sweep (final exact vs N, one dot per seed), and prints the Markdown tables used in
-RESULTS.md.
+Writes RESULTS/report.json, depth_gain.png (final exact vs Rule 110 depth, N=1 and N=2), SWEEP.png per sleep sweep
+(rule110-sleep-tT, depo-1hop: final accuracy vs N, one dot per seed, the ceiling and floor as lines) and the lm
+sweep's loss by position, and prints the Markdown tables used in RESULTS.md.
 """
 
 from __future__ import annotations
@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import re
 import statistics
 from pathlib import Path
 
@@ -52,24 +53,31 @@ def mean_and_standard_error(values: list[float]) -> tuple[float, float | None]:
     return mean, (statistics.stdev(values) / len(values) ** 0.5 if len(values) > 1 else None)
 
 
-def sleep_table(runs: dict) -> tuple[dict, str]:
-    """Final exact per N over seeds (runs named "N{n}-s{seed}"), and each N's gain over N=1 on the same seed (same
-    initialisation and data order: a paired comparison), with the mean gain's standard error."""
+SEEDED_RUN = re.compile(r"N(\d+)-s(\d+)")  # a sleep sweep's run at N passes and one seed
+CEILING, FLOOR = "no-eviction", "attention-evicted"  # a sleep sweep's bounds, where it has them
+
+
+def sleep_table(runs: dict, metric: str = "exact") -> tuple[dict, str]:
+    """Final held-out `metric` per N over seeds (runs named "N{n}-s{seed}"; the bounds are left out), and each N's
+    gain over N=1 on the same seed (same initialisation and data order: a paired comparison), with the mean gain's
+    standard error."""
     by_n: dict[int, dict[str, dict]] = {}
     for name, r in sorted(runs.items()):
-        by_n.setdefault(r["passes"], {})[name.split("-")[-1]] = r
+        if SEEDED_RUN.fullmatch(name):
+            by_n.setdefault(r["passes"], {})[name.split("-")[-1]] = r
     table = {}
     lines = [
-        "| N | seeds | final exact per seed | mean | spread | gain over N=1, same seed | mean gain ± s.e. "
+        f"| N | seeds | final {metric} per seed | mean | spread | gain over N=1, same seed | mean gain ± s.e. "
         "| minutes per run |"
     ]
     lines.append("|---|---|---|---|---|---|---|---|")
     for n, rs in sorted(by_n.items()):
-        finals = [r["final_exact"] for r in rs.values()]
-        gains = [r["final_exact"] - by_n[1][seed]["final_exact"] for seed, r in rs.items() if seed in by_n.get(1, {})]
+        finals = [r["final"][metric] for r in rs.values()]
+        baseline = {seed: r["final"][metric] for seed, r in by_n.get(1, {}).items()}
+        gains = [r["final"][metric] - baseline[seed] for seed, r in rs.items() if seed in baseline]
         table[n] = {
             "seeds": list(rs),
-            "final_exact": finals,
+            "final": finals,
             "mean": statistics.mean(finals),
             "spread": max(finals) - min(finals),
             "paired_gain": gains,
@@ -87,6 +95,14 @@ def sleep_table(runs: dict) -> tuple[dict, str]:
             f"| {row['spread']:.3f} | {paired} | {summary} | {row['minutes']:.1f} |"
         )
     return table, "\n".join(lines)
+
+
+def bounds_table(runs: dict, metric: str) -> tuple[dict, str]:
+    """The sweep's ceiling (the hybrid without eviction) and floor (attention alone, evicted): final `metric`."""
+    bounds = {name: runs[name]["final"][metric] for name in (CEILING, FLOOR) if name in runs}
+    lines = [f"| bound | final {metric} | minutes |", "|---|---|---|"]
+    lines += [f"| {name} | {value:.3f} | {runs[name]['seconds'] / 60:.1f} |" for name, value in bounds.items()]
+    return bounds, "\n".join(lines)
 
 
 TAKE_OFF = 0.5  # held-out exact accuracy that marks a Rule 110 run as having learned the task
@@ -175,17 +191,40 @@ def lm_plot(runs: dict, sweep_dir: Path, path: Path) -> None:
 
 
 @contextlib.contextmanager
-def final_accuracy_plot(path: Path, xlabel: str, title: str):
-    """Axes to draw final held-out exact accuracies on; chance (4 strings) marked; saved to `path` on exit."""
+def final_accuracy_plot(path: Path, xlabel: str, title: str, metric: str = "exact", chance: float | None = 1 / 16):
+    """Axes to draw final held-out accuracies on; chance (4 strings of Rule 110 by default) marked; saved to `path`
+    on exit."""
     figure, axes = plt.subplots(figsize=(5.6, 3.8))
     yield axes
-    axes.axhline(1 / 16, color="gray", linestyle="--", label="chance")
-    axes.set(xlabel=xlabel, ylabel="held-out exact accuracy (final)", title=title)
+    if chance is not None:
+        axes.axhline(chance, color="gray", linestyle="--", label="chance")
+    axes.set(xlabel=xlabel, ylabel=f"held-out {metric} (final)", title=title)
     axes.grid(alpha=0.3)
     axes.legend()
     figure.tight_layout()
     figure.savefig(path, dpi=120)
     plt.close(figure)
+
+
+# Sleep sweeps (runs "N{n}-s{seed}", and for some a ceiling and a floor): the metric compared and the chance line.
+SLEEP_SWEEPS = {"rule110-sleep-t*": ("exact", 1 / 16), "depo-1hop": ("accuracy", None)}
+
+
+def sleep_sweep_section(results: Path, sweep: str, metric: str, chance: float | None) -> tuple[dict, str]:
+    """The sweep's table of N over seeds, its bounds, and results/SWEEP.png: final `metric` against N, one dot per
+    seed, the bounds as lines."""
+    runs = load(results, sweep)
+    table, markdown = sleep_table(runs, metric)
+    bounds, bounds_markdown = bounds_table(runs, metric)
+    with final_accuracy_plot(results / f"{sweep}.png", "passes N", f"{sweep}: sleep passes", metric, chance) as axes:
+        for n, row in table.items():
+            axes.scatter([n] * len(row["final"]), row["final"], color="C0")
+        axes.plot(list(table), [row["mean"] for row in table.values()], color="C0", label="mean over seeds")
+        for (name, value), color in zip(bounds.items(), ("C2", "C3"), strict=False):
+            axes.axhline(value, color=color, linestyle=":", label=name)
+    if bounds:
+        markdown += "\n\n" + bounds_markdown
+    return {"passes": table, "bounds": bounds}, markdown
 
 
 def main() -> None:
@@ -197,15 +236,11 @@ def main() -> None:
     depth_rows, depth_md = depth_table(load(results, "rule110-depth"), load(results, "rule110-depth-N2"))
     report: dict = {"depth": depth_rows}
     sections = ["## Depth\n\n" + depth_md]
-    for path in sorted(results.glob("rule110-sleep-t*/summary.json")):
-        sweep = path.parent.name
-        table, markdown = sleep_table(load(results, sweep))
-        report[sweep] = table
-        sections.append(f"## {sweep}\n\n{markdown}")
-        with final_accuracy_plot(results / f"{sweep}.png", "passes N", f"Rule 110 {sweep[-2:]}: sleep passes") as axes:
-            for n, row in table.items():
-                axes.scatter([n] * len(row["final_exact"]), row["final_exact"], color="C0")
-            axes.plot(list(table), [row["mean"] for row in table.values()], color="C0", label="mean over seeds")
+    for pattern, (metric, chance) in SLEEP_SWEEPS.items():
+        for path in sorted(results.glob(f"{pattern}/summary.json")):
+            sweep = path.parent.name
+            report[sweep], markdown = sleep_sweep_section(results, sweep, metric, chance)
+            sections.append(f"## {sweep}\n\n{markdown}")
     for path in sorted(
         [*results.glob("rule110-baselines-t*/summary.json"), *results.glob("rule110-lr-t*/summary.json")]
     ):
