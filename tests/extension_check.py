@@ -1,11 +1,12 @@
+# ruff: noqa: E402
 """Run in a subprocess with 8 fake CPU devices (see test_kinds.py): the toy mixer kind and task that test_kinds.py
 registers train for 3 steps on a (2, 2, 2) mesh and on one device. Prints "RESULTS <json>"."""
 
 from __future__ import annotations
 
-import os
+from fake_devices import fake_cpu_devices
 
-os.environ["XLA_FLAGS"] = os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
+fake_cpu_devices(8)  # before jax starts
 
 import json
 import sys

@@ -15,8 +15,10 @@ from __future__ import annotations
 import os
 import sys
 
+from fake_devices import fake_cpu_devices
+
 devices, phase, workdir = int(sys.argv[1]), sys.argv[2], sys.argv[3]
-os.environ["XLA_FLAGS"] = os.environ.get("XLA_FLAGS", "") + f" --xla_force_host_platform_device_count={devices}"
+fake_cpu_devices(devices)
 if phase.startswith("host"):  # what a launcher sets on each host (see sleeplm.cli._initialize_distributed)
     os.environ |= {
         "JAX_COORDINATOR_ADDRESS": f"127.0.0.1:{os.environ['SLEEPLM_TEST_PORT']}",

@@ -98,6 +98,7 @@ def test_sleep_table_pairs_seeds_and_gives_the_mean_gain_with_its_standard_error
     runs = {name: {"passes": int(name[1]), "final": {"exact": f}, "seconds": 60.0} for name, f in finals.items()}
     runs[report.CEILING] = {"passes": 1, "final": {"exact": 1.0}, "seconds": 60.0}  # a bound, not a seed of N=1
     table, markdown = report.sleep_table(runs)
+    assert table[1]["seeds"] == ["s0", "s1", "s2"] and table[1]["mean"] == pytest.approx(0.3)
     assert table[2]["paired_gain"] == pytest.approx([0.3, 0.0, 0.3])  # s0, s1, s2 against N=1 on the same seed
     assert table[2]["mean_gain"] == pytest.approx(0.2)
     assert table[2]["gain_standard_error"] == pytest.approx(0.1)  # sample sd sqrt(0.03) over sqrt(3)

@@ -20,6 +20,7 @@ import pytest
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
+from fake_devices import fake_cpu_devices  # noqa: E402
 from safetensors.numpy import load_file, save_file  # noqa: E402
 from test_packing import ROW_LENGTH, pack  # noqa: E402
 from test_sleep import WINDOW  # noqa: E402
@@ -429,7 +430,7 @@ print("RESULTS " + json.dumps({"same": same, "placed": placed, "split": split, "
 
 
 def test_convert_under_a_mesh_places_each_parameter_shard_by_shard(checkpoints, tmp_path):
-    environment = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4", JAX_PLATFORMS="cpu")
+    environment = fake_cpu_devices(4, dict(os.environ, JAX_PLATFORMS="cpu"))
     command = [sys.executable, "-c", MESH_SCRIPT, str(checkpoints["qwen3_next"][0]), str(tmp_path / "sharded")]
     done = subprocess.run(command, capture_output=True, text=True, timeout=600, env=environment, check=False)
     lines = [line for line in done.stdout.splitlines() if line.startswith("RESULTS ")]
