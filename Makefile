@@ -58,7 +58,9 @@ reproduce-cpu: $(STAMP)
 	$(REPRODUCE) rule110-baselines-t4
 	$(REPRODUCE) rule110-depth-N2
 	$(REPRODUCE) depo
+	$(REPRODUCE) depo-1hop
 	$(REPRODUCE) arith
+	$(REPRODUCE) arith-1op
 	$(REPRODUCE) lm
 	$(PY) experiments/report.py
 

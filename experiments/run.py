@@ -4,7 +4,7 @@
                                     [--results experiments/results]
 
 SWEEP is one of experiments/sweeps.py's: rule110-depth, rule110-depth-N2, rule110-lr-tT, rule110-sleep-tT,
-rule110-baselines-tT (T the Rule 110 depth), depo, arith. Each run
+rule110-baselines-tT (T the Rule 110 depth), depo, depo-1hop, arith, arith-1op, lm. Each run
 trains in WORKDIR/SWEEP/NAME (resuming from its last checkpoint if cut off); when it finishes, its metrics and
 experiment are copied to RESULTS/SWEEP/ and the sweep's summary.json and plot are rewritten, so a
 sweep stopped halfway keeps every finished run. Finished runs are skipped on a rerun.

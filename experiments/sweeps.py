@@ -59,6 +59,9 @@ DEPO = SMALL | {
 # steps): the sleep comparison between the no-eviction ceiling and the attention-only floor, 1000 steps.
 DEPO_ONE_HOP = DEPO | {"task.min_hops": "1", "task.max_hops": "1", "train.steps": "1000"}
 ARITH = SMALL | {"task.num_vars": "16", "task.max_ops": "3", "task.windows": "2", "sleep.window": "24"}
+# Arithmetic with one operation only, without eviction: is the task learned at all at this size? (The 600-step
+# sweep above stayed at chance for every chain length.)
+ARITH_ONE_OP = ARITH | {"task.min_ops": "1", "task.max_ops": "1", "train.steps": "1500"}
 # Language modelling on the Python standard library (the lm-cpu preset: d=128, 4 blocks, L=64, vocabulary 4096), with
 # rows of 8 windows (512 tokens) so that the loss by position within a document reaches [4L, 8L); batch 8 keeps the
 # preset's 4096 tokens a step. 800 steps, Muon at the preset's 2e-3.
@@ -88,6 +91,16 @@ def sweeps(muon_lr: str) -> dict[str, list[Run]]:
             Run("no-eviction", "depo-cpu", DEPO_ONE_HOP | lr | {"sleep.eviction": "none"}),
             Run("attention-evicted", "depo-cpu", DEPO_ONE_HOP | lr | {"model.layers": ATTENTION_ONLY}),
             *sleep_runs("depo-cpu", DEPO_ONE_HOP | lr),
+        ],
+        # The upper bound for arithmetic at one operation: the hybrid without eviction, at d=64 (1500 steps), then
+        # at d=128 over twice the steps.
+        "arith-1op": [
+            Run("no-eviction", "arith-cpu", ARITH_ONE_OP | lr | {"sleep.eviction": "none"}),
+            Run(
+                "no-eviction-d128",
+                "arith-cpu",
+                ARITH_ONE_OP | lr | {"sleep.eviction": "none", "model.d_model": "128", "train.steps": "3000"},
+            ),
         ],
         # Language modelling with sleep: N = 1 and 2 (hard eviction) between the same hybrid without eviction (an
         # upper bound) and attention alone with eviction (a floor: nothing crosses a window), at equal tokens.
