@@ -108,18 +108,20 @@ def bounds_table(runs: dict, metric: str) -> tuple[dict, str]:
 TAKE_OFF = 0.5  # held-out exact accuracy that marks a Rule 110 run as having learned the task
 
 
-def take_off_step(run: Path) -> int | None:
-    """The first evaluated step at which the run's held-out exact accuracy reached TAKE_OFF (None: never)."""
-    return next((e["step"] for e in read_evals(run) if e["exact"] >= TAKE_OFF), None)
+def take_off_step(run: Path, metric: str = "exact", level: float = TAKE_OFF) -> int | None:
+    """The first evaluated step at which the run's held-out `metric` reached `level` (None: never)."""
+    return next((e["step"] for e in read_evals(run) if e[metric] >= level), None)
 
 
-def plain_table(runs: dict, sweep_dir: Path) -> str:
-    lines = [f"| run | N | steps | final exact | best exact | first step with exact ≥ {TAKE_OFF} | minutes |"]
+def plain_table(runs: dict, sweep_dir: Path, metric: str = "exact", level: float = TAKE_OFF) -> str:
+    """Per run: final and best held-out `metric`, the first step it reached `level`, and wall minutes."""
+    lines = [f"| run | N | steps | final {metric} | best {metric} | first step with {metric} ≥ {level} | minutes |"]
     lines.append("|---|---|---|---|---|---|---|")
     for name, r in sorted(runs.items()):
-        step = take_off_step(sweep_dir / name)
+        step = take_off_step(sweep_dir / name, metric, level)
+        best = max(e[metric] for e in read_evals(sweep_dir / name))
         lines.append(
-            f"| {name} | {r['passes']} | {r['steps']} | {r['final_exact']:.3f} | {r['best_exact']:.3f} "
+            f"| {name} | {r['passes']} | {r['steps']} | {r['final'][metric]:.3f} | {best:.3f} "
             f"| {step if step is not None else 'never'} | {r['seconds'] / 60:.1f} |"
         )
     return "\n".join(lines)
@@ -206,13 +208,16 @@ def final_accuracy_plot(path: Path, xlabel: str, title: str, metric: str = "exac
     plt.close(figure)
 
 
-# Sleep sweeps (runs "N{n}-s{seed}", and for some a ceiling and a floor): the metric compared and the chance line.
-SLEEP_SWEEPS = {"rule110-sleep-t*": ("exact", 1 / 16), "depo-1hop": ("accuracy", None)}
+# Sleep sweeps (runs "N{n}-s{seed}", and for some a ceiling and a floor): the metric compared, its chance line, and
+# the level whose first crossing times each run's learning (None: no such table).
+SLEEP_SWEEPS = {"rule110-sleep-t*": ("exact", 1 / 16, None), "depo-1hop": ("accuracy", None, 0.9)}
 
 
-def sleep_sweep_section(results: Path, sweep: str, metric: str, chance: float | None) -> tuple[dict, str]:
-    """The sweep's table of N over seeds, its bounds, and results/SWEEP.png: final `metric` against N, one dot per
-    seed, the bounds as lines."""
+def sleep_sweep_section(
+    results: Path, sweep: str, metric: str, chance: float | None, level: float | None
+) -> tuple[dict, str]:
+    """The sweep's table of N over seeds, its bounds, each run's first step at `level` (if given), and
+    results/SWEEP.png: final `metric` against N, one dot per seed, the bounds as lines."""
     runs = load(results, sweep)
     table, markdown = sleep_table(runs, metric)
     bounds, bounds_markdown = bounds_table(runs, metric)
@@ -224,6 +229,8 @@ def sleep_sweep_section(results: Path, sweep: str, metric: str, chance: float | 
             axes.axhline(value, color=color, linestyle=":", label=name)
     if bounds:
         markdown += "\n\n" + bounds_markdown
+    if level is not None:
+        markdown += "\n\n" + plain_table(runs, results / sweep, metric, level)
     return {"passes": table, "bounds": bounds}, markdown
 
 
@@ -236,17 +243,17 @@ def main() -> None:
     depth_rows, depth_md = depth_table(load(results, "rule110-depth"), load(results, "rule110-depth-N2"))
     report: dict = {"depth": depth_rows}
     sections = ["## Depth\n\n" + depth_md]
-    for pattern, (metric, chance) in SLEEP_SWEEPS.items():
+    for pattern, (metric, chance, level) in SLEEP_SWEEPS.items():
         for path in sorted(results.glob(f"{pattern}/summary.json")):
             sweep = path.parent.name
-            report[sweep], markdown = sleep_sweep_section(results, sweep, metric, chance)
+            report[sweep], markdown = sleep_sweep_section(results, sweep, metric, chance, level)
             sections.append(f"## {sweep}\n\n{markdown}")
     for path in sorted(
         [*results.glob("rule110-baselines-t*/summary.json"), *results.glob("rule110-lr-t*/summary.json")]
     ):
         report[path.parent.name] = load(results, path.parent.name)
         sections.append(f"## {path.parent.name}\n\n" + plain_table(load(results, path.parent.name), path.parent))
-    for sweep, prefix in (("depo", "accuracy@k"), ("arith", "accuracy@ops")):
+    for sweep, prefix in (("depo", "accuracy@k"), ("arith", "accuracy@ops"), ("arith-1op", "accuracy@ops")):
         runs = load(results, sweep)
         if runs:
             report[sweep] = runs
