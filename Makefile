@@ -17,9 +17,9 @@ setup: $(STAMP)
 demo: $(STAMP)
 	$(PY) -m sleeplm demo
 
-# Whole files per worker (both targets): a module-scoped fixture (test_parallel's 8-device subprocess, ~200 s) then runs once. The
-# xdist_group marks that --dist loadgroup reads are ignored under pytest 9.2 (pytest-xdist issue 1386). A crashed
-# worker ends the run (--max-worker-restart=0): after a restart under loadfile the run has been seen to hang.
+# Whole files per worker, in both targets: a module-scoped fixture (test_parallel's 8-device subprocess, ~200 s) then
+# runs once. The xdist_group marks that --dist loadgroup reads are ignored under pytest 9.2 (pytest-xdist issue 1386).
+# A crashed worker ends the run (--max-worker-restart=0): after a restart under loadfile the run has been seen to hang.
 test: $(STAMP)
 	$(PY) -m pytest -q -n 2 --dist loadfile --max-worker-restart=0
 

@@ -69,8 +69,9 @@ LM = QUIET | {"task.windows": "8", "train.batch_size": "8", "run.eval_examples":
 
 
 def sleep_runs(preset: str, overrides: dict[str, str]) -> list[Run]:
-    """Hard eviction at N = 1 and 2 over SEEDS and N = 4 on the first, named "N{n}-s{seed}", the cheapest first: a
-    sweep cut short still pairs N = 2 with N = 1 on the same seed (same initialisation and data order)."""
+    """Hard eviction at N = 1 and 2 over SEEDS and N = 4 on the first, named "N{n}-s{seed}": N = 1, 2, 4 on the first
+    seed, then N = 1, 2 seed by seed, so that a sweep cut short still pairs N = 2 with N = 1 on the same seed (same
+    initialisation and data order)."""
     pairs = [(1, SEEDS[0]), (2, SEEDS[0]), (4, SEEDS[0]), *((n, s) for s in SEEDS[1:] for n in (1, 2))]
     return [Run(f"N{n}-s{s}", preset, overrides | {"sleep.passes": str(n), "train.seed": str(s)}) for n, s in pairs]
 
