@@ -53,7 +53,7 @@ def mean_and_standard_error(values: list[float]) -> tuple[float, float | None]:
     return mean, (statistics.stdev(values) / len(values) ** 0.5 if len(values) > 1 else None)
 
 
-SEEDED_RUN = re.compile(r"N(\d+)-s(\d+)")  # a sleep sweep's run at N passes and one seed
+SEEDED_RUN = re.compile(r"N\d+-(s\d+)")  # a sleep sweep's run at N passes on one seed (the group)
 CEILING, FLOOR = "no-eviction", "attention-evicted"  # a sleep sweep's bounds, where it has them
 
 
@@ -63,8 +63,8 @@ def sleep_table(runs: dict, metric: str = "exact") -> tuple[dict, str]:
     standard error."""
     by_n: dict[int, dict[str, dict]] = {}
     for name, r in sorted(runs.items()):
-        if SEEDED_RUN.fullmatch(name):
-            by_n.setdefault(r["passes"], {})[name.split("-")[-1]] = r
+        if seeded := SEEDED_RUN.fullmatch(name):
+            by_n.setdefault(r["passes"], {})[seeded[1]] = r
     table = {}
     lines = [
         f"| N | seeds | final {metric} per seed | mean | spread | gain over N=1, same seed | mean gain ± s.e. "

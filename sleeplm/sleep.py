@@ -142,7 +142,9 @@ def check_masks(shape: tuple[int, int], valid: Any, document_start: Any, window:
     if not given or any(isinstance(mask, jax.core.Tracer) for mask in given):
         return
     valid = np.ones(shape, bool) if valid is None else np.asarray(jax.device_get(valid), bool)
-    document_start = np.zeros(shape, bool) if document_start is None else np.asarray(jax.device_get(document_start))
+    document_start = (
+        np.zeros(shape, bool) if document_start is None else np.asarray(jax.device_get(document_start), bool)
+    )
     batch, length = shape
     padded = np.zeros((batch, -(-length // window) * window), bool)
     padded[:, :length] = valid
@@ -268,12 +270,11 @@ def forward_with_state(
     check_tokens(tokens, config)
     masks = _sequence_masks(tokens, valid, document_start)  # shapes checked first
     check_masks(tokens.shape, valid, document_start, config.sleep.window)
-    valid, document_start = masks
     bounded = config.sleep.eviction_mode.bounded
     slots = cache_length(config, tokens.shape[1] if capacity is None and not bounded else capacity)
     if not bounded and slots < tokens.shape[1]:
         raise ValueError(f"capacity={capacity} is invalid: it must hold the whole sequence, {tokens.shape[1]} tokens")
-    return _forward(params, tokens, valid, document_start, slots, config)
+    return _forward(params, tokens, *masks, slots, config)
 
 
 def forward(params: Params, tokens: jax.Array, config: Config, *, valid=None, document_start=None) -> jax.Array:
@@ -371,8 +372,7 @@ def wake_step(
     """
     check_tokens(tokens, config)
     chex.assert_equal(tokens.shape[0], state.hidden.shape[0])
-    given = valid
-    valid = jnp.ones(tokens.shape, bool) if valid is None else jnp.asarray(valid, bool)
-    chex.assert_equal_shape([tokens, valid])
-    check_masks(tokens.shape, given, None, tokens.shape[1])  # one window of n: valid is a prefix
-    return _wake(params, state, tokens, valid, config)
+    mask = jnp.ones(tokens.shape, bool) if valid is None else jnp.asarray(valid, bool)
+    chex.assert_equal_shape([tokens, mask])
+    check_masks(tokens.shape, valid, None, tokens.shape[1])  # one window of n: valid is a prefix
+    return _wake(params, state, tokens, mask, config)

@@ -1,10 +1,11 @@
 """The environment of a process that fakes several CPU devices (the multi-device checks run as subprocesses).
 
-XLA runs every fake device's thunks on one shared intra-op thread pool, sized to the machine's cores (2 here, read
-from NPROC when set). A collective blocks its thread until every device reaches it, so when the blocked collectives
-fill the pool, the devices that have not reached them yet cannot run: with NPROC=1 `multidevice_check.py` deadlocks
-every time, and with 2 cores it did so under load (XLA aborts the collective after its timeout). A pool of four
-threads per device leaves room for every device to reach its collectives.
+XLA offloads some of every fake device's thunks to one shared intra-op thread pool, sized to the machine's cores (2
+here, read from NPROC when set). A collective blocks its thread until every device reaches it, so when blocked
+collectives fill the pool, the devices that have not reached them yet may be unable to run. `multidevice_check.py`
+deadlocked so (XLA aborts the collective after its timeout) in 2 of 4 runs at the default pool on 2 cores and in 1 of
+2 at NPROC=1; the likely cause, not a proven one. A pool of four threads per device leaves room for every device to
+reach its collectives.
 """
 
 from __future__ import annotations
