@@ -59,6 +59,7 @@ reproduce-cpu: $(STAMP)
 	$(REPRODUCE) rule110-depth-N2
 	$(REPRODUCE) depo
 	$(REPRODUCE) depo-1hop
+	$(REPRODUCE) depo-2hops
 	$(REPRODUCE) arith
 	$(REPRODUCE) arith-1op
 	$(REPRODUCE) lm

@@ -253,7 +253,13 @@ def main() -> None:
     ):
         report[path.parent.name] = load(results, path.parent.name)
         sections.append(f"## {path.parent.name}\n\n" + plain_table(load(results, path.parent.name), path.parent))
-    for sweep, prefix in (("depo", "accuracy@k"), ("arith", "accuracy@ops"), ("arith-1op", "accuracy@ops")):
+    groups = (
+        ("depo", "accuracy@k"),
+        ("depo-2hops", "accuracy@k"),
+        ("arith", "accuracy@ops"),
+        ("arith-1op", "accuracy@ops"),
+    )
+    for sweep, prefix in groups:
         runs = load(results, sweep)
         if runs:
             report[sweep] = runs

@@ -34,6 +34,7 @@ LEARNING_RATES = ("1e-3", "2e-3", "4e-3", "8e-3", "1.6e-2")  # Muon's, for the h
 SEEDS = (0, 1, 2)
 MORE_SEEDS = (3, 4, 5)  # N=1 and N=2 only: at t=4 the seed spread (~0.3) is larger than the gains
 ATTENTION_ONLY = "attn,attn,attn,attn"
+HYBRID_8 = "attn,gdn,attn,gdn,attn,gdn,attn,gdn"
 
 
 def rule110(name: str, depth: int, passes: int = 1, seed: int = 0, **extra: str) -> Run:
@@ -58,6 +59,9 @@ DEPO = SMALL | {
 # (depo-1hop/no-eviction: 0.976 held-out accuracy; the sweep above, k = 1..4 mixed, stayed at chance at every N in
 # 600 steps): the sleep comparison between the no-eviction ceiling and the attention-only floor, 1000 steps.
 DEPO_ONE_HOP = DEPO | {"task.min_hops": "1", "task.max_hops": "1", "train.steps": "1000"}
+# The next step up: k = 1 or 2 hops (each query's k drawn uniformly), otherwise as DEPO_ONE_HOP. One-hop queries keep
+# teaching the lookup that two hops compose.
+DEPO_TWO_HOPS = DEPO_ONE_HOP | {"task.max_hops": "2"}
 ARITH = SMALL | {"task.num_vars": "16", "task.max_ops": "3", "task.windows": "2", "sleep.window": "24"}
 # Arithmetic with one operation only, without eviction: is the task learned at all at this size? (The 600-step
 # sweep above stayed at chance for every chain length.)
@@ -93,15 +97,32 @@ def sweeps(muon_lr: str) -> dict[str, list[Run]]:
             Run("attention-evicted", "depo-cpu", DEPO_ONE_HOP | lr | {"model.layers": ATTENTION_ONLY}),
             *sleep_runs("depo-cpu", DEPO_ONE_HOP | lr),
         ],
-        # The upper bound for arithmetic at one operation: the hybrid without eviction, at d=64 (1500 steps), then
-        # at d=128 over twice the steps.
+        # The same between one and two hops; the ceiling first (is k = 2 learned at all?).
+        "depo-2hops": [
+            Run("no-eviction", "depo-cpu", DEPO_TWO_HOPS | lr | {"sleep.eviction": "none"}),
+            Run("attention-evicted", "depo-cpu", DEPO_TWO_HOPS | lr | {"model.layers": ATTENTION_ONLY}),
+            *sleep_runs("depo-cpu", DEPO_TWO_HOPS | lr),
+        ],
+        # The upper bound for arithmetic at one operation: the hybrid without eviction at d=64 and 4 blocks, then
+        # twice as wide or twice as deep (4 attention blocks: the answer composes several lookups), equal steps.
         "arith-1op": [
             Run("no-eviction", "arith-cpu", ARITH_ONE_OP | lr | {"sleep.eviction": "none"}),
             Run(
-                "no-eviction-d128",
+                "no-eviction-8blocks",
                 "arith-cpu",
-                ARITH_ONE_OP | lr | {"sleep.eviction": "none", "model.d_model": "128", "train.steps": "3000"},
+                ARITH_ONE_OP | lr | {"sleep.eviction": "none", "model.layers": HYBRID_8},
             ),
+            Run(
+                "no-eviction-d128", "arith-cpu", ARITH_ONE_OP | lr | {"sleep.eviction": "none", "model.d_model": "128"}
+            ),
+            # The whole problem in one window of 24 (one distractor statement): is the search among distractors or the
+            # composition of lookups what is not learned?
+            *(
+                Run(f"one-window{suffix}", "arith-cpu", ARITH_ONE_OP | lr | {"task.windows": "1"} | extra)
+                for suffix, extra in (("", {}), ("-8blocks", {"model.layers": HYBRID_8}))
+            ),
+            # Neither learns it in 1500 steps (about 0.5): does it with more?
+            Run("one-window-10k-steps", "arith-cpu", ARITH_ONE_OP | lr | {"task.windows": "1", "train.steps": "10000"}),
         ],
         # Language modelling with sleep: N = 1 and 2 (hard eviction) between the same hybrid without eviction (an
         # upper bound) and attention alone with eviction (a floor: nothing crosses a window), at equal tokens.

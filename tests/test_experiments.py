@@ -11,10 +11,12 @@ from pathlib import Path
 import pytest
 
 sys.path.insert(0, str(Path(__file__).parents[1] / "experiments"))
+import arith_diagnosis
 import report
 import run as run_script
 from sweeps import TUNED_MUON_LR, Run, sweeps
 
+from sleeplm.data.arith import ArithConfig
 from sleeplm.presets import build_experiment
 
 ALL = sweeps(TUNED_MUON_LR)
@@ -113,3 +115,24 @@ def test_take_off_is_the_first_evaluation_at_or_above_the_threshold(tmp_path):
     assert report.take_off_step(tmp_path) == 100
     (tmp_path / "metrics.jsonl").write_text(json.dumps(records[0]) + "\n")
     assert report.take_off_step(tmp_path) is None
+
+
+def test_arithmetic_problems_are_read_back_from_their_tokens():
+    one_op, two_ops = (
+        "<pad> Q v3 ; v5 = 2 ; v7 = 1 ; v3 = v5 - v9 ; v9 = 4 ; A : 3",
+        "Q v3 ; v6 = v5 + v5 ; v3 = v6 * v5 ; A : 4",
+    )
+    problem = arith_diagnosis.read_problem(one_op.split())
+    assert problem == {"operator": "-", "operands": (2, 4), "constants": [2, 1, 4], "answer": 3}
+    with pytest.raises(ValueError, match="not a one-operation problem"):
+        arith_diagnosis.read_problem(two_ops.split())
+
+
+def test_knowing_the_operator_and_the_operands_answers_every_generated_problem_and_the_operator_alone_does_not():
+    config = ArithConfig(num_vars=16, modulus=5, min_ops=1, max_ops=1, windows=1, window=24)
+    fit, score = arith_diagnosis.problems(config, "train", 2000), arith_diagnosis.problems(config, "eval", 300)
+    assert all(len(p["constants"]) == 3 for p in score)  # one window of 24 leaves room for one more constant
+    full = arith_diagnosis.INFORMATION["operator and both operands' values"]
+    assert arith_diagnosis.bayes_accuracy(fit, score, full)["accuracy"] == 1.0
+    operator_only = arith_diagnosis.bayes_accuracy(fit, score, arith_diagnosis.INFORMATION["operator"])
+    assert operator_only["accuracy"] < 0.35  # answers are uniform over Z_5; "*" leans to 0
