@@ -123,6 +123,19 @@ def sweeps(muon_lr: str) -> dict[str, list[Run]]:
             ),
             # Neither learns it in 1500 steps (about 0.5): does it with more?
             Run("one-window-10k-steps", "arith-cpu", ARITH_ONE_OP | lr | {"task.windows": "1", "train.steps": "10000"}),
+            # A curriculum by mixing: half the problems ask for a constant (0 operations, a single lookup, as Depo's one
+            # hop); does learning the lookup let one operation compose two?
+            Run(
+                "one-window-ops0-1",
+                "arith-cpu",
+                ARITH_ONE_OP | lr | {"task.windows": "1", "task.min_ops": "0", "train.steps": "3000"},
+            ),
+            # The same mixture over the sweep's 2 windows, without eviction: the upper bound for a sleep sweep.
+            Run(
+                "no-eviction-ops0-1",
+                "arith-cpu",
+                ARITH_ONE_OP | lr | {"sleep.eviction": "none", "task.min_ops": "0", "train.steps": "3000"},
+            ),
         ],
         # Language modelling with sleep: N = 1 and 2 (hard eviction) between the same hybrid without eviction (an
         # upper bound) and attention alone with eviction (a floor: nothing crosses a window), at equal tokens.

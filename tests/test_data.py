@@ -177,7 +177,7 @@ def closure_operations(variable, definitions):
 
 
 def test_arith_answers_match_evaluating_the_statements():
-    config = ArithConfig(num_vars=40, modulus=7, min_ops=1, max_ops=6, windows=3, window=32)
+    config = ArithConfig(num_vars=40, modulus=7, min_ops=0, max_ops=6, windows=3, window=32)
     source = make_source(config, "train", seed=3, size=600)
     ops_counts, answers = collections.Counter(), collections.Counter()
     for index in range(600):
@@ -199,7 +199,7 @@ def test_arith_answers_match_evaluating_the_statements():
         np.testing.assert_array_equal(label_positions(example), [len(text) - 2])
         ops_counts[int(example["ops"])] += 1
         answers[int(example["answer"])] += 1
-    assert set(ops_counts) == set(range(1, 7))
+    assert set(ops_counts) == set(range(7))
     assert max(ops_counts.values()) < 2 * min(ops_counts.values())
     assert max(answers.values()) / 600 < 1.6 / config.modulus  # the majority answer stays near chance
 
@@ -244,6 +244,7 @@ def test_batched_dataset_is_deterministic():
         (lambda: DepoConfig(max_nodes=100, name_tokens=9), r"task.name_tokens=9 is invalid"),
         (lambda: DepoConfig(min_hops=5, max_hops=2), r"task.min_hops=5 is invalid"),
         (lambda: ArithConfig(windows=1, window=16), r"too short for max_ops=8"),
+        (lambda: ArithConfig(min_ops=-1), r"task.min_ops=-1 is invalid: must be an integer >= 0"),
         (lambda: make_source(Rule110Config(), "test"), r"split='test' is invalid"),
         (lambda: make_source(Rule110Config(), "train", 0, 10, held_out_fraction=1.5), r"held_out_fraction=1.5"),
         (lambda: make_source("rule110"), r"task config of type str is not registered: registered tasks are rule110"),

@@ -2,9 +2,10 @@
 
 Layout: left padding, the question `Q vX ;`, declarative statements in shuffled order (constants `vA = 7 ;` and
 operations `vB = vA + vC ;`, mod P), then `A :` and the answer (one token). The queried variable's dependency
-closure holds exactly `ops` operations; distractor statements (which may read chain variables, so names alone do
-not tell them apart) fill the problem to `windows` windows. The answer is drawn uniformly from Z_P first and the
-problem rejection-sampled to match it, so always answering the most frequent value scores about 1/P.
+closure holds exactly `ops` operations (0: the queried variable is a constant, a single lookup); distractor
+statements (which may read chain variables, so names alone do not tell them apart) fill the problem to `windows`
+windows. The answer is drawn uniformly from Z_P first and the problem rejection-sampled to match it, so always
+answering the most frequent value scores about 1/P.
 """
 
 from __future__ import annotations
@@ -32,7 +33,11 @@ class ArithConfig:
     reuse_probability: float = 0.5
 
     def __post_init__(self) -> None:
-        check_positive_ints(self, ("num_vars", "modulus", "min_ops", "max_ops", "windows", "window"), prefix="task.")
+        check_positive_ints(self, ("num_vars", "modulus", "max_ops", "windows", "window"), prefix="task.")
+        if not isinstance(self.min_ops, int) or self.min_ops < 0:
+            raise ValueError(
+                f"task.min_ops={self.min_ops!r} is invalid: must be an integer >= 0 (0: the query is a constant)"
+            )
         if self.min_ops > self.max_ops:
             raise ValueError(f"task.min_ops={self.min_ops} is invalid: must be <= max_ops={self.max_ops}")
         if self.modulus < 2:
