@@ -63,8 +63,10 @@ def example_problem(config: ArithConfig, inputs: np.ndarray, targets: np.ndarray
 
 
 def problems(config: ArithConfig, split: str, count: int, seed: int = 0) -> list[dict]:
+    """The one-operation problems among the first `count` examples of a split."""
     source = make_source(config, split, seed=seed, size=count)
-    return [example_problem(config, source[i]["inputs"], source[i]["targets"]) for i in range(count)]
+    examples = (source[i] for i in range(count))
+    return [example_problem(config, e["inputs"], e["targets"]) for e in examples if e["ops"] == 1]
 
 
 def by_operator(right: np.ndarray, operators: list[str]) -> dict[str, float]:
@@ -84,18 +86,25 @@ def bayes_accuracy(fit: list[dict], score: list[dict], information) -> dict:
 
 
 def run_accuracy(workdir: Path, examples: int) -> dict:
-    """Exact accuracy per operator of the run's latest checkpoint on `examples` held-out problems."""
+    """Exact accuracy per operator of the run's latest checkpoint on the one-operation problems among `examples`
+    held-out ones."""
     experiment = experiment_from_json(json.loads((workdir / "experiment.json").read_text()))
     params, step = Checkpointer(workdir / "checkpoints", keep=1).restore_params(experiment)
     source = make_source(experiment.task, "eval", seed=experiment.train.seed, size=examples)
     right, operators = [], []
     for batch in batched(source, 128, seed=0, shuffle=False):
         result = eval_step(params, jax.tree.map(jnp.asarray, model_batch(batch)), experiment.config)
-        right.extend(jax.device_get(result["exact"]).astype(bool))
-        for inputs, targets in zip(batch["inputs"], batch["targets"], strict=True):
+        one_op = batch["ops"] == 1
+        right.extend(jax.device_get(result["exact"]).astype(bool)[one_op])
+        for inputs, targets in zip(batch["inputs"][one_op], batch["targets"][one_op], strict=True):
             operators.append(example_problem(experiment.task, inputs, targets)["operator"])
     right = np.asarray(right)
-    return {"step": step, "accuracy": float(right.mean()), "by_operator": by_operator(right, operators)}
+    return {
+        "step": step,
+        "problems": len(right),
+        "accuracy": float(right.mean()),
+        "by_operator": by_operator(right, operators),
+    }
 
 
 def main(argv: list[str]) -> None:

@@ -129,8 +129,9 @@ def test_arithmetic_problems_are_read_back_from_their_tokens():
 
 
 def test_knowing_the_operator_and_the_operands_answers_every_generated_problem_and_the_operator_alone_does_not():
-    config = ArithConfig(num_vars=16, modulus=5, min_ops=1, max_ops=1, windows=1, window=24)
-    fit, score = arith_diagnosis.problems(config, "train", 2000), arith_diagnosis.problems(config, "eval", 300)
+    config = ArithConfig(num_vars=16, modulus=5, min_ops=0, max_ops=1, windows=1, window=24)
+    fit, score = arith_diagnosis.problems(config, "train", 4000), arith_diagnosis.problems(config, "eval", 600)
+    assert 200 < len(score) < 400  # the one-operation half of a mixture with constant queries
     assert all(len(p["constants"]) == 3 for p in score)  # one window of 24 leaves room for one more constant
     full = arith_diagnosis.INFORMATION["operator and both operands' values"]
     assert arith_diagnosis.bayes_accuracy(fit, score, full)["accuracy"] == 1.0
