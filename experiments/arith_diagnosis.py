@@ -19,6 +19,7 @@ from pathlib import Path
 import jax
 import jax.numpy as jnp
 import numpy as np
+from run import provenance  # experiments/run.py, beside this script
 
 from sleeplm.checkpoint import Checkpointer
 from sleeplm.data import batched, make_source
@@ -114,7 +115,7 @@ def main(argv: list[str]) -> None:
     parser.add_argument("--fit-examples", type=int, default=50_000)
     parser.add_argument("--out", type=Path)
     args = parser.parse_args(argv)
-    report = {"command": "python experiments/arith_diagnosis.py " + " ".join(argv), "runs": {}, "oracles": {}}
+    report = {"provenance": provenance(argv, "experiments/arith_diagnosis.py"), "runs": {}, "oracles": {}}
     for workdir in args.runs:
         experiment = experiment_from_json(json.loads((workdir / "experiment.json").read_text()))
         report["runs"][workdir.name] = run_accuracy(workdir, args.examples)

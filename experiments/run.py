@@ -33,10 +33,10 @@ from sleeplm.presets import build_experiment
 RESULTS = Path(__file__).parent / "results"
 
 
-def provenance(argv: list[str]) -> dict:
+def provenance(argv: list[str], script: str = "experiments/run.py") -> dict:
     commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=False).stdout.strip()
     return {
-        "command": " ".join(["python", "experiments/run.py", *argv]),
+        "command": " ".join(["python", script, *argv]),
         "commit": commit or "unknown",
         "machine": f"{platform.machine()} {platform.processor() or ''} {__import__('os').cpu_count()} cpus",
         "jax": jax.__version__,
