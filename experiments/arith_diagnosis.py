@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import collections
+import dataclasses
 import json
 import sys
 from pathlib import Path
@@ -24,7 +25,7 @@ from run import provenance  # experiments/run.py, beside this script
 from sleeplm.checkpoint import Checkpointer
 from sleeplm.data import batched, make_source
 from sleeplm.data.arith import OPERATORS, ArithConfig
-from sleeplm.presets import experiment_from_json
+from sleeplm.presets import Experiment, experiment_from_json
 from sleeplm.train import eval_step, model_batch
 
 # What a partial solution may know of a one-operation problem `Q vX ; ... vX = vA op vC ; ... A :`.
@@ -80,16 +81,18 @@ def bayes_accuracy(fit: list[dict], score: list[dict], information) -> dict:
     answers = collections.defaultdict(collections.Counter)
     for problem in fit:
         answers[information(problem)][problem["answer"]] += 1
-    right = np.asarray(
-        [bool(answers[information(p)]) and answers[information(p)].most_common(1)[0][0] == p["answer"] for p in score]
-    )
+
+    def best(problem: dict) -> int | None:
+        seen = answers.get(information(problem))
+        return seen.most_common(1)[0][0] if seen else None
+
+    right = np.asarray([best(p) == p["answer"] for p in score])
     return {"accuracy": float(right.mean()), "by_operator": by_operator(right, [p["operator"] for p in score])}
 
 
-def run_accuracy(workdir: Path, examples: int) -> dict:
+def run_accuracy(workdir: Path, experiment: Experiment, examples: int) -> dict:
     """Exact accuracy per operator of the run's latest checkpoint on the one-operation problems among `examples`
-    held-out ones."""
-    experiment = experiment_from_json(json.loads((workdir / "experiment.json").read_text()))
+    held-out ones of its own task."""
     params, step = Checkpointer(workdir / "checkpoints", keep=1).restore_params(experiment)
     source = make_source(experiment.task, "eval", seed=experiment.train.seed, size=examples)
     right, operators = [], []
@@ -116,12 +119,16 @@ def main(argv: list[str]) -> None:
     parser.add_argument("--out", type=Path)
     args = parser.parse_args(argv)
     report = {"provenance": provenance(argv, "experiments/arith_diagnosis.py"), "runs": {}, "oracles": {}}
+    one_op_tasks: dict[str, ArithConfig] = {}  # the oracles' task per label
     for workdir in args.runs:
         experiment = experiment_from_json(json.loads((workdir / "experiment.json").read_text()))
-        report["runs"][workdir.name] = run_accuracy(workdir, args.examples)
+        report["runs"][workdir.name] = run_accuracy(workdir, experiment, args.examples)
         print(workdir.name, json.dumps(report["runs"][workdir.name]), flush=True)
-        task = experiment.task
+        # One-operation problems are drawn alike whatever the mixture of operation counts: label them by size.
+        task = dataclasses.replace(experiment.task, min_ops=1, max_ops=1)
         key = f"windows={task.windows}"
+        if one_op_tasks.setdefault(key, task) != task:
+            raise ValueError(f"{workdir}: its task differs from an earlier run's at {key} beyond the operation counts")
         if key not in report["oracles"]:
             fit, score = problems(task, "train", args.fit_examples), problems(task, "eval", args.examples)
             report["oracles"][key] = {name: bayes_accuracy(fit, score, info) for name, info in INFORMATION.items()}

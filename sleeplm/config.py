@@ -17,15 +17,24 @@ def _fail(field: str, value: object, allowed: str) -> None:
     raise ValueError(f"{field}={value!r} is invalid: {allowed}")
 
 
+def _int_at_least(field: str, value: object, low: int) -> None:
+    if not isinstance(value, int) or isinstance(value, bool) or value < low:
+        _fail(field, value, "must be a positive integer" if low == 1 else f"must be an integer >= {low}")
+
+
 def _positive_int(field: str, value: object) -> None:
-    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-        _fail(field, value, "must be a positive integer")
+    _int_at_least(field, value, 1)
+
+
+def check_ints_at_least(config: object, lows: dict[str, int], prefix: str = "") -> None:
+    """Raises ValueError naming the first field `name` of `lows` on `config` that is not an integer >= its low."""
+    for name, low in lows.items():
+        _int_at_least(prefix + name, getattr(config, name), low)
 
 
 def check_positive_ints(config: object, names: tuple[str, ...], prefix: str = "") -> None:
     """Raises ValueError naming the first of `names` on `config` that is not a positive integer."""
-    for name in names:
-        _positive_int(prefix + name, getattr(config, name))
+    check_ints_at_least(config, dict.fromkeys(names, 1), prefix)
 
 
 class Derived(int):

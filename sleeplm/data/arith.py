@@ -14,7 +14,7 @@ import dataclasses
 
 import numpy as np
 
-from sleeplm.config import check_positive_ints
+from sleeplm.config import check_ints_at_least, check_positive_ints
 from sleeplm.data.common import TaskSource, Vocabulary
 from sleeplm.data.task import Task
 
@@ -34,10 +34,7 @@ class ArithConfig:
 
     def __post_init__(self) -> None:
         check_positive_ints(self, ("num_vars", "modulus", "max_ops", "windows", "window"), prefix="task.")
-        if not isinstance(self.min_ops, int) or self.min_ops < 0:
-            raise ValueError(
-                f"task.min_ops={self.min_ops!r} is invalid: must be an integer >= 0 (0: the query is a constant)"
-            )
+        check_ints_at_least(self, {"min_ops": 0}, prefix="task.")  # 0: the queried variable is a constant
         if self.min_ops > self.max_ops:
             raise ValueError(f"task.min_ops={self.min_ops} is invalid: must be <= max_ops={self.max_ops}")
         if self.modulus < 2:

@@ -10,6 +10,7 @@ import dataclasses
 
 import numpy as np
 
+from sleeplm.config import check_ints_at_least
 from sleeplm.data.common import TaskSource, Vocabulary
 from sleeplm.data.task import Task
 
@@ -24,10 +25,7 @@ class Rule110Config:
     window: int = 24
 
     def __post_init__(self) -> None:
-        for name, low in (("width", 3), ("num_strings", 1), ("steps", 0), ("window", 1)):
-            value = getattr(self, name)
-            if not isinstance(value, int) or value < low:
-                raise ValueError(f"task.{name}={value!r} is invalid: must be an integer >= {low}")
+        check_ints_at_least(self, {"width": 3, "num_strings": 1, "steps": 0, "window": 1}, prefix="task.")
         if self.width > self.window:
             raise ValueError(f"task.width={self.width} is invalid: a string must fit in one window ({self.window})")
 
