@@ -68,6 +68,9 @@ ARITH = SMALL | {"task.num_vars": "16", "task.max_ops": "3", "task.windows": "2"
 # Arithmetic with one operation only, without eviction: is the task learned at all at this size? (The 600-step
 # sweep above stayed at chance for every chain length.)
 ARITH_ONE_OP = ARITH | {"task.min_ops": "1", "task.max_ops": "1", "train.steps": "1500"}
+# The setting in which two windows learn one operation without eviction (arith-1op/no-eviction-ops0-1: 0.580 against
+# 0.35-0.36 without the mixture): half the problems ask for a constant (one lookup), 3000 steps.
+ARITH_MIX = ARITH_ONE_OP | {"task.min_ops": "0", "train.steps": "3000"}
 # Language modelling on the Python standard library (the lm-cpu preset: d=128, 4 blocks, L=64, vocabulary 4096), with
 # rows of 8 windows (512 tokens) so that the loss by position within a document reaches [4L, 8L); batch 8 keeps the
 # preset's 4096 tokens a step. 800 steps, Muon at the preset's 2e-3.
@@ -131,10 +134,21 @@ def sweeps(muon_lr: str) -> dict[str, list[Run]]:
                 ARITH_ONE_OP | lr | {"task.windows": "1", "task.min_ops": "0", "train.steps": "3000"},
             ),
             # The same mixture over the sweep's 2 windows, without eviction: the upper bound for a sleep sweep.
-            Run(
-                "no-eviction-ops0-1",
-                "arith-cpu",
-                ARITH_ONE_OP | lr | {"sleep.eviction": "none", "task.min_ops": "0", "train.steps": "3000"},
+            Run("no-eviction-ops0-1", "arith-cpu", ARITH_MIX | lr | {"sleep.eviction": "none"}),
+        ],
+        # The sleep comparison at that mixture: ceiling (the run above, reused), floor, hard N = 1, 2 (3 seeds), 4, and
+        # sliding N = 1, 2 (Fig. 5), each problem's statements in the window before the query's.
+        "arith-mix": [
+            Run("no-eviction", "arith-cpu", ARITH_MIX | lr | {"sleep.eviction": "none"}),
+            Run("attention-evicted", "arith-cpu", ARITH_MIX | lr | {"model.layers": ATTENTION_ONLY}),
+            *sleep_runs("arith-cpu", ARITH_MIX | lr),
+            *(
+                Run(
+                    f"sliding-N{n}-s0",
+                    "arith-cpu",
+                    ARITH_MIX | lr | {"sleep.eviction": "sliding", "sleep.passes": str(n)},
+                )
+                for n in (1, 2)
             ),
         ],
         # Language modelling with sleep: N = 1 and 2 (hard eviction) between the same hybrid without eviction (an
