@@ -53,17 +53,18 @@ def mean_and_standard_error(values: list[float]) -> tuple[float, float | None]:
     return mean, (statistics.stdev(values) / len(values) ** 0.5 if len(values) > 1 else None)
 
 
-SEEDED_RUN = re.compile(r"N\d+-(s\d+)")  # a sleep sweep's run at N passes on one seed (the group)
+SLIDING = "sliding-"  # the name prefix of a sleep sweep's runs with sliding eviction (hard eviction has none)
 CEILING, FLOOR = "no-eviction", "attention-evicted"  # a sleep sweep's bounds, where it has them
 
 
-def sleep_table(runs: dict, metric: str = "exact") -> tuple[dict, str]:
-    """Final held-out `metric` per N over seeds (runs named "N{n}-s{seed}"; the bounds are left out), and each N's
-    gain over N=1 on the same seed (same initialisation and data order: a paired comparison), with the mean gain's
-    standard error."""
+def sleep_table(runs: dict, metric: str = "exact", prefix: str = "") -> tuple[dict, str]:
+    """Final held-out `metric` per N over seeds (runs named "{prefix}N{n}-s{seed}"; the bounds and other prefixes are
+    left out), and each N's gain over N=1 on the same seed (same initialisation and data order: a paired
+    comparison), with the mean gain's standard error."""
+    seeded_run = re.compile(re.escape(prefix) + r"N\d+-(s\d+)")
     by_n: dict[int, dict[str, dict]] = {}
     for name, r in sorted(runs.items()):
-        if seeded := SEEDED_RUN.fullmatch(name):
+        if seeded := seeded_run.fullmatch(name):
             by_n.setdefault(r["passes"], {})[seeded[1]] = r
     table = {}
     lines = [
@@ -210,28 +211,40 @@ def final_accuracy_plot(path: Path, xlabel: str, title: str, metric: str = "exac
 
 # Sleep sweeps (runs "N{n}-s{seed}", and for some a ceiling and a floor): the metric compared, its chance line, and
 # the level whose first crossing times each run's learning (None: no such table).
-SLEEP_SWEEPS = {"rule110-sleep-t*": ("exact", 1 / 16, None), "depo-1hop": ("accuracy", None, 0.9)}
+SLEEP_SWEEPS = {
+    "rule110-sleep-t*": ("exact", 1 / 16, None),
+    "depo-1hop": ("accuracy", None, 0.9),
+    "arith-mix": ("accuracy@ops1", 0.2, 0.5),  # one operation (the constant queries are a lookup)
+}
 
 
 def sleep_sweep_section(
     results: Path, sweep: str, metric: str, chance: float | None, level: float | None
 ) -> tuple[dict, str]:
-    """The sweep's table of N over seeds, its bounds, each run's first step at `level` (if given), and
-    results/SWEEP.png: final `metric` against N, one dot per seed, the bounds as lines."""
+    """The sweep's tables of N over seeds (hard eviction, then sliding where it ran), its bounds, each run's first
+    step at `level` (if given), and results/SWEEP.png: final `metric` against N, one dot per seed, the bounds as
+    lines."""
     runs = load(results, sweep)
-    table, markdown = sleep_table(runs, metric)
+    (hard, hard_markdown), (sliding, sliding_markdown) = sleep_table(runs, metric), sleep_table(runs, metric, SLIDING)
     bounds, bounds_markdown = bounds_table(runs, metric)
     with final_accuracy_plot(results / f"{sweep}.png", "passes N", f"{sweep}: sleep passes", metric, chance) as axes:
-        for n, row in table.items():
-            axes.scatter([n] * len(row["final"]), row["final"], color="C0")
-        axes.plot(list(table), [row["mean"] for row in table.values()], color="C0", label="mean over seeds")
+        for eviction, table, color in (("hard", hard, "C0"), ("sliding", sliding, "C1")):
+            for n, row in table.items():
+                axes.scatter([n] * len(row["final"]), row["final"], color=color)
+            if table:
+                means = [row["mean"] for row in table.values()]
+                axes.plot(list(table), means, color=color, label=f"{eviction} eviction, mean over seeds")
         for (name, value), color in zip(bounds.items(), ("C2", "C3"), strict=False):
             axes.axhline(value, color=color, linestyle=":", label=name)
+    section, markdown = {"passes": hard, "bounds": bounds}, hard_markdown
+    if sliding:
+        section["sliding"] = sliding
+        markdown = f"Hard eviction:\n\n{hard_markdown}\n\nSliding eviction:\n\n{sliding_markdown}"
     if bounds:
         markdown += "\n\n" + bounds_markdown
     if level is not None:
         markdown += "\n\n" + plain_table(runs, results / sweep, metric, level)
-    return {"passes": table, "bounds": bounds}, markdown
+    return section, markdown
 
 
 def main() -> None:
@@ -258,6 +271,7 @@ def main() -> None:
         ("depo-2hops", "accuracy@k"),
         ("arith", "accuracy@ops"),
         ("arith-1op", "accuracy@ops"),
+        ("arith-mix", "accuracy@ops"),
     )
     for sweep, prefix in groups:
         runs = load(results, sweep)

@@ -99,6 +99,10 @@ def test_sleep_table_pairs_seeds_and_gives_the_mean_gain_with_its_standard_error
     finals = {"N1-s0": 0.2, "N1-s1": 0.4, "N1-s2": 0.3, "N2-s0": 0.5, "N2-s1": 0.4, "N2-s2": 0.6, "N4-s1": 0.9}
     runs = {name: {"passes": int(name[1]), "final": {"exact": f}, "seconds": 60.0} for name, f in finals.items()}
     runs[report.CEILING] = {"passes": 1, "final": {"exact": 1.0}, "seconds": 60.0}  # a bound, not a seed of N=1
+    for n, final in ((1, 0.1), (2, 0.7)):  # sliding eviction: its own table, paired with sliding N=1
+        runs[f"{report.SLIDING}N{n}-s0"] = {"passes": n, "final": {"exact": final}, "seconds": 60.0}
+    sliding, _ = report.sleep_table(runs, prefix=report.SLIDING)
+    assert sliding[1]["final"] == [0.1] and sliding[2]["paired_gain"] == pytest.approx([0.6])
     table, markdown = report.sleep_table(runs)
     assert table[1]["seeds"] == ["s0", "s1", "s2"] and table[1]["mean"] == pytest.approx(0.3)
     assert table[2]["paired_gain"] == pytest.approx([0.3, 0.0, 0.3])  # s0, s1, s2 against N=1 on the same seed
