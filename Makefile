@@ -62,6 +62,7 @@ reproduce-cpu: $(STAMP)
 	$(REPRODUCE) depo-2hops
 	$(REPRODUCE) arith
 	$(REPRODUCE) arith-1op
+	$(REPRODUCE) arith-mix
 	$(REPRODUCE) lm
 	$(PY) experiments/report.py
 

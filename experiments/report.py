@@ -3,8 +3,8 @@
     python experiments/report.py [--results experiments/results]
 
 Writes RESULTS/report.json, depth_gain.png (final exact vs Rule 110 depth, N=1 and N=2), SWEEP.png per sleep sweep
-(rule110-sleep-tT, depo-1hop: final accuracy vs N, one dot per seed, the ceiling and floor as lines) and the lm
-sweep's loss by position, and prints the Markdown tables used in RESULTS.md.
+(rule110-sleep-tT, depo-1hop, arith-mix: final accuracy vs N, one dot per seed and eviction, the ceiling and floor as
+lines) and the lm sweep's loss by position, and prints the Markdown tables used in RESULTS.md.
 """
 
 from __future__ import annotations
