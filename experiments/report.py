@@ -236,6 +236,7 @@ def sleep_sweep_section(
                 axes.plot(list(table), means, color=color, label=f"{eviction} eviction, mean over seeds")
         for (name, value), color in zip(bounds.items(), ("C2", "C3"), strict=False):
             axes.axhline(value, color=color, linestyle=":", label=name)
+        axes.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
     section, markdown = {"passes": hard, "bounds": bounds}, hard_markdown
     if sliding:
         section["sliding"] = sliding
