@@ -20,6 +20,7 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt
+from matplotlib.ticker import MaxNLocator
 
 from sleeplm.plot import read_evals
 
@@ -209,8 +210,8 @@ def final_accuracy_plot(path: Path, xlabel: str, title: str, metric: str = "exac
     plt.close(figure)
 
 
-# Sleep sweeps (runs "N{n}-s{seed}", and for some a ceiling and a floor): the metric compared, its chance line, and
-# the level whose first crossing times each run's learning (None: no such table).
+# Sleep sweeps (runs "N{n}-s{seed}", for some also "sliding-N{n}-s{seed}", a ceiling and a floor): the metric
+# compared, its chance line, and the level whose first crossing times each run's learning (None: no such table).
 SLEEP_SWEEPS = {
     "rule110-sleep-t*": ("exact", 1 / 16, None),
     "depo-1hop": ("accuracy", None, 0.9),
@@ -236,7 +237,7 @@ def sleep_sweep_section(
                 axes.plot(list(table), means, color=color, label=f"{eviction} eviction, mean over seeds")
         for (name, value), color in zip(bounds.items(), ("C2", "C3"), strict=False):
             axes.axhline(value, color=color, linestyle=":", label=name)
-        axes.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
+        axes.xaxis.set_major_locator(MaxNLocator(integer=True))
     section, markdown = {"passes": hard, "bounds": bounds}, hard_markdown
     if sliding:
         section["sliding"] = sliding

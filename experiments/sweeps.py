@@ -137,7 +137,7 @@ def sweeps(muon_lr: str) -> dict[str, list[Run]]:
             Run("no-eviction-ops0-1", "arith-cpu", ARITH_MIX | lr | {"sleep.eviction": "none"}),
         ],
         # The sleep comparison at that mixture: ceiling (the run above, reused), floor, hard N = 1, 2 (3 seeds), 4, and
-        # sliding N = 1, 2 (Fig. 5), each problem's statements in the window before the query's.
+        # sliding N = 1, 2 (Fig. 5). The question opens the first window and the answer closes the second.
         "arith-mix": [
             Run("no-eviction", "arith-cpu", ARITH_MIX | lr | {"sleep.eviction": "none"}),
             Run("attention-evicted", "arith-cpu", ARITH_MIX | lr | {"model.layers": ATTENTION_ONLY}),
