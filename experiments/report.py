@@ -21,6 +21,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 from matplotlib.ticker import MaxNLocator
+from sweeps import CEILING, FLOOR, SLIDING  # experiments/sweeps.py, beside this script
 
 from sleeplm.plot import read_evals
 
@@ -52,10 +53,6 @@ def mean_and_standard_error(values: list[float]) -> tuple[float, float | None]:
     """The mean, and its standard error (sample standard deviation / sqrt(count); None for fewer than 2 values)."""
     mean = statistics.mean(values)
     return mean, (statistics.stdev(values) / len(values) ** 0.5 if len(values) > 1 else None)
-
-
-SLIDING = "sliding-"  # the name prefix of a sleep sweep's runs with sliding eviction (hard eviction has none)
-CEILING, FLOOR = "no-eviction", "attention-evicted"  # a sleep sweep's bounds, where it has them
 
 
 def sleep_table(runs: dict, metric: str = "exact", prefix: str = "") -> tuple[dict, str]:

@@ -77,12 +77,28 @@ ARITH_MIX = ARITH_ONE_OP | {"task.min_ops": "0", "train.steps": "3000"}
 LM = QUIET | {"task.windows": "8", "train.batch_size": "8", "run.eval_examples": "128", "run.eval_batch_size": "32"}
 
 
+# A sleep sweep's run names (experiments/report.py reads them back): its bounds, and the prefix of sliding runs.
+CEILING, FLOOR = "no-eviction", "attention-evicted"
+SLIDING = "sliding-"
+
+
+def sleep_run(preset: str, overrides: dict[str, str], passes: int, seed: int, sliding: bool = False) -> Run:
+    """N passes on one seed, hard eviction ("N{n}-s{seed}") or sliding (the same name prefixed by SLIDING)."""
+    extra = {"sleep.passes": str(passes), "train.seed": str(seed)} | ({"sleep.eviction": "sliding"} if sliding else {})
+    return Run(f"{SLIDING if sliding else ''}N{passes}-s{seed}", preset, overrides | extra)
+
+
 def sleep_runs(preset: str, overrides: dict[str, str]) -> list[Run]:
-    """Hard eviction at N = 1 and 2 over SEEDS and N = 4 on the first, named "N{n}-s{seed}": N = 1, 2, 4 on the first
-    seed, then N = 1, 2 seed by seed, so that a sweep cut short still pairs N = 2 with N = 1 on the same seed (same
-    initialisation and data order)."""
+    """The ceiling (the model without eviction), the floor (attention alone, evicted: nothing crosses a window), then
+    hard eviction at N = 1 and 2 over SEEDS and N = 4 on the first: N = 1, 2, 4 on the first seed, then N = 1, 2 seed
+    by seed, so that a sweep cut short still pairs N = 2 with N = 1 on the same seed (same initialisation and data
+    order)."""
     pairs = [(1, SEEDS[0]), (2, SEEDS[0]), (4, SEEDS[0]), *((n, s) for s in SEEDS[1:] for n in (1, 2))]
-    return [Run(f"N{n}-s{s}", preset, overrides | {"sleep.passes": str(n), "train.seed": str(s)}) for n, s in pairs]
+    return [
+        Run(CEILING, preset, overrides | {"sleep.eviction": "none"}),
+        Run(FLOOR, preset, overrides | {"model.layers": ATTENTION_ONLY}),
+        *(sleep_run(preset, overrides, n, s) for n, s in pairs),
+    ]
 
 
 def sweeps(muon_lr: str) -> dict[str, list[Run]]:
@@ -97,17 +113,9 @@ def sweeps(muon_lr: str) -> dict[str, list[Run]]:
         # Fig. 3: Depo at a scaled-down size, loss and accuracy per hop count k.
         "depo": [Run(f"N{n}", "depo-cpu", DEPO | lr | {"sleep.passes": str(n)}) for n in (1, 2, 4)],
         # The same at one hop, where the task is learned without eviction: ceiling, floor, N = 1, 2 (3 seeds), 4.
-        "depo-1hop": [
-            Run("no-eviction", "depo-cpu", DEPO_ONE_HOP | lr | {"sleep.eviction": "none"}),
-            Run("attention-evicted", "depo-cpu", DEPO_ONE_HOP | lr | {"model.layers": ATTENTION_ONLY}),
-            *sleep_runs("depo-cpu", DEPO_ONE_HOP | lr),
-        ],
+        "depo-1hop": sleep_runs("depo-cpu", DEPO_ONE_HOP | lr),
         # The same between one and two hops; the ceiling first (is k = 2 learned at all?).
-        "depo-2hops": [
-            Run("no-eviction", "depo-cpu", DEPO_TWO_HOPS | lr | {"sleep.eviction": "none"}),
-            Run("attention-evicted", "depo-cpu", DEPO_TWO_HOPS | lr | {"model.layers": ATTENTION_ONLY}),
-            *sleep_runs("depo-cpu", DEPO_TWO_HOPS | lr),
-        ],
+        "depo-2hops": sleep_runs("depo-cpu", DEPO_TWO_HOPS | lr),
         # The upper bound for arithmetic at one operation: the hybrid without eviction at d=64 and 4 blocks, then
         # twice as wide or twice as deep (4 attention blocks: the answer composes several lookups), equal steps.
         "arith-1op": [
@@ -128,28 +136,15 @@ def sweeps(muon_lr: str) -> dict[str, list[Run]]:
             Run("one-window-10k-steps", "arith-cpu", ARITH_ONE_OP | lr | {"task.windows": "1", "train.steps": "10000"}),
             # A curriculum by mixing: half the problems ask for a constant (0 operations, a single lookup, as Depo's one
             # hop); does learning the lookup let one operation compose two?
-            Run(
-                "one-window-ops0-1",
-                "arith-cpu",
-                ARITH_ONE_OP | lr | {"task.windows": "1", "task.min_ops": "0", "train.steps": "3000"},
-            ),
+            Run("one-window-ops0-1", "arith-cpu", ARITH_MIX | lr | {"task.windows": "1"}),
             # The same mixture over the sweep's 2 windows, without eviction: the upper bound for a sleep sweep.
             Run("no-eviction-ops0-1", "arith-cpu", ARITH_MIX | lr | {"sleep.eviction": "none"}),
         ],
         # The sleep comparison at that mixture: ceiling (the run above, reused), floor, hard N = 1, 2 (3 seeds), 4, and
         # sliding N = 1, 2 (Fig. 5). The question opens the first window and the answer closes the second.
         "arith-mix": [
-            Run("no-eviction", "arith-cpu", ARITH_MIX | lr | {"sleep.eviction": "none"}),
-            Run("attention-evicted", "arith-cpu", ARITH_MIX | lr | {"model.layers": ATTENTION_ONLY}),
             *sleep_runs("arith-cpu", ARITH_MIX | lr),
-            *(
-                Run(
-                    f"sliding-N{n}-s0",
-                    "arith-cpu",
-                    ARITH_MIX | lr | {"sleep.eviction": "sliding", "sleep.passes": str(n)},
-                )
-                for n in (1, 2)
-            ),
+            *(sleep_run("arith-cpu", ARITH_MIX | lr, n, SEEDS[0], sliding=True) for n in (1, 2)),
         ],
         # Language modelling with sleep: N = 1 and 2 (hard eviction) between the same hybrid without eviction (an
         # upper bound) and attention alone with eviction (a floor: nothing crosses a window), at equal tokens.
