@@ -55,6 +55,12 @@ def mean_and_standard_error(values: list[float]) -> tuple[float, float | None]:
     return mean, (statistics.stdev(values) / len(values) ** 0.5 if len(values) > 1 else None)
 
 
+def minutes(run: dict) -> str:
+    """A run's wall minutes; a run resumed from a checkpoint older than time keeping says which part was timed."""
+    timed = f"{run['seconds'] / 60:.1f}"
+    return f"{timed} (steps {run['timed_from_step']}+)" if "timed_from_step" in run else timed
+
+
 def sleep_table(runs: dict, metric: str = "exact", prefix: str = "") -> tuple[dict, str]:
     """Final held-out `metric` per N over seeds (runs named "{prefix}N{n}-s{seed}"; the bounds and other prefixes are
     left out), and each N's gain over N=1 on the same seed (same initialisation and data order: a paired
@@ -74,13 +80,14 @@ def sleep_table(runs: dict, metric: str = "exact", prefix: str = "") -> tuple[di
         finals = [r["final"][metric] for r in rs.values()]
         baseline = {seed: r["final"][metric] for seed, r in by_n.get(1, {}).items()}
         gains = [r["final"][metric] - baseline[seed] for seed, r in rs.items() if seed in baseline]
+        timed = [r["seconds"] / 60 for r in rs.values() if "timed_from_step" not in r]  # timed from step 0
         table[n] = {
             "seeds": list(rs),
             "final": finals,
             "mean": statistics.mean(finals),
             "spread": max(finals) - min(finals),
             "paired_gain": gains,
-            "minutes": statistics.mean(r["seconds"] for r in rs.values()) / 60,
+            "minutes": statistics.mean(timed) if timed else None,
         }
         row = table[n]
         paired, summary = "—", "—"
@@ -89,9 +96,10 @@ def sleep_table(runs: dict, metric: str = "exact", prefix: str = "") -> tuple[di
             row["mean_gain"], row["gain_standard_error"] = mean_and_standard_error(gains)
             error = row["gain_standard_error"]
             summary = f"{row['mean_gain']:+.3f}" + (f" ± {error:.3f}" if error is not None else "")
+        cost = "—" if row["minutes"] is None else f"{row['minutes']:.1f}"
         lines.append(
             f"| {n} | {', '.join(rs)} | {', '.join(f'{f:.3f}' for f in finals)} | {row['mean']:.3f} "
-            f"| {row['spread']:.3f} | {paired} | {summary} | {row['minutes']:.1f} |"
+            f"| {row['spread']:.3f} | {paired} | {summary} | {cost} |"
         )
     return table, "\n".join(lines)
 
@@ -100,7 +108,7 @@ def bounds_table(runs: dict, metric: str) -> tuple[dict, str]:
     """The sweep's ceiling (the hybrid without eviction) and floor (attention alone, evicted): final `metric`."""
     bounds = {name: runs[name]["final"][metric] for name in (CEILING, FLOOR) if name in runs}
     lines = [f"| bound | final {metric} | minutes |", "|---|---|---|"]
-    lines += [f"| {name} | {value:.3f} | {runs[name]['seconds'] / 60:.1f} |" for name, value in bounds.items()]
+    lines += [f"| {name} | {value:.3f} | {minutes(runs[name])} |" for name, value in bounds.items()]
     return bounds, "\n".join(lines)
 
 
@@ -121,7 +129,7 @@ def plain_table(runs: dict, sweep_dir: Path, metric: str = "exact", level: float
         best = max(e[metric] for e in read_evals(sweep_dir / name))
         lines.append(
             f"| {name} | {r['passes']} | {r['steps']} | {r['final'][metric]:.3f} | {best:.3f} "
-            f"| {step if step is not None else 'never'} | {r['seconds'] / 60:.1f} |"
+            f"| {step if step is not None else 'never'} | {minutes(r)} |"
         )
     return "\n".join(lines)
 
@@ -167,7 +175,7 @@ def lm_table(runs: dict, sweep_dir: Path) -> tuple[dict, str]:
         kinds = "/".join(dict.fromkeys(layers))
         lines.append(
             f"| {name} | {kinds} | {r['eviction']} | {r['passes']} | {final['perplexity']:.1f} | {cells} "
-            f"| {r['seconds'] / 60:.1f} |"
+            f"| {minutes(r)} |"
         )
     return table, "\n".join(lines)
 

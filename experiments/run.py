@@ -4,10 +4,11 @@
                                     [--results experiments/results]
 
 SWEEP is one of experiments/sweeps.py's: rule110-depth, rule110-depth-N2, rule110-lr-tT, rule110-sleep-tT,
-rule110-baselines-tT (T the Rule 110 depth), depo, depo-1hop, arith, arith-1op, lm. Each run
+rule110-baselines-tT (T the Rule 110 depth), depo, depo-1hop, depo-2hops, arith, arith-1op, arith-mix, lm. Each run
 trains in WORKDIR/SWEEP/NAME (resuming from its last checkpoint if cut off); when it finishes, its metrics and
-experiment are copied to RESULTS/SWEEP/ and the sweep's summary.json and plot are rewritten, so a
-sweep stopped halfway keeps every finished run. Finished runs are skipped on a rerun.
+experiment are copied to RESULTS/SWEEP/ with time.json (wall seconds summed over the run's invocations), and the
+sweep's summary.json and plot are rewritten, so a sweep stopped halfway keeps every finished run. Finished runs are
+skipped on a rerun.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ import jax
 sys.path.insert(0, str(Path(__file__).parent))
 from sweeps import TUNED_MUON_LR, sweeps
 
+from sleeplm.checkpoint import Checkpointer
 from sleeplm.loop import run_training
 from sleeplm.plot import plot_runs, read_evals
 from sleeplm.presets import build_experiment
@@ -51,13 +53,15 @@ def summarize(sweep: str, out: Path, info: dict) -> None:
     for run in runs:
         evals = read_evals(run)
         record = json.loads((run / "experiment.json").read_text())
+        timing = json.loads((run / "time.json").read_text())
         summary["runs"][run.name] = {
             "final_exact": evals[-1]["exact"],
             "best_exact": max(e["exact"] for e in evals),
             "final_loss": evals[-1]["loss"],
             "steps": evals[-1]["step"],
             "tokens": evals[-1]["tokens"],
-            "seconds": json.loads((run / "time.json").read_text())["seconds"],
+            "seconds": timing["seconds"],
+            **({"timed_from_step": timing["from_step"]} if "from_step" in timing else {}),
             "passes": record["config"]["sleep"]["passes"],
             "eviction": record["config"]["sleep"]["eviction"],
             "depth": record["task"].get("steps"),
@@ -70,6 +74,15 @@ def summarize(sweep: str, out: Path, info: dict) -> None:
         if "perplexity" in read_evals(runs[0])[0]:  # language modelling
             metric = "perplexity"
         plot_runs(runs, metric, out / f"{metric}.png", title=f"{sweep}: held-out {metric}", chance=chance)
+
+
+def run_time(metrics: Path, invocation_seconds: float, first_step: int) -> dict:
+    """time.json: the run's wall seconds over all its invocations, from its last train record; where a resumed
+    run's earlier part predates time keeping, this invocation's seconds and the step it resumed from."""
+    trained = [r for r in map(json.loads, metrics.read_text().splitlines()) if r["kind"] == "train"]
+    if trained and "seconds" in trained[-1]:
+        return {"seconds": trained[-1]["seconds"]}
+    return {"seconds": invocation_seconds} | ({"from_step": first_step} if first_step else {})
 
 
 def as_recorded(experiment) -> dict:
@@ -120,13 +133,15 @@ def main(argv: list[str] | None = None) -> None:
             shutil.copytree(done, out / run.name, dirs_exist_ok=True)
         else:
             print(f"[{args.sweep}] {run.name}: {run.overrides}", flush=True)
+            workdir = args.workdir / args.sweep / run.name
+            first_step = Checkpointer(workdir / "checkpoints", experiment.run.keep_checkpoints).latest_step() or 0
             start = time.perf_counter()
-            run_training(experiment, args.workdir / args.sweep / run.name)
-            seconds = time.perf_counter() - start  # of this invocation (a resumed run counts only its last part)
+            run_training(experiment, workdir)
             (out / run.name).mkdir(exist_ok=True)
             for name in ("metrics.jsonl", "experiment.json"):
-                shutil.copy(args.workdir / args.sweep / run.name / name, out / run.name / name)
-            (out / run.name / "time.json").write_text(json.dumps({"seconds": seconds}) + "\n")
+                shutil.copy(workdir / name, out / run.name / name)
+            timing = run_time(workdir / "metrics.jsonl", time.perf_counter() - start, first_step)
+            (out / run.name / "time.json").write_text(json.dumps(timing) + "\n")
         summarize(args.sweep, out, info)
     summarize(args.sweep, out, info)
 

@@ -47,16 +47,24 @@ def train_iterator(experiment: Experiment) -> grain.DatasetIterator:
 
 
 class MetricsLog:
-    """Appends JSON records to metrics.jsonl; on resume, drops records past the restored step first."""
+    """Appends JSON records to metrics.jsonl; on resume, drops records past the restored step first.
+
+    `seconds_at_resume` is the run's wall time up to the restored step, read back from that step's train record,
+    so a run's time adds up over its invocations (None when the record predates time keeping)."""
 
     def __init__(self, path: Path, resume_step: int) -> None:
         self.path, self.enabled = path, jax.process_index() == 0  # one writer on multi-host runs
+        self.seconds_at_resume: float | None = 0.0
         if not self.enabled:
             return
         kept = []
         if path.exists() and resume_step > 0:
-            kept = [line for line in path.read_text().splitlines() if json.loads(line)["step"] <= resume_step]
-        path.write_text("".join(line + "\n" for line in kept))
+            kept = [json.loads(line) for line in path.read_text().splitlines()]
+            kept = [r for r in kept if r["step"] <= resume_step]
+        if resume_step > 0:
+            at_resume = [r for r in kept if r["step"] == resume_step and r["kind"] == "train"]
+            self.seconds_at_resume = at_resume[-1].get("seconds") if at_resume else None
+        path.write_text("".join(json.dumps(record) + "\n" for record in kept))
 
     def write(self, record: dict) -> None:
         if not self.enabled:
@@ -123,7 +131,7 @@ def run_training(
 
     pending: list[tuple[int, dict]] = []
     last_eval: dict = {}
-    clock = time.perf_counter()
+    clock = started = time.perf_counter()
     show = run.progress and jax.process_index() == 0
     bar = tqdm(total=train.steps, initial=first, disable=not show, desc=f"N={config.sleep.passes}")
 
@@ -134,13 +142,15 @@ def run_training(
             return
         values = jax.device_get([m for _, m in pending])
         elapsed, clock = time.perf_counter() - clock, time.perf_counter()
+        timing = {} if log.seconds_at_resume is None else {"seconds": log.seconds_at_resume + clock - started}
         for (s, _), m in zip(pending, values, strict=True):
             if not np.isfinite(m["loss"]):
                 raise NonFiniteLossError(
                     f"training loss is {m['loss']} at step {s}: stopped before saving; the last checkpoint in "
                     f"{checkpoints.directory} is step {checkpoints.latest_step()}"
                 )
-            log.write({"step": s, "kind": "train", "loss": float(m["loss"]), "grad_norm": float(m["grad_norm"])})
+            record = {"step": s, "kind": "train", "loss": float(m["loss"]), "grad_norm": float(m["grad_norm"])}
+            log.write(record | timing)
         tokens_per_s = len(pending) * tokens_per_step / elapsed
         bar.set_postfix(loss=f"{float(values[-1]['loss']):.4f}", tok_s=f"{tokens_per_s:,.0f}")
         bar.update(step - bar.n)

@@ -58,8 +58,21 @@ def test_resume_equals_training_straight_through(tmp_path):
     loop.run_training(experiment, straight)
     loop.run_training(experiment, resumed, stop_at=3)  # "crash" after step 3 (checkpointed)
     assert Checkpointer(resumed / "checkpoints", keep=2).latest_step() == 3
+    # Pretend the first part took a day: the resumed part's wall time adds to it, read back from step 3's record.
+    records = [json.loads(line) for line in (resumed / "metrics.jsonl").read_text().splitlines()]
+    for record in records:
+        record["seconds"] = 86400.0 if record["kind"] == "train" and record["step"] == 3 else record.get("seconds")
+    (resumed / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
     loop.run_training(experiment, resumed)  # restores step 3, params, optimizer and the data position
     assert losses(resumed) == losses(straight)
+    seconds = [
+        (r["step"], r["seconds"])
+        for r in map(json.loads, (resumed / "metrics.jsonl").read_text().splitlines())
+        if r["kind"] == "train"
+    ]
+    assert [s for s, _ in seconds] == list(range(1, 7)) and seconds[2][1] == 86400.0
+    assert all(86400.0 < t < 86400.0 + 600 for _, t in seconds[3:]), seconds
+    assert [t for _, t in seconds[3:]] == sorted(t for _, t in seconds[3:])
     for a, b in zip(
         jax.tree.leaves(restored_params(straight, experiment)),
         jax.tree.leaves(restored_params(resumed, experiment)),
