@@ -97,6 +97,8 @@ def sleep_table(runs: dict, metric: str = "exact", prefix: str = "") -> tuple[di
             error = row["gain_standard_error"]
             summary = f"{row['mean_gain']:+.3f}" + (f" ± {error:.3f}" if error is not None else "")
         cost = "—" if row["minutes"] is None else f"{row['minutes']:.1f}"
+        if len(timed) < len(rs):
+            cost += f" ({len(timed)} of {len(rs)} timed)"
         lines.append(
             f"| {n} | {', '.join(rs)} | {', '.join(f'{f:.3f}' for f in finals)} | {row['mean']:.3f} "
             f"| {row['spread']:.3f} | {paired} | {summary} | {cost} |"

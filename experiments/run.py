@@ -19,7 +19,6 @@ import platform
 import shutil
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import jax
@@ -27,7 +26,6 @@ import jax
 sys.path.insert(0, str(Path(__file__).parent))
 from sweeps import TUNED_MUON_LR, sweeps
 
-from sleeplm.checkpoint import Checkpointer
 from sleeplm.loop import run_training
 from sleeplm.plot import plot_runs, read_evals
 from sleeplm.presets import build_experiment
@@ -61,7 +59,7 @@ def summarize(sweep: str, out: Path, info: dict) -> None:
             "steps": evals[-1]["step"],
             "tokens": evals[-1]["tokens"],
             "seconds": timing["seconds"],
-            **({"timed_from_step": timing["from_step"]} if "from_step" in timing else {}),
+            **({"timed_from_step": timing["timed_from_step"]} if "timed_from_step" in timing else {}),
             "passes": record["config"]["sleep"]["passes"],
             "eviction": record["config"]["sleep"]["eviction"],
             "depth": record["task"].get("steps"),
@@ -76,13 +74,11 @@ def summarize(sweep: str, out: Path, info: dict) -> None:
         plot_runs(runs, metric, out / f"{metric}.png", title=f"{sweep}: held-out {metric}", chance=chance)
 
 
-def run_time(metrics: Path, invocation_seconds: float, first_step: int) -> dict:
-    """time.json: the run's wall seconds over all its invocations, from its last train record; where a resumed
-    run's earlier part predates time keeping, this invocation's seconds and the step it resumed from."""
-    trained = [r for r in map(json.loads, metrics.read_text().splitlines()) if r["kind"] == "train"]
-    if trained and "seconds" in trained[-1]:
-        return {"seconds": trained[-1]["seconds"]}
-    return {"seconds": invocation_seconds} | ({"from_step": first_step} if first_step else {})
+def run_time(metrics: Path) -> dict:
+    """time.json: the run's wall seconds over all its invocations, from its last timed record (with the step it is
+    timed from when its earlier part predates time keeping; see `sleeplm.loop.MetricsLog`)."""
+    timed = [r for r in map(json.loads, metrics.read_text().splitlines()) if "seconds" in r]
+    return {key: timed[-1][key] for key in ("seconds", "timed_from_step") if key in timed[-1]}
 
 
 def as_recorded(experiment) -> dict:
@@ -134,14 +130,11 @@ def main(argv: list[str] | None = None) -> None:
         else:
             print(f"[{args.sweep}] {run.name}: {run.overrides}", flush=True)
             workdir = args.workdir / args.sweep / run.name
-            first_step = Checkpointer(workdir / "checkpoints", experiment.run.keep_checkpoints).latest_step() or 0
-            start = time.perf_counter()
             run_training(experiment, workdir)
             (out / run.name).mkdir(exist_ok=True)
             for name in ("metrics.jsonl", "experiment.json"):
                 shutil.copy(workdir / name, out / run.name / name)
-            timing = run_time(workdir / "metrics.jsonl", time.perf_counter() - start, first_step)
-            (out / run.name / "time.json").write_text(json.dumps(timing) + "\n")
+            (out / run.name / "time.json").write_text(json.dumps(run_time(workdir / "metrics.jsonl")) + "\n")
         summarize(args.sweep, out, info)
     summarize(args.sweep, out, info)
 

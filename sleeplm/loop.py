@@ -49,12 +49,14 @@ def train_iterator(experiment: Experiment) -> grain.DatasetIterator:
 class MetricsLog:
     """Appends JSON records to metrics.jsonl; on resume, drops records past the restored step first.
 
-    `seconds_at_resume` is the run's wall time up to the restored step, read back from that step's train record,
-    so a run's time adds up over its invocations (None when the record predates time keeping)."""
+    Train and eval records carry "seconds", the run's wall time as of the record, summed over the invocations of a
+    resumed run: `timing_at_resume` reads it back from the restored step's last record. Where that record has none
+    (written before time keeping, or lost), the run is timed from the restored step on and its records say so with
+    "timed_from_step"."""
 
     def __init__(self, path: Path, resume_step: int) -> None:
         self.path, self.enabled = path, jax.process_index() == 0  # one writer on multi-host runs
-        self.seconds_at_resume: float | None = 0.0
+        self.timing_at_resume: dict = {"seconds": 0.0}
         if not self.enabled:
             return
         kept = []
@@ -62,8 +64,11 @@ class MetricsLog:
             kept = [json.loads(line) for line in path.read_text().splitlines()]
             kept = [r for r in kept if r["step"] <= resume_step]
         if resume_step > 0:
-            at_resume = [r for r in kept if r["step"] == resume_step and r["kind"] == "train"]
-            self.seconds_at_resume = at_resume[-1].get("seconds") if at_resume else None
+            timed = [r for r in kept if r["step"] == resume_step and "seconds" in r]
+            timed_from = timed[-1].get("timed_from_step") if timed else resume_step
+            self.timing_at_resume = {"seconds": timed[-1]["seconds"] if timed else 0.0}
+            if timed_from is not None:
+                self.timing_at_resume["timed_from_step"] = timed_from
         path.write_text("".join(json.dumps(record) + "\n" for record in kept))
 
     def write(self, record: dict) -> None:
@@ -107,6 +112,7 @@ def run_training(
     checkpoint restores onto whatever mesh the run has now. `start` (`sleeplm.finetune.fine_tuning`): the
     parameters of a run without checkpoints of its own come from a pretrained workdir (the optimizer starts fresh).
     """
+    started = time.perf_counter()
     workdir = Path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
     config, train, run = experiment.config, experiment.train, experiment.run
@@ -131,7 +137,13 @@ def run_training(
 
     pending: list[tuple[int, dict]] = []
     last_eval: dict = {}
-    clock = started = time.perf_counter()
+    clock = time.perf_counter()
+
+    def timing() -> dict:
+        """The run's wall seconds so far, over all its invocations (see `MetricsLog`)."""
+        resumed = log.timing_at_resume
+        return resumed | {"seconds": resumed["seconds"] + time.perf_counter() - started}
+
     show = run.progress and jax.process_index() == 0
     bar = tqdm(total=train.steps, initial=first, disable=not show, desc=f"N={config.sleep.passes}")
 
@@ -142,7 +154,7 @@ def run_training(
             return
         values = jax.device_get([m for _, m in pending])
         elapsed, clock = time.perf_counter() - clock, time.perf_counter()
-        timing = {} if log.seconds_at_resume is None else {"seconds": log.seconds_at_resume + clock - started}
+        now = timing()
         for (s, _), m in zip(pending, values, strict=True):
             if not np.isfinite(m["loss"]):
                 raise NonFiniteLossError(
@@ -150,7 +162,7 @@ def run_training(
                     f"{checkpoints.directory} is step {checkpoints.latest_step()}"
                 )
             record = {"step": s, "kind": "train", "loss": float(m["loss"]), "grad_norm": float(m["grad_norm"])}
-            log.write(record | timing)
+            log.write(record | now)
         tokens_per_s = len(pending) * tokens_per_step / elapsed
         bar.set_postfix(loss=f"{float(values[-1]['loss']):.4f}", tok_s=f"{tokens_per_s:,.0f}")
         bar.update(step - bar.n)
@@ -165,7 +177,7 @@ def run_training(
         if evaluating:
             last_eval = {"step": step, "kind": "eval", "tokens": step * tokens_per_step}
             last_eval |= evaluate(state.params, sets, experiment, eval_fn)
-            log.write(last_eval)
+            log.write(last_eval | timing())
             if log.enabled:
                 shown = ", ".join(f"{k} {v:.3f}" for k, v in last_eval.items() if k in ("loss", "accuracy", "exact"))
                 bar.write(f"step {step}: {shown}")

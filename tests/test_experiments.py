@@ -112,20 +112,26 @@ def test_sleep_table_pairs_seeds_and_gives_the_mean_gain_with_its_standard_error
     assert "| +0.200 ± 0.100 |" in markdown and "| +0.500 |" in markdown
 
 
-def test_a_runs_time_is_summed_over_its_invocations_and_an_untimed_earlier_part_is_named(tmp_path):
+def test_a_runs_time_comes_from_its_last_timed_record_and_a_partly_timed_run_is_named(tmp_path):
     records = [{"step": 10, "kind": "train", "seconds": 30.0}, {"step": 20, "kind": "train", "seconds": 75.0}]
-    records.append({"step": 20, "kind": "eval", "exact": 0.5})
+    records.append({"step": 20, "kind": "eval", "exact": 0.5, "seconds": 80.0})
     (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
-    assert run_script.run_time(tmp_path / "metrics.jsonl", 5.0, first_step=10) == {"seconds": 75.0}
-    untimed = [{k: v for k, v in r.items() if k != "seconds"} for r in records]  # written before time keeping
-    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in untimed))
-    assert run_script.run_time(tmp_path / "metrics.jsonl", 5.0, first_step=10) == {"seconds": 5.0, "from_step": 10}
+    assert run_script.run_time(tmp_path / "metrics.jsonl") == {"seconds": 80.0}
+    records[-1]["timed_from_step"] = 10  # resumed at step 10 from records written before time keeping
+    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    assert run_script.run_time(tmp_path / "metrics.jsonl") == {"seconds": 80.0, "timed_from_step": 10}
+    run = _by_name("arith-mix")["N2-s1"]
+    _fake_finished(tmp_path, "arith-mix", run)
+    (tmp_path / "arith-mix" / run.name / "time.json").write_text(json.dumps({"seconds": 1.0, "timed_from_step": 10}))
+    run_script.summarize("arith-mix", tmp_path / "arith-mix", {})
+    summary = json.loads((tmp_path / "arith-mix" / "summary.json").read_text())
+    assert summary["runs"][run.name]["timed_from_step"] == 10
+
     runs = {f"N2-s{seed}": {"passes": 2, "final": {"exact": 0.5}, "seconds": 600.0 * (seed + 1)} for seed in range(2)}
     runs["N2-s1"]["timed_from_step"] = 1400
     table, markdown = report.sleep_table(runs)
-    assert table[2]["minutes"] == pytest.approx(10.0) and markdown.endswith(
-        "| 10.0 |"
-    )  # the partly timed run is left out of the mean
+    assert table[2]["minutes"] == pytest.approx(10.0)  # the partly timed run is left out of the mean, and said so
+    assert markdown.endswith("| 10.0 (1 of 2 timed) |")
     assert report.minutes(runs["N2-s1"]) == "20.0 (steps 1400+)" and report.minutes(runs["N2-s0"]) == "10.0"
 
 

@@ -52,27 +52,39 @@ def restored_params(run: Path, experiment: Experiment):
     return checkpoints.restore(template, loop.train_iterator(experiment), experiment).params
 
 
+def records(run: Path) -> list[dict]:
+    return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+
+
+def rewrite_records_at(run: Path, step: int, change) -> None:
+    """Applies `change` to the metrics records of `step` (as if an earlier invocation had written them so)."""
+    changed = [change(r) if r["step"] == step else r for r in records(run)]
+    (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in changed))
+
+
 def test_resume_equals_training_straight_through(tmp_path):
     experiment = tiny()
-    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
+    straight, resumed, untimed = tmp_path / "straight", tmp_path / "resumed", tmp_path / "untimed"
     loop.run_training(experiment, straight)
     loop.run_training(experiment, resumed, stop_at=3)  # "crash" after step 3 (checkpointed)
     assert Checkpointer(resumed / "checkpoints", keep=2).latest_step() == 3
-    # Pretend the first part took a day: the resumed part's wall time adds to it, read back from step 3's record.
-    records = [json.loads(line) for line in (resumed / "metrics.jsonl").read_text().splitlines()]
-    for record in records:
-        record["seconds"] = 86400.0 if record["kind"] == "train" and record["step"] == 3 else record.get("seconds")
-    (resumed / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    shutil.copytree(resumed, untimed)
+    # Pretend the first part took a day: the resumed part's wall time adds to it, read back from step 3's records.
+    rewrite_records_at(resumed, 3, lambda r: r | {"seconds": 86400.0})
     loop.run_training(experiment, resumed)  # restores step 3, params, optimizer and the data position
     assert losses(resumed) == losses(straight)
-    seconds = [
-        (r["step"], r["seconds"])
-        for r in map(json.loads, (resumed / "metrics.jsonl").read_text().splitlines())
-        if r["kind"] == "train"
-    ]
-    assert [s for s, _ in seconds] == list(range(1, 7)) and seconds[2][1] == 86400.0
-    assert all(86400.0 < t < 86400.0 + 600 for _, t in seconds[3:]), seconds
-    assert [t for _, t in seconds[3:]] == sorted(t for _, t in seconds[3:])
+    seconds = [(r["step"], r["kind"], r["seconds"]) for r in records(resumed)]
+    assert [s[:2] for s in seconds] == [(s, "train") for s in range(1, 4)] + [(3, "eval")] + [
+        (s, "train") for s in range(4, 7)
+    ] + [(6, "eval")]
+    later = [t for step, _, t in seconds if step > 3]
+    assert all(86400.0 < t < 86400.0 + 600 for t in later) and later == sorted(later), seconds
+    assert not any("timed_from_step" in r for r in records(resumed))
+    # Step 3's records written before time keeping: the rest is timed from step 3 and says so.
+    rewrite_records_at(untimed, 3, lambda r: {k: v for k, v in r.items() if k != "seconds"})
+    loop.run_training(experiment, untimed)
+    later = [r for r in records(untimed) if r["step"] > 3]
+    assert all(r["timed_from_step"] == 3 and 0 < r["seconds"] < 600 for r in later), later
     for a, b in zip(
         jax.tree.leaves(restored_params(straight, experiment)),
         jax.tree.leaves(restored_params(resumed, experiment)),
