@@ -26,8 +26,8 @@ import jax
 sys.path.insert(0, str(Path(__file__).parent))
 from sweeps import TUNED_MUON_LR, sweeps
 
-from sleeplm.loop import run_training
-from sleeplm.plot import plot_runs, read_evals
+from sleeplm.loop import last_timing, run_training
+from sleeplm.plot import plot_runs, read_evals, read_records
 from sleeplm.presets import build_experiment
 
 RESULTS = Path(__file__).parent / "results"
@@ -51,15 +51,13 @@ def summarize(sweep: str, out: Path, info: dict) -> None:
     for run in runs:
         evals = read_evals(run)
         record = json.loads((run / "experiment.json").read_text())
-        timing = json.loads((run / "time.json").read_text())
         summary["runs"][run.name] = {
             "final_exact": evals[-1]["exact"],
             "best_exact": max(e["exact"] for e in evals),
             "final_loss": evals[-1]["loss"],
             "steps": evals[-1]["step"],
             "tokens": evals[-1]["tokens"],
-            "seconds": timing["seconds"],
-            **({"timed_from_step": timing["timed_from_step"]} if "timed_from_step" in timing else {}),
+            **json.loads((run / "time.json").read_text()),  # seconds, and timed_from_step if partly timed
             "passes": record["config"]["sleep"]["passes"],
             "eviction": record["config"]["sleep"]["eviction"],
             "depth": record["task"].get("steps"),
@@ -72,13 +70,6 @@ def summarize(sweep: str, out: Path, info: dict) -> None:
         if "perplexity" in read_evals(runs[0])[0]:  # language modelling
             metric = "perplexity"
         plot_runs(runs, metric, out / f"{metric}.png", title=f"{sweep}: held-out {metric}", chance=chance)
-
-
-def run_time(metrics: Path) -> dict:
-    """time.json: the run's wall seconds over all its invocations, from its last timed record (with the step it is
-    timed from when its earlier part predates time keeping; see `sleeplm.loop.MetricsLog`)."""
-    timed = [r for r in map(json.loads, metrics.read_text().splitlines()) if "seconds" in r]
-    return {key: timed[-1][key] for key in ("seconds", "timed_from_step") if key in timed[-1]}
 
 
 def as_recorded(experiment) -> dict:
@@ -134,7 +125,7 @@ def main(argv: list[str] | None = None) -> None:
             (out / run.name).mkdir(exist_ok=True)
             for name in ("metrics.jsonl", "experiment.json"):
                 shutil.copy(workdir / name, out / run.name / name)
-            (out / run.name / "time.json").write_text(json.dumps(run_time(workdir / "metrics.jsonl")) + "\n")
+            (out / run.name / "time.json").write_text(json.dumps(last_timing(read_records(workdir))) + "\n")
         summarize(args.sweep, out, info)
     summarize(args.sweep, out, info)
 

@@ -46,13 +46,19 @@ def train_iterator(experiment: Experiment) -> grain.DatasetIterator:
     return iter(dataset.batch(local, drop_remainder=True).to_iter_dataset())
 
 
+def last_timing(records) -> dict | None:
+    """The run's wall time as of the last of `records` that has it: "seconds", summed over the invocations of a
+    resumed run, and "timed_from_step" where the run is timed only from that step on (None: no record has it)."""
+    timed = [record for record in records if "seconds" in record]
+    return {key: timed[-1][key] for key in ("seconds", "timed_from_step") if key in timed[-1]} if timed else None
+
+
 class MetricsLog:
     """Appends JSON records to metrics.jsonl; on resume, drops records past the restored step first.
 
-    Train and eval records carry "seconds", the run's wall time as of the record, summed over the invocations of a
-    resumed run: `timing_at_resume` reads it back from the restored step's last record. Where that record has none
-    (written before time keeping, or lost), the run is timed from the restored step on and its records say so with
-    "timed_from_step"."""
+    Train and eval records carry the run's wall time (`last_timing`); `timing_at_resume` reads it back from the
+    restored step's records. Where they have none (written before time keeping, or lost), the run is timed from the
+    restored step on and its records say so."""
 
     def __init__(self, path: Path, resume_step: int) -> None:
         self.path, self.enabled = path, jax.process_index() == 0  # one writer on multi-host runs
@@ -62,13 +68,10 @@ class MetricsLog:
         kept = []
         if path.exists() and resume_step > 0:
             kept = [json.loads(line) for line in path.read_text().splitlines()]
-            kept = [r for r in kept if r["step"] <= resume_step]
+            kept = [record for record in kept if record["step"] <= resume_step]
         if resume_step > 0:
-            timed = [r for r in kept if r["step"] == resume_step and "seconds" in r]
-            timed_from = timed[-1].get("timed_from_step") if timed else resume_step
-            self.timing_at_resume = {"seconds": timed[-1]["seconds"] if timed else 0.0}
-            if timed_from is not None:
-                self.timing_at_resume["timed_from_step"] = timed_from
+            at_resume = last_timing(record for record in kept if record["step"] == resume_step)
+            self.timing_at_resume = at_resume or {"seconds": 0.0, "timed_from_step": resume_step}
         path.write_text("".join(json.dumps(record) + "\n" for record in kept))
 
     def write(self, record: dict) -> None:

@@ -11,11 +11,16 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 
 
-def read_evals(run: Path) -> list[dict]:
+def read_records(run: Path) -> list[dict]:
+    """Every record of a run's metrics.jsonl, in order."""
     path = Path(run) / "metrics.jsonl"
     if not path.exists():
         raise FileNotFoundError(f"{path} does not exist: is {run} a training run directory?")
-    return [r for r in map(json.loads, path.read_text().splitlines()) if r["kind"] == "eval"]
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def read_evals(run: Path) -> list[dict]:
+    return [r for r in read_records(run) if r["kind"] == "eval"]
 
 
 def run_label(run: Path) -> str:

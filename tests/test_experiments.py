@@ -17,6 +17,7 @@ import run as run_script
 from sweeps import TUNED_MUON_LR, Run, sweeps
 
 from sleeplm.data.arith import ArithConfig
+from sleeplm.loop import last_timing
 from sleeplm.presets import build_experiment
 
 ALL = sweeps(TUNED_MUON_LR)
@@ -115,11 +116,10 @@ def test_sleep_table_pairs_seeds_and_gives_the_mean_gain_with_its_standard_error
 def test_a_runs_time_comes_from_its_last_timed_record_and_a_partly_timed_run_is_named(tmp_path):
     records = [{"step": 10, "kind": "train", "seconds": 30.0}, {"step": 20, "kind": "train", "seconds": 75.0}]
     records.append({"step": 20, "kind": "eval", "exact": 0.5, "seconds": 80.0})
-    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
-    assert run_script.run_time(tmp_path / "metrics.jsonl") == {"seconds": 80.0}
+    assert last_timing(records) == {"seconds": 80.0}
     records[-1]["timed_from_step"] = 10  # resumed at step 10 from records written before time keeping
-    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
-    assert run_script.run_time(tmp_path / "metrics.jsonl") == {"seconds": 80.0, "timed_from_step": 10}
+    assert last_timing(records) == {"seconds": 80.0, "timed_from_step": 10}
+    assert last_timing([{"step": 10, "kind": "train"}]) is None
     run = _by_name("arith-mix")["N2-s1"]
     _fake_finished(tmp_path, "arith-mix", run)
     (tmp_path / "arith-mix" / run.name / "time.json").write_text(json.dumps({"seconds": 1.0, "timed_from_step": 10}))

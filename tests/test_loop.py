@@ -41,19 +41,18 @@ def tiny(**overrides: str) -> Experiment:
     return build_experiment("rule110-cpu", TINY | overrides)
 
 
+def records(run: Path) -> list[dict]:
+    return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+
+
 def losses(run: Path) -> list[tuple]:
-    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
-    return [(r["step"], r["kind"], r.get("loss"), r.get("exact")) for r in records]
+    return [(r["step"], r["kind"], r.get("loss"), r.get("exact")) for r in records(run)]
 
 
 def restored_params(run: Path, experiment: Experiment):
     template = init_train_state(jax.random.key(0), experiment.config, experiment.train)
     checkpoints = Checkpointer(run / "checkpoints", keep=2)
     return checkpoints.restore(template, loop.train_iterator(experiment), experiment).params
-
-
-def records(run: Path) -> list[dict]:
-    return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
 
 
 def rewrite_records_at(run: Path, step: int, change) -> None:
