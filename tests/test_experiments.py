@@ -12,13 +12,17 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).parents[1] / "experiments"))
 import arith_diagnosis
+import budget
+import jax
 import report
 import run as run_script
 from sweeps import TUNED_MUON_LR, Run, sweeps
 
+from sleeplm.data import make_source
 from sleeplm.data.arith import ArithConfig
 from sleeplm.loop import last_timing
 from sleeplm.presets import build_experiment
+from sleeplm.sleep import init_params
 
 ALL = sweeps(TUNED_MUON_LR)
 
@@ -164,3 +168,32 @@ def test_knowing_the_operator_and_the_operands_answers_every_generated_problem_a
     assert arith_diagnosis.bayes_accuracy(fit, score, full)["accuracy"] == 1.0
     operator_only = arith_diagnosis.bayes_accuracy(fit, score, arith_diagnosis.INFORMATION["operator"])
     assert operator_only["accuracy"] < 0.35  # answers are uniform over Z_5; "*" leans to 0
+
+
+def test_the_budget_counts_block_parameters_and_training_tokens_and_scales_the_measured_time(tmp_path, capsys):
+    """Compute is 6 x (every parameter but the embedding and the head, vocabulary x width each) x (steps x batch x
+    example length); the estimate is the run's hours times the preset's compute over the run's."""
+    experiment = build_experiment("depo-cpu", {"train.steps": "10", "train.batch_size": "4", "train.warmup_steps": "1"})
+    shapes = jax.eval_shape(lambda: init_params(jax.random.key(0), experiment.config))
+    every = sum(leaf.size for leaf in jax.tree.leaves(shapes))
+    model = experiment.config.model
+    length = make_source(experiment.task, "train", seed=0, size=1)[0]["targets"].shape[0]
+    counted = budget.training_compute(experiment)
+    assert counted["parameters"] == every - 2 * model.vocab_size * model.d_model
+    assert counted["tokens"] == 10 * 4 * length
+    assert counted["flops"] == 6 * counted["parameters"] * counted["tokens"]
+
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "experiment.json").write_text(json.dumps(experiment.to_json()))
+    (run / "time.json").write_text(json.dumps({"seconds": 7200.0}))
+    budget.main([str(run), "depo-cpu", "--out", str(tmp_path / "budget.json")])
+    report_ = json.loads((tmp_path / "budget.json").read_text())
+    preset = budget.training_compute(build_experiment("depo-cpu", {}))
+    assert report_["compute_ratio"] == pytest.approx(preset["flops"] / counted["flops"])
+    assert report_["estimated_hours"] == pytest.approx(2 * report_["compute_ratio"])
+
+    (run / "time.json").write_text(json.dumps({"seconds": 7200.0, "timed_from_step": 5}))
+    with pytest.raises(SystemExit):
+        budget.main([str(run), "depo-cpu"])
+    assert "only timed from step 5" in capsys.readouterr().err
