@@ -23,7 +23,7 @@ from sleeplm.data import make_source
 from sleeplm.presets import PRESETS, Experiment, build_experiment, experiment_from_json
 from sleeplm.sleep import init_params
 
-TOKEN_TABLES = ("embedding", "head")  # parameters read once per token, not multiplied through: left out
+TOKEN_TABLES = ("embedding", "head")  # the embedding (a lookup) and the output head, left out as in the usual 6ND count
 
 
 def training_compute(experiment: Experiment) -> dict:
