@@ -1,7 +1,7 @@
 """What would a preset's training cost on the machine a committed run ran on? Scales the run's measured wall time by
 the ratio of training compute between the preset and the run, counted as 6 x (parameters outside the embedding and
 the output head) x (training tokens): the matmul work of a forward and backward pass, leaving out attention scores,
-the fast-weight recurrence and sleep passes (about the cost of one more forward per pass).
+the fast-weight recurrence and sleep passes (each pass past the first adds about one N=1 training step).
 
     python experiments/budget.py RUN_RESULT_DIR PRESET [--out FILE]
 
