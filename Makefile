@@ -64,6 +64,8 @@ reproduce-cpu: $(STAMP)
 	$(REPRODUCE) arith-1op
 	$(REPRODUCE) arith-mix
 	$(REPRODUCE) lm
+	$(PY) experiments/budget.py experiments/results/depo-2hops/no-eviction depo --out experiments/results/budget/depo.json
+	$(PY) experiments/budget.py experiments/results/arith-1op/no-eviction-ops0-1 arith --out experiments/results/budget/arith.json
 	$(PY) experiments/report.py
 
 lint: $(STAMP)
