@@ -5,9 +5,7 @@ as the training loop does, against the step time).
     python benchmarks/bench_train.py [--preset rule110 --passes 1,2,4 --batch 64 --steps 5] [--out FILE]
     python benchmarks/bench_train.py --preset lm-cpu --passes 1,2 --batch 16 --out benchmarks/results/train_lm_cpu.json
 
-Model FLOPs are counted analytically (XLA's cost analysis does not multiply `lax.scan` bodies by their trip
-count) and count only useful work: N passes over each slept window (full, and followed by more of its document),
-one pass over every other real token, and training = 3x forward. Padding is real compute but not counted.
+Model FLOPs are counted analytically by `sleeplm.flops` (useful work only; it says what counts).
 """
 
 from __future__ import annotations
@@ -21,42 +19,11 @@ import jax.numpy as jnp
 import numpy as np
 from common import write_record
 
-from sleeplm.config import Config
+from sleeplm.flops import train_flops
 from sleeplm.loop import train_iterator
 from sleeplm.presets import build_experiment
 from sleeplm.timing import median_seconds
 from sleeplm.train import TrainConfig, init_train_state, model_batch, train_step
-
-
-def forward_flops_per_token_pass(config: Config) -> float:
-    """FLOPs of one block-stack pass for one token (2 per multiply-add), plus nothing for the head."""
-    m, window = config.model, config.sleep.window
-    d, attended = m.d_model, window * (2 if config.sleep.eviction == "sliding" else 1)
-    attn_width, kv_width = m.num_heads * m.head_dim, m.num_kv_heads * m.head_dim
-    heads, d_k, d_v = m.gdn_heads, m.gdn_head_dim_k, m.gdn_head_dim_v
-    chunk = min(m.gdn_chunk_size, window)
-    attention = 2 * d * (2 * attn_width + 2 * kv_width) + 4 * attended * attn_width
-    gdn_projections = 2 * d * (2 * heads * d_k + 2 * heads * d_v + 2 * heads) + 2 * heads * d_v * d
-    gdn_rule = 2 * heads * (chunk * (3 * d_k + 2 * d_v) + 3 * d_k * d_v)
-    mlp = 2 * 3 * d * m.mlp_dim
-    per_layer = {"attn": attention, "gdn": gdn_projections + gdn_rule}
-    return sum(per_layer[kind] + mlp for kind in m.layers)
-
-
-def train_flops(config: Config, batch: dict) -> float:
-    """Model FLOPs of one training step on `batch` (its real tokens; packed rows' documents counted as they are)."""
-    window, passes = config.sleep.window, config.sleep.passes
-    inputs = np.asarray(batch["inputs"])
-    valid = np.asarray(batch.get("valid", np.ones(inputs.shape, bool)))
-    starts = np.asarray(batch.get("document_start", np.zeros(inputs.shape, bool)))
-    following = np.arange(window, inputs.shape[1], window)  # each window's successor's first position
-    slept = valid[:, following] & ~starts[:, following]  # a full window followed by more of its document
-    if config.sleep.eviction_mode.bounded:
-        token_passes = valid.sum() + slept.sum() * window * (passes - 1)
-    else:
-        token_passes = valid.sum()
-    head = 2 * config.model.d_model * config.model.vocab_size * valid.sum()
-    return float(3 * (token_passes * forward_flops_per_token_pass(config) + head))
 
 
 def matmul_peak(size: int = 2048, repeats: int = 5) -> float:

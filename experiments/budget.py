@@ -1,7 +1,6 @@
 """What would a preset's training cost on the machine a committed run ran on? Scales the run's measured wall time by
-the ratio of training compute between the preset and the run, counted as 6 x (parameters outside the embedding and
-the output head) x (training tokens): the matmul work of a forward and backward pass, leaving out attention scores,
-the fast-weight recurrence and sleep passes (each pass past the first adds about one N=1 training step).
+the ratio of training FLOPs between the preset and the run, both counted by `sleeplm.flops` (useful work: sleep
+passes, attention over the window, the head; training = 3x forward) on one training batch, times the steps.
 
     python experiments/budget.py RUN_RESULT_DIR PRESET [--out FILE]
 
@@ -12,28 +11,27 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import sys
 from pathlib import Path
 
-import jax
 from run import provenance  # experiments/run.py, beside this script
 
-from sleeplm.data import make_source
+from sleeplm.data import batched, make_source
+from sleeplm.flops import train_flops
 from sleeplm.presets import PRESETS, Experiment, build_experiment, experiment_from_json
-from sleeplm.sleep import init_params
-
-TOKEN_TABLES = ("embedding", "head")  # the embedding (a lookup) and the output head, left out as in the usual 6ND count
 
 
 def training_compute(experiment: Experiment) -> dict:
-    """Parameters in the blocks, training tokens (steps x batch x example length) and 6 x their product."""
-    shapes = jax.eval_shape(lambda: init_params(jax.random.key(0), experiment.config))["params"]
-    blocks = {name: tree for name, tree in shapes.items() if name not in TOKEN_TABLES}
-    parameters = sum(math.prod(leaf.shape) for leaf in jax.tree.leaves(blocks))
-    length = len(make_source(experiment.task, "train", seed=0, size=1)[0]["inputs"])
-    tokens = experiment.train.steps * experiment.train.batch_size * length
-    return {"parameters": parameters, "example_length": length, "tokens": tokens, "flops": 6 * parameters * tokens}
+    """Training tokens (steps x batch x example length) and FLOPs (steps x those of the first training batch)."""
+    batch_size = experiment.train.batch_size
+    source = make_source(experiment.task, "train", seed=experiment.train.seed, size=batch_size)
+    batch = batched(source, batch_size, seed=experiment.train.seed, shuffle=False)[0]
+    steps, length = experiment.train.steps, batch["inputs"].shape[1]
+    return {
+        "example_length": length,
+        "tokens": steps * batch_size * length,
+        "flops": steps * train_flops(experiment.config, batch),
+    }
 
 
 def main(argv: list[str]) -> None:

@@ -13,16 +13,15 @@ import pytest
 sys.path.insert(0, str(Path(__file__).parents[1] / "experiments"))
 import arith_diagnosis
 import budget
-import jax
 import report
 import run as run_script
 from sweeps import TUNED_MUON_LR, Run, sweeps
 
-from sleeplm.data import make_source
+from sleeplm.data import batched, make_source
 from sleeplm.data.arith import ArithConfig
+from sleeplm.flops import train_flops
 from sleeplm.loop import last_timing
 from sleeplm.presets import build_experiment
-from sleeplm.sleep import init_params
 
 ALL = sweeps(TUNED_MUON_LR)
 
@@ -170,18 +169,18 @@ def test_knowing_the_operator_and_the_operands_answers_every_generated_problem_a
     assert operator_only["accuracy"] < 0.35  # answers are uniform over Z_5; "*" leans to 0
 
 
-def test_the_budget_counts_block_parameters_and_training_tokens_and_scales_the_measured_time(tmp_path, capsys):
-    """Compute is 6 x (every parameter but the embedding and the head, vocabulary x width each) x (steps x batch x
-    example length); the estimate is the run's hours times the preset's compute over the run's."""
+def test_the_budget_counts_training_tokens_and_flops_and_scales_the_measured_time(tmp_path, capsys):
+    """Tokens are steps x batch x example length and FLOPs steps x those of one batch (sleeplm.flops), so a preset
+    with twice the passes costs more; the estimate is the run's hours times the preset's FLOPs over the run's."""
     experiment = build_experiment("depo-cpu", {"train.steps": "10", "train.batch_size": "4", "train.warmup_steps": "1"})
-    shapes = jax.eval_shape(lambda: init_params(jax.random.key(0), experiment.config))
-    every = sum(leaf.size for leaf in jax.tree.leaves(shapes))
-    model = experiment.config.model
-    length = make_source(experiment.task, "train", seed=0, size=1)[0]["targets"].shape[0]
+    batch = batched(make_source(experiment.task, "train", seed=0, size=4), 4, seed=0, shuffle=False)[0]
     counted = budget.training_compute(experiment)
-    assert counted["parameters"] == every - 2 * model.vocab_size * model.d_model
-    assert counted["tokens"] == 10 * 4 * length
-    assert counted["flops"] == 6 * counted["parameters"] * counted["tokens"]
+    assert counted["tokens"] == 10 * 4 * experiment.task.sequence_length
+    assert counted["flops"] == pytest.approx(10 * train_flops(experiment.config, batch))
+    two_passes = build_experiment(
+        "depo-cpu", {"train.steps": "10", "train.batch_size": "4", "train.warmup_steps": "1", "sleep.passes": "2"}
+    )
+    assert budget.training_compute(two_passes)["flops"] > counted["flops"]
 
     run = tmp_path / "run"
     run.mkdir()
