@@ -14,8 +14,8 @@ import jax
 import jax.numpy as jnp
 from common import write_record
 
+from sleeplm.cli.timing import median_seconds
 from sleeplm.ops import gated_delta_rule
-from sleeplm.timing import median_seconds
 
 
 def make_inputs(batch: int, length: int, heads: int, dim: int, dtype: jnp.dtype) -> tuple[jax.Array, ...]:

@@ -31,11 +31,11 @@ import numpy as np
 from common import write_record
 
 from sleeplm import Config, ModelConfig, SleepConfig, init_params, init_state, sleep_step, wake_step
-from sleeplm.generate import generate
+from sleeplm.cli.timing import median_seconds
+from sleeplm.core.passes import window_pass
+from sleeplm.inference.generate import generate
+from sleeplm.inference.streams import start_stream
 from sleeplm.model.mixer import window_start
-from sleeplm.sleep import window_pass
-from sleeplm.streams import start_stream
-from sleeplm.timing import median_seconds
 
 MODEL = ModelConfig(vocab_size=256, d_model=128, layers=("attn", "gdn", "attn", "gdn"), num_heads=4)
 WINDOW = 128
@@ -107,7 +107,7 @@ def score_peak_memory(length: int, block_windows: int) -> dict:
 
 
 def score_child(length: int, block_windows: int) -> None:
-    from sleeplm.score import MAX_BUCKETS, ScoreCarry, score, score_block
+    from sleeplm.inference.score import MAX_BUCKETS, ScoreCarry, score, score_block
 
     config = config_for(2, "hard")
     params = init_params(jax.random.key(0), config)

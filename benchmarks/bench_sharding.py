@@ -23,12 +23,13 @@ import jax
 import jax.numpy as jnp
 from common import write_record
 
+from sleeplm.cli.timing import median_seconds
 from sleeplm.data import batched, make_source
-from sleeplm.parallel import MeshConfig, ShardedTraining, batch_sharding, make_mesh
-from sleeplm.presets import build_experiment
-from sleeplm.sharding import RULES
-from sleeplm.timing import median_seconds
-from sleeplm.train import init_train_state, masked_loss, train_step
+from sleeplm.parallel.axes import RULES
+from sleeplm.parallel.mesh import MeshConfig, batch_sharding, make_mesh
+from sleeplm.training.presets import build_experiment
+from sleeplm.training.sharded import ShardedTraining
+from sleeplm.training.step import init_train_state, masked_loss, train_step
 
 MESHES = {
     "dp (8,1,1)": ((8, 1, 1), "dp"),

@@ -19,11 +19,12 @@ import jax.numpy as jnp
 import numpy as np
 from common import write_record
 
-from sleeplm.flops import train_flops
-from sleeplm.loop import train_iterator
-from sleeplm.presets import build_experiment
-from sleeplm.timing import median_seconds
-from sleeplm.train import TrainConfig, init_train_state, model_batch, train_step
+from sleeplm.cli.timing import median_seconds
+from sleeplm.experiment.schema import TrainConfig
+from sleeplm.training.flops import train_flops
+from sleeplm.training.presets import build_experiment
+from sleeplm.training.run import train_iterator
+from sleeplm.training.step import init_train_state, model_batch, train_step
 
 
 def matmul_peak(size: int = 2048, repeats: int = 5) -> float:

@@ -22,13 +22,15 @@ import jax.numpy as jnp
 import numpy as np
 from run import provenance  # experiments/run.py, beside this script
 
-from sleeplm.checkpoint import Checkpointer
 from sleeplm.data import batched, make_source
 from sleeplm.data.arith import OPERATORS, ArithConfig
-from sleeplm.presets import Experiment, experiment_from_json
-from sleeplm.train import eval_step, model_batch
+from sleeplm.experiment.schema import Experiment, experiment_from_json
+from sleeplm.training.checkpoint import Checkpointer
+from sleeplm.training.evaluate import eval_step
 
 # What a partial solution may know of a one-operation problem `Q vX ; ... vX = vA op vC ; ... A :`.
+from sleeplm.training.step import model_batch
+
 INFORMATION = {
     "operator": lambda p: (p["operator"],),
     "operator and every constant's value, unordered": lambda p: (p["operator"], tuple(sorted(p["constants"]))),

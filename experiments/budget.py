@@ -17,8 +17,9 @@ from pathlib import Path
 from run import provenance  # experiments/run.py, beside this script
 
 from sleeplm.data import batched, make_source
-from sleeplm.flops import train_flops
-from sleeplm.presets import PRESETS, Experiment, build_experiment, experiment_from_json
+from sleeplm.experiment.schema import Experiment, experiment_from_json
+from sleeplm.training.flops import train_flops
+from sleeplm.training.presets import PRESETS, build_experiment
 
 
 def training_compute(experiment: Experiment) -> dict:

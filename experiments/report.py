@@ -23,7 +23,7 @@ import matplotlib.pyplot as plt
 from matplotlib.ticker import MaxNLocator
 from sweeps import CEILING, FLOOR, SLIDING  # experiments/sweeps.py, beside this script
 
-from sleeplm.plot import read_evals
+from sleeplm.cli.plot import read_evals
 
 RESULTS = Path(__file__).parent / "results"
 

@@ -26,9 +26,9 @@ import jax
 sys.path.insert(0, str(Path(__file__).parent))
 from sweeps import TUNED_MUON_LR, sweeps
 
-from sleeplm.loop import last_timing, run_training
-from sleeplm.plot import plot_runs, read_evals, read_records
-from sleeplm.presets import build_experiment
+from sleeplm.cli.plot import plot_runs, read_evals, read_records
+from sleeplm.training.presets import build_experiment
+from sleeplm.training.run import last_timing, run_training
 
 RESULTS = Path(__file__).parent / "results"
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 
-from sleeplm.presets import ALTERNATING4
+from sleeplm.training.presets import ALTERNATING4
 
 
 @dataclasses.dataclass(frozen=True)

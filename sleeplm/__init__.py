@@ -6,10 +6,12 @@ Public API: `Config`, `ModelConfig`, `SleepConfig`, `init_params`, `init_state`,
 """
 
 from sleeplm.config import Config, ModelConfig, SleepConfig
+from sleeplm.core.forward import forward, forward_with_state
+from sleeplm.core.parameters import init_params
+from sleeplm.core.state import SleepState, init_state
+from sleeplm.core.streaming import sleep_step, wake_step
 from sleeplm.model.attention import AttentionCache
 from sleeplm.model.gdn import FastWeightState
-from sleeplm.sleep import forward, forward_with_state, init_params, sleep_step, wake_step
-from sleeplm.state import SleepState, init_state
 
 __all__ = [
     "AttentionCache",

@@ -67,7 +67,8 @@ class ModelConfig:
     heads (default num_heads) with key dim `gdn_head_dim_k` and value dim `gdn_head_dim_v` (default head_dim), and
     "grouped_gdn" `gdn_key_heads` query/key heads (default gdn_heads), each shared by gdn_heads / gdn_key_heads
     value heads; the MLP's hidden size is `mlp_dim` (default 4 d_model). `gdn_implementation` is a name of
-    `sleeplm.ops.implementation_names()`.
+    `sleeplm.ops.implementation_names()`. The mixer kinds and the implementation are looked up in their registries
+    where the config is first used (`sleeplm.core.checks.check_config`), not here: a config checks its own fields.
 
     `zero_centered_norm`: every RMSNorm of the stack (block norms, final norm, attention's q/k norms) scales by
     (1 + w) with w initialised to 0, as the Qwen3-Next family stores it (the GDN output norm keeps its plain scale).
@@ -100,9 +101,6 @@ class ModelConfig:
     gdn_chunk_size: int = 64
 
     def __post_init__(self) -> None:
-        from sleeplm.model.kinds import mixer_kind  # the registry imports the mixers, which import this module
-        from sleeplm.ops import implementation_names
-
         check_positive_ints(self, ("vocab_size", "d_model", "num_heads", "conv_width", "gdn_chunk_size"))
         derive = [name for name in _DERIVED if getattr(self, name) is None or isinstance(getattr(self, name), Derived)]
         check_positive_ints(self, tuple(name for name in _DERIVED if name not in derive))
@@ -118,12 +116,14 @@ class ModelConfig:
         for name in ("zero_centered_norm", "tie_embeddings"):
             if not isinstance(getattr(self, name), bool):
                 _fail(name, getattr(self, name), "must be True or False")
-        for i, kind in enumerate(self.layers):
-            mixer_kind(kind, field=f"layers[{i}]").check_config(self)
+        if not all(isinstance(kind, str) for kind in self.layers):
+            _fail("layers", self.layers, "must be a non-empty tuple of mixer kinds")
         if self.dtype not in DTYPES:
             _fail("dtype", self.dtype, f"allowed dtypes are {DTYPES}")
-        if self.gdn_implementation not in implementation_names():
-            _fail("gdn_implementation", self.gdn_implementation, f"allowed are {implementation_names()}")
+        if not isinstance(self.gdn_implementation, str):
+            _fail(
+                "gdn_implementation", self.gdn_implementation, "must be the name of a gated-delta-rule implementation"
+            )
         if not self.rope_theta > 0:
             _fail("rope_theta", self.rope_theta, "must be > 0")
         if not self.norm_eps > 0:

@@ -18,9 +18,10 @@ import jax
 sys.path.insert(0, str(Path(__file__).parent))
 from test_kinds import recall_experiment
 
-from sleeplm.loop import run_training
-from sleeplm.parallel import MeshConfig, ShardedTraining, make_mesh, sleep_state_shardings
-from sleeplm.state import init_state
+from sleeplm.core.state import init_state
+from sleeplm.parallel.mesh import MeshConfig, make_mesh, sleep_state_shardings
+from sleeplm.training.run import run_training
+from sleeplm.training.sharded import ShardedTraining
 
 
 def records(run: Path) -> dict:

@@ -18,8 +18,10 @@ from jax.sharding import PartitionSpec as P
 
 from sleeplm import Config, ModelConfig, SleepConfig, forward, init_state, wake_step
 from sleeplm.data import Rule110Config, batched, make_source
-from sleeplm.parallel import MeshConfig, ShardedTraining, make_mesh, sleep_state_shardings
-from sleeplm.train import TrainConfig, init_train_state, train_step
+from sleeplm.experiment.schema import TrainConfig
+from sleeplm.parallel.mesh import MeshConfig, make_mesh, sleep_state_shardings
+from sleeplm.training.sharded import ShardedTraining
+from sleeplm.training.step import init_train_state, train_step
 
 MESHES = [(8, 1, 1), (2, 4, 1), (2, 2, 2), (1, 2, 4)]
 

@@ -36,10 +36,10 @@ import numpy as np  # noqa: E402
 sys.path.insert(0, str(Path(__file__).parent))
 from test_loop import TINY, restored_params  # noqa: E402
 
-from sleeplm.cli import main as cli_main  # noqa: E402
-from sleeplm.loop import run_training  # noqa: E402
-from sleeplm.parallel import MeshConfig, make_mesh  # noqa: E402
-from sleeplm.presets import build_experiment  # noqa: E402
+from sleeplm.cli.main import main as cli_main  # noqa: E402
+from sleeplm.parallel.mesh import MeshConfig, make_mesh  # noqa: E402
+from sleeplm.training.presets import build_experiment  # noqa: E402
+from sleeplm.training.run import run_training  # noqa: E402
 
 experiment = build_experiment("rule110-cpu", TINY)
 

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from sleeplm.cli import main
-from sleeplm.presets import PRESETS
+from sleeplm.cli.main import main
+from sleeplm.training.presets import PRESETS
 
 
 def test_unknown_command_names_the_choices(capsys):
@@ -27,8 +27,8 @@ def test_stray_arguments_to_eval_are_rejected():
 
 
 def test_stream_demo_reproduces_forward():
+    from sleeplm.cli.stream_demo import run_demo
     from sleeplm.config import Config, ModelConfig, SleepConfig
-    from sleeplm.stream_demo import run_demo
 
     tiny = Config(ModelConfig(vocab_size=16, d_model=16, layers=("attn", "gdn"), num_heads=2), SleepConfig(window=4))
     rows = run_demo(tiny, passes=(2,), windows=3, batch=2)

@@ -24,8 +24,9 @@ from sleeplm.data import (
     register_task,
     task_of,
 )
-from sleeplm.evaluate import eval_sets
-from sleeplm.presets import build_experiment, experiment_from_json
+from sleeplm.experiment.schema import experiment_from_json
+from sleeplm.training.evaluate import eval_sets
+from sleeplm.training.presets import build_experiment
 
 RULE110_TABLE = {"111": "0", "110": "1", "101": "1", "100": "0", "011": "1", "010": "1", "001": "1", "000": "0"}
 

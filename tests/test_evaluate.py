@@ -15,12 +15,13 @@ import optax
 import pytest
 
 from sleeplm import Config, ModelConfig, SleepConfig
-from sleeplm import train as train_lib
 from sleeplm.data import TASKS, Task, TaskSource, Vocabulary, register_task
-from sleeplm.evaluate import eval_sets, evaluate
-from sleeplm.loop import run_training
-from sleeplm.presets import PRESETS, Experiment, RunConfig, build_experiment, experiment_from_json
-from sleeplm.train import MODEL_KEYS, TrainConfig, TrainState, eval_step, masked_loss, train_step
+from sleeplm.experiment.schema import Experiment, RunConfig, TrainConfig, experiment_from_json
+from sleeplm.training import step as train_lib
+from sleeplm.training.evaluate import eval_sets, eval_step, evaluate
+from sleeplm.training.presets import PRESETS, build_experiment
+from sleeplm.training.run import run_training
+from sleeplm.training.step import MODEL_KEYS, TrainState, masked_loss, train_step
 
 
 @pytest.fixture

@@ -19,9 +19,9 @@ from sweeps import TUNED_MUON_LR, Run, sweeps
 
 from sleeplm.data import batched, make_source
 from sleeplm.data.arith import ArithConfig
-from sleeplm.flops import train_flops
-from sleeplm.loop import last_timing
-from sleeplm.presets import build_experiment
+from sleeplm.training.flops import train_flops
+from sleeplm.training.presets import build_experiment
+from sleeplm.training.run import last_timing
 
 ALL = sweeps(TUNED_MUON_LR)
 

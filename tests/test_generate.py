@@ -11,9 +11,9 @@ import pytest
 from test_sleep import MODEL, PASSES_AND_MODES, WINDOW, make_config, perturbed
 
 from sleeplm import forward, init_params
-from sleeplm.checkpoint import CheckpointError
-from sleeplm.generate import NO_TOKEN, Sampling, generate
-from sleeplm.streams import restore_stream, save_stream, start_stream
+from sleeplm.experiment.workdir import CheckpointError
+from sleeplm.inference.generate import NO_TOKEN, Sampling, generate
+from sleeplm.inference.streams import restore_stream, save_stream, start_stream
 
 # Prompts shorter than, as long as, and longer than a window (2L + 5); 15 new tokens cross two or three windows.
 PROMPT_LENGTHS = (3, WINDOW, 2 * WINDOW + 5)

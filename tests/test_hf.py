@@ -26,14 +26,16 @@ from test_packing import ROW_LENGTH, pack  # noqa: E402
 from test_sleep import WINDOW  # noqa: E402
 
 from sleeplm import Config, ModelConfig, SleepConfig, forward, init_state, wake_step  # noqa: E402
-from sleeplm.checkpoint import Checkpointer  # noqa: E402
-from sleeplm.cli import main as cli_main  # noqa: E402
+from sleeplm.cli.main import main as cli_main  # noqa: E402
+from sleeplm.core.checks import check_config  # noqa: E402
+from sleeplm.core.parameters import init_params, param_annotations  # noqa: E402
+from sleeplm.experiment.schema import TrainConfig, experiment_from_json  # noqa: E402
 from sleeplm.hf.convert import Pretrained, convert  # noqa: E402
 from sleeplm.hf.export import export  # noqa: E402
-from sleeplm.presets import experiment_from_json  # noqa: E402
-from sleeplm.retrofit import insert_blocks, retrofit_params  # noqa: E402
-from sleeplm.sleep import init_params, param_annotations  # noqa: E402
-from sleeplm.train import TrainConfig, TrainState, make_optimizer, train_step  # noqa: E402
+from sleeplm.training.checkpoint import Checkpointer  # noqa: E402
+from sleeplm.training.optimizer import make_optimizer  # noqa: E402
+from sleeplm.training.retrofit import insert_blocks, retrofit_params  # noqa: E402
+from sleeplm.training.step import TrainState, train_step  # noqa: E402
 
 VOCAB = 272  # the model's (padded) vocabulary; the test tokenizer has 270 tokens
 EOS = "<|endoftext|>"
@@ -295,7 +297,7 @@ def test_retrofit_keeps_the_function_and_trains_only_the_new_blocks(checkpoints,
 
     # The same retrofit at fine-tuning time, from the plain converted model, gives the same starting parameters.
     plain = convert(directory, tmp_path / "plain")
-    from sleeplm.finetune import PretrainedStart
+    from sleeplm.training.finetune import PretrainedStart
 
     source = experiment_from_json(json.loads((plain / "experiment.json").read_text()))
     fresh = init_params(jax.random.key(0), config)
@@ -365,11 +367,11 @@ def test_bad_checkpoints_fail_naming_the_tensor_or_field_and_write_nothing(check
 
 def test_config_fields_are_validated_naming_the_field():
     with pytest.raises(ValueError, match=r"rotary_dim=5 is invalid: must be even and at most head_dim=8"):
-        ModelConfig(d_model=32, num_heads=4, rotary_dim=5)
+        check_config(Config(ModelConfig(d_model=32, num_heads=4, rotary_dim=5)))
     with pytest.raises(ValueError, match=r"gdn_key_heads=3 is invalid: must divide gdn_heads=4"):
-        ModelConfig(layers=("grouped_gdn",), gdn_key_heads=3)
+        check_config(Config(ModelConfig(layers=("grouped_gdn",), gdn_key_heads=3)))
     with pytest.raises(ValueError, match=r"gdn_key_heads=2 is invalid for the 'gdn' kind"):
-        ModelConfig(layers=("gdn",), gdn_key_heads=2)
+        check_config(Config(ModelConfig(layers=("gdn",), gdn_key_heads=2)))
     with pytest.raises(ValueError, match=r"inserted_blocks=\(4,\) is invalid: must be distinct indices of the 2"):
         ModelConfig(layers=("attn", "gdn"), inserted_blocks=(4,))
     with pytest.raises(ValueError, match=r"train.trainable='some' is invalid: allowed are \('all', 'new'\)"):
@@ -402,9 +404,9 @@ MESH_SCRIPT = """
 import json, sys
 import jax, numpy as np
 from sleeplm.hf.convert import Pretrained, convert
-from sleeplm.checkpoint import Checkpointer
-from sleeplm.parallel import MeshConfig, make_mesh, param_shardings
-from sleeplm.presets import experiment_from_json
+from sleeplm.training.checkpoint import Checkpointer
+from sleeplm.parallel.mesh import make_mesh, MeshConfig, param_shardings
+from sleeplm.experiment.schema import experiment_from_json
 from sleeplm.config import Config
 source, out = sys.argv[1], sys.argv[2]
 mesh = make_mesh(MeshConfig(data=1, fsdp=2, tensor=2))
@@ -423,8 +425,8 @@ same = all(jax.tree.leaves(jax.tree.map(lambda a, b: bool(np.array_equal(a, b)),
 shardings = param_shardings(experiment.config, mesh)
 split = sum(len(set(s.spec) - {None}) > 0 for s in jax.tree.leaves(shardings))
 # --init-from under the same mesh: the parameters restore straight into the run's shardings
-from sleeplm.finetune import PretrainedStart
-from sleeplm.sleep import init_params
+from sleeplm.training.finetune import PretrainedStart
+from sleeplm.core.parameters import init_params
 fresh = jax.jit(lambda: init_params(jax.random.key(1), experiment.config), out_shardings=shardings)()
 started = PretrainedStart(workdir, experiment, experiment.config.model).params(fresh)
 start_same = all(jax.tree.leaves(jax.tree.map(lambda a, b: bool(np.array_equal(a, b)), started, expected)))

@@ -18,14 +18,17 @@ import numpy as np
 import pytest
 
 from sleeplm import Config, ModelConfig, SleepConfig, forward, init_params, init_state, wake_step
+from sleeplm.core.checks import check_config
+from sleeplm.core.parameters import param_logical_axes
 from sleeplm.data import Task, TaskSource, Vocabulary, register_task
+from sleeplm.experiment.schema import TrainConfig
 from sleeplm.model.kinds import MIXERS, register_mixer
 from sleeplm.model.mixer import Mixer, WindowContext, axes_like
 from sleeplm.model.params import dense, param
-from sleeplm.parallel import MeshConfig, make_mesh, train_state_shardings
-from sleeplm.sharding import RULES
-from sleeplm.sleep import param_logical_axes
-from sleeplm.train import TrainConfig, init_train_state, optimizer_labels
+from sleeplm.parallel.axes import RULES
+from sleeplm.parallel.mesh import MeshConfig, make_mesh, train_state_shardings
+from sleeplm.training.optimizer import optimizer_labels
+from sleeplm.training.step import init_train_state
 
 # Every parameter of a two-block attention + GDN model (short convolution on): its logical axes, whether Muon
 # optimises it, and its PartitionSpec under the "fsdp+tp" rules.
@@ -175,7 +178,7 @@ RECALL = register_task(Task("first_symbol_recall", RecallConfig, RecallSource))
 
 def recall_experiment():
     """A tiny experiment of the toy task on the toy kind followed by attention, N = 2."""
-    from sleeplm.presets import Experiment, RunConfig
+    from sleeplm.experiment.schema import Experiment, RunConfig
 
     task = RecallConfig()
     model = ModelConfig(
@@ -253,7 +256,7 @@ class Undeclared(Mixer):
 def test_incomplete_or_unknown_kinds_fail_clearly():
     register_mixer("undeclared", Undeclared)
     config = Config(ModelConfig(vocab_size=8, d_model=8, layers=("undeclared",), num_heads=2), SleepConfig(4, 1))
-    from sleeplm.sleep import param_annotations
+    from sleeplm.core.parameters import param_annotations
 
     with pytest.raises(
         ValueError,
@@ -261,7 +264,7 @@ def test_incomplete_or_unknown_kinds_fail_clearly():
     ):
         param_annotations(config)
     with pytest.raises(ValueError, match=r"layers\[1\]='mamba' is invalid: allowed mixers are \('attn', 'gdn'"):
-        ModelConfig(layers=("attn", "mamba"))
+        check_config(Config(ModelConfig(layers=("attn", "mamba"))))
     with pytest.raises(ValueError, match=r"mixer kind 'attn' is already registered"):
         register_mixer("attn", ExponentialMixer)
     with pytest.raises(TypeError, match=r"must be a subclass of sleeplm.model.mixer.Mixer"):

@@ -10,11 +10,14 @@ import jax
 import numpy as np
 import pytest
 
-from sleeplm import loop
-from sleeplm.checkpoint import Checkpointer, CheckpointError
-from sleeplm.cli import main as cli_main
-from sleeplm.presets import PRESETS, Experiment, apply_overrides, build_experiment
-from sleeplm.train import init_train_state
+from sleeplm.cli.main import main as cli_main
+from sleeplm.experiment.overrides import override_experiment
+from sleeplm.experiment.schema import Experiment, align_task_and_model
+from sleeplm.experiment.workdir import CheckpointError
+from sleeplm.training import run as loop
+from sleeplm.training.checkpoint import Checkpointer
+from sleeplm.training.presets import PRESETS, build_experiment
+from sleeplm.training.step import init_train_state
 
 TINY = {
     "task.width": "4",
@@ -170,6 +173,6 @@ def test_bad_cli_values_fail_clearly(argv, message):
 
 def test_every_preset_builds_consistently():
     for name, preset in PRESETS.items():
-        experiment = apply_overrides(preset, {})
+        experiment = align_task_and_model(override_experiment(preset, {}))
         assert experiment.task.window == experiment.config.sleep.window, name
         assert experiment.config.model.vocab_size >= 4, name

@@ -10,7 +10,7 @@ import optax
 import pytest
 from test_sleep import MODEL, PASSES_AND_MODES, WINDOW, make_config, perturbed
 
-import sleeplm.sleep
+import sleeplm.core.forward
 from sleeplm import forward, init_params
 
 # Input lengths (tokens - 1) of the documents of two rows: shorter than, equal to, longer than a window, and last a
@@ -75,7 +75,7 @@ def test_without_resets_a_document_would_see_the_one_before(monkeypatch):
         params, jnp.asarray(packed["inputs"]), config, valid=packed["valid"], document_start=packed["document_start"]
     )
     with_resets = run()
-    monkeypatch.setattr(sleeplm.sleep, "reset", lambda caches, prev_valid, *_: (caches, prev_valid))
+    monkeypatch.setattr(sleeplm.core.forward, "reset", lambda caches, prev_valid, *_: (caches, prev_valid))
     jax.clear_caches()  # trace again with the patched reset, and drop that trace afterwards
     try:
         without = run()

@@ -24,8 +24,9 @@ from pallas_kernels.gated_delta.lowered import dot_macs, triton_modules
 from pallas_kernels.gated_delta.ops import fold_inputs
 from sleeplm import Config, ModelConfig, SleepConfig
 from sleeplm.data import Rule110Config, batched, make_source
+from sleeplm.experiment.schema import TrainConfig
 from sleeplm.ops import IMPLEMENTATIONS, gated_delta_rule, resolve_implementation
-from sleeplm.train import TrainConfig, init_train_state, train_step
+from sleeplm.training.step import init_train_state, train_step
 
 ROOT = Path(__file__).resolve().parents[1]
 GPU = ("cuda", "gpu", "__gpu$xla.gpu.triton")  # (export platform, layout, the kernels' custom call)

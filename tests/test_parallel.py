@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from sleeplm.parallel import MeshConfig
+from sleeplm.parallel.mesh import MeshConfig
 
 
 @pytest.fixture(scope="module")

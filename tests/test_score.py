@@ -11,7 +11,7 @@ import pytest
 from test_sleep import MODEL, WINDOW, make_config, perturbed
 
 from sleeplm import forward, init_params
-from sleeplm.score import score, score_block
+from sleeplm.inference.score import score, score_block
 
 
 def forward_log_likelihoods(params, tokens, config) -> np.ndarray:

@@ -22,6 +22,7 @@ from sleeplm import (
     sleep_step,
     wake_step,
 )
+from sleeplm.core.checks import check_config
 
 WINDOW = 6
 # Two blocks (attention, then GDN) keep XLA's CPU compile time down; the 4-block stack is checked separately.
@@ -347,7 +348,7 @@ def test_bad_inputs_fail_with_clear_messages():
 def test_config_validation(kwargs, message):
     with pytest.raises(ValueError, match=message):
         model = dataclasses.replace(MODEL, **kwargs.get("model", {}))
-        Config(model, SleepConfig(**kwargs.get("sleep", {})))
+        check_config(Config(model, SleepConfig(**kwargs.get("sleep", {}))))
 
 
 def test_an_odd_head_dim_is_refused_only_where_rope_needs_it():

@@ -21,8 +21,10 @@ from sleeplm.data.corpus import Corpus, cached_tokenizer, cached_tokens, find_fi
 from sleeplm.data.packing import PackedRows
 from sleeplm.data.text import position_buckets, text_metrics
 from sleeplm.data.tokenizer import decode, encode, load_tokenizer, train_tokenizer
-from sleeplm.loop import train_iterator
-from sleeplm.presets import apply_overrides, build_experiment, experiment_from_json
+from sleeplm.experiment.overrides import override_experiment
+from sleeplm.experiment.schema import align_task_and_model, experiment_from_json
+from sleeplm.training.presets import build_experiment
+from sleeplm.training.run import train_iterator
 
 VOCAB = 300
 WORDS = ["the", "of", "sleep", "window", "token", "memory", "fast", "weight", "attention", "delta", "rule", "pass"]
@@ -391,7 +393,9 @@ def test_rows_are_deterministic_from_the_seed_and_splits_hold_disjoint_documents
 def text_experiment(tmp_path, batch_size: int = 4):
     config = text_config(tmp_path)
     overrides = {"train.batch_size": str(batch_size), "sleep.window": str(config.window)}
-    experiment = apply_overrides(dataclasses.replace(build_experiment("lm-cpu"), task=config), overrides)
+    experiment = align_task_and_model(
+        override_experiment(dataclasses.replace(build_experiment("lm-cpu"), task=config), overrides)
+    )
     assert experiment.task == config and experiment.config.model.vocab_size == VOCAB
     return experiment
 
@@ -509,9 +513,9 @@ def test_a_text_run_generates_with_its_own_tokenizer_and_refuses_a_missing_or_mi
     """A run directory (its experiment, a checkpoint, its run files) made without training: `sleeplm generate`
     encodes the prompt and decodes the output with the workdir's tokenizer.json, and fails naming the file when it
     is missing or has another vocabulary size than the model."""
-    from sleeplm.checkpoint import Checkpointer
-    from sleeplm.cli import main as cli_main
-    from sleeplm.train import init_train_state
+    from sleeplm.cli.main import main as cli_main
+    from sleeplm.training.checkpoint import Checkpointer
+    from sleeplm.training.step import init_train_state
 
     experiment = text_experiment(tmp_path)
     small = dataclasses.replace(experiment.config.model, d_model=16, num_heads=2, mlp_dim=32)

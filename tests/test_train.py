@@ -11,7 +11,10 @@ import pytest
 
 from sleeplm import Config, ModelConfig, SleepConfig
 from sleeplm.data import ArithConfig, DepoConfig, Rule110Config, batched, make_source
-from sleeplm.train import TrainConfig, eval_step, init_train_state, optimizer_labels, train_step
+from sleeplm.experiment.schema import TrainConfig
+from sleeplm.training.evaluate import eval_step
+from sleeplm.training.optimizer import optimizer_labels
+from sleeplm.training.step import init_train_state, train_step
 
 TASKS = {
     "rule110": Rule110Config(width=8, num_strings=2, steps=0, window=8),

@@ -37,9 +37,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks"))
 from bench_gated_delta import benchmark, compiled, make_inputs
 from common import write_record
 
+from sleeplm.cli.timing import median_seconds
 from sleeplm.ops import gated_delta_rule, register_implementation
 from sleeplm.ops.reference import gated_delta_rule_reference
-from sleeplm.timing import median_seconds
 
 ARGS = ("q", "k", "v", "g", "beta", "initial_state")
 # Relative RMS error against the float64 recurrence, by input dtype or dot precision (the coarser of the two counts).

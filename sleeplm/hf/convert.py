@@ -27,12 +27,12 @@ import numpy as np
 from jax.sharding import Mesh
 
 from sleeplm.config import Config, ModelConfig, SleepConfig
+from sleeplm.core.parameters import param_annotations
 from sleeplm.hf import HF_CONFIG
 from sleeplm.hf.families import Family, family_of, model_config
 from sleeplm.hf.files import CheckpointFiles
 from sleeplm.hf.mapping import TensorRule, tensor_rules
 from sleeplm.model.params import Annotated
-from sleeplm.sleep import param_annotations
 
 TOKENIZER = "tokenizer.json"
 
@@ -203,10 +203,10 @@ def convert(
 ) -> Path:
     """Converts the checkpoint in `hf_dir` into the new workdir `out` (see the module docstring); with
     `insert_gdn_at`, retrofits `insert_kind` blocks there (`sleeplm.retrofit`). Returns `out`."""
-    from sleeplm.checkpoint import Checkpointer
-    from sleeplm.presets import Experiment
-    from sleeplm.retrofit import insert_blocks, retrofit_params
-    from sleeplm.sleep import init_params
+    from sleeplm.core.parameters import init_params
+    from sleeplm.experiment.schema import Experiment
+    from sleeplm.training.checkpoint import Checkpointer
+    from sleeplm.training.retrofit import insert_blocks, retrofit_params
 
     sleep = sleep or SleepConfig(window=1024, eviction="sliding")
     pretrained = Pretrained.open(hf_dir)
@@ -223,7 +223,7 @@ def convert(
             params = jax.tree.map(jnp.asarray, pretrained.params())
             fresh = jax.jit(lambda: init_params(jax.random.key(seed), config))
         else:
-            from sleeplm.parallel import param_shardings
+            from sleeplm.parallel.mesh import param_shardings
 
             source = param_shardings(Config(pretrained.model, sleep), mesh, rules)
             params = pretrained.sharded_params(source)

@@ -29,8 +29,8 @@ def flat_params(params: dict) -> dict[str, np.ndarray]:
 
 def export(workdir: Path, out: Path, step: int | None = None) -> Path:
     """Writes the transformers checkpoint of `workdir`'s parameters into the new directory `out`; returns it."""
-    from sleeplm.checkpoint import Checkpointer
-    from sleeplm.presets import experiment_from_json
+    from sleeplm.experiment.schema import experiment_from_json
+    from sleeplm.training.checkpoint import Checkpointer
 
     workdir = Path(workdir)
     record = workdir / "experiment.json"

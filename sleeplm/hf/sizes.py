@@ -16,9 +16,11 @@ import jax
 import jax.numpy as jnp
 
 from sleeplm.config import Config, SleepConfig
+from sleeplm.core.parameters import init_params
+from sleeplm.experiment.schema import TrainConfig
 from sleeplm.hf.families import model_config
-from sleeplm.sleep import init_params
-from sleeplm.train import TrainConfig, TrainState, make_optimizer, optimizer_labels
+from sleeplm.training.optimizer import make_optimizer, optimizer_labels
+from sleeplm.training.step import TrainState
 
 QWEN3_NEXT_STYLE_1B = {
     "architectures": ["Qwen3NextForCausalLM"],

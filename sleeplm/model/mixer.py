@@ -23,7 +23,7 @@ import jax.numpy as jnp
 
 from sleeplm.config import Config, ModelConfig
 from sleeplm.eviction import Eviction
-from sleeplm.sharding import LogicalAxes
+from sleeplm.parallel.axes import LogicalAxes
 
 
 class WindowContext(NamedTuple):

@@ -21,7 +21,7 @@ import jax.numpy as jnp
 from flax import struct
 from flax.core import meta
 
-from sleeplm.sharding import LogicalAxes
+from sleeplm.parallel.axes import LogicalAxes
 
 
 @struct.dataclass

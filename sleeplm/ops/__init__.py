@@ -21,7 +21,7 @@ from jax.sharding import PartitionSpec as P
 
 from sleeplm.ops.chunked import gated_delta_rule_chunked, unit_lower_triangular_inverse
 from sleeplm.ops.reference import gated_delta_rule_reference
-from sleeplm.sharding import active_rules, mesh_axes_of
+from sleeplm.parallel.axes import active_rules, mesh_axes_of
 
 GatedDeltaRuleFn = Callable[..., tuple[jax.Array, jax.Array]]
 

@@ -9,9 +9,9 @@ import json
 import shutil
 from pathlib import Path
 
-from sleeplm.loop import run_training
-from sleeplm.plot import plot_runs, read_evals
-from sleeplm.presets import build_experiment
+from sleeplm.cli.plot import plot_runs, read_evals
+from sleeplm.training.presets import build_experiment
+from sleeplm.training.run import run_training
 
 DEMO_OVERRIDES = {"train.steps": "400", "run.eval_every": "50", "run.checkpoint_every": "400"}
 

@@ -47,8 +47,8 @@ def _initialize_distributed() -> None:
 
 
 def _train(args, extra) -> None:
-    from sleeplm.loop import run_training
-    from sleeplm.presets import build_experiment
+    from sleeplm.training.presets import build_experiment
+    from sleeplm.training.run import run_training
 
     if args.distributed:
         _initialize_distributed()
@@ -56,8 +56,8 @@ def _train(args, extra) -> None:
     experiment = build_experiment(args.preset, overrides)
     start = None
     if args.init_from:
-        from sleeplm.finetune import fine_tuning
-        from sleeplm.retrofit import parse_positions
+        from sleeplm.training.finetune import fine_tuning
+        from sleeplm.training.retrofit import parse_positions
 
         insert_at = parse_positions(args.insert_gdn_at) if args.insert_gdn_at else ()
         experiment, start = fine_tuning(experiment, overrides, args.init_from, insert_at, args.insert_kind)
@@ -76,23 +76,23 @@ def _train(args, extra) -> None:
 def _mesh(text: str | None):
     if not text:
         return None
-    from sleeplm.parallel import MeshConfig, make_mesh
+    from sleeplm.parallel.mesh import MeshConfig, make_mesh
 
     return make_mesh(MeshConfig.parse(text))
 
 
 def _convert_hf(args, extra) -> None:
     from sleeplm.config import SleepConfig
+    from sleeplm.experiment.overrides import override_section
     from sleeplm.hf.convert import convert
-    from sleeplm.presets import overridden
-    from sleeplm.retrofit import parse_positions
+    from sleeplm.training.retrofit import parse_positions
 
     overrides = parse_overrides(extra)
     outside = [key for key in overrides if not key.startswith("sleep.")]
     if outside:
         raise SystemExit(f"error: --{outside[0]} is not a convert option: convert takes --sleep.FIELD overrides")
     changes = {key.partition(".")[2]: value for key, value in overrides.items()}
-    sleep = overridden(SleepConfig(window=1024, passes=1, eviction="sliding"), "sleep", changes)
+    sleep = override_section(SleepConfig(window=1024, passes=1, eviction="sliding"), "sleep", changes)
     insert_at = parse_positions(args.insert_gdn_at) if args.insert_gdn_at else ()
     out = convert(
         args.from_hf, args.out, sleep, mesh=_mesh(args.mesh), rules=args.rules, insert_gdn_at=insert_at,
@@ -110,9 +110,9 @@ def _export_hf(args, extra) -> None:
 
 def _load_run(workdir: Path, step: int | None):
     """A training run's experiment, its codec (checked against the model) and the train state of a checkpoint."""
-    from sleeplm.checkpoint import Checkpointer
     from sleeplm.data import task_of
-    from sleeplm.presets import experiment_from_json
+    from sleeplm.experiment.schema import experiment_from_json
+    from sleeplm.training.checkpoint import Checkpointer
 
     record_path = workdir / "experiment.json"
     if not record_path.exists():
@@ -126,7 +126,7 @@ def _load_run(workdir: Path, step: int | None):
 def _eval(args, extra) -> None:
     import dataclasses
 
-    from sleeplm.evaluate import eval_sets, evaluate
+    from sleeplm.training.evaluate import eval_sets, evaluate
 
     experiment, _, state = _load_run(args.workdir, args.step)
     if args.eval_examples:
@@ -143,8 +143,8 @@ def _eval(args, extra) -> None:
 def _generate(args, extra) -> None:
     import jax
 
-    from sleeplm.generate import Sampling, generate
-    from sleeplm.streams import restore_stream, save_stream, start_stream
+    from sleeplm.inference.generate import Sampling, generate
+    from sleeplm.inference.streams import restore_stream, save_stream, start_stream
 
     experiment, codec, state = _load_run(args.workdir, args.step)
     config = experiment.config
@@ -169,7 +169,7 @@ def _generate(args, extra) -> None:
 def _score(args, extra) -> None:
     import numpy as np
 
-    from sleeplm.score import score
+    from sleeplm.inference.score import score
 
     experiment, codec, state = _load_run(args.workdir, args.step)
     if args.ids_file:
@@ -187,27 +187,29 @@ def _score(args, extra) -> None:
 
 
 def _plot(args, extra) -> None:
-    from sleeplm.plot import plot_runs
+    from sleeplm.cli.plot import plot_runs
 
     print(f"wrote {plot_runs(args.runs, args.metric, args.out, chance=args.chance)}")
 
 
 def _demo(args, extra) -> None:
-    from sleeplm.demo import main as demo_main
+    from sleeplm.cli.demo import main as demo_main
 
     demo_main(extra)
 
 
 def _stream(args, extra) -> None:
-    from sleeplm.stream_demo import main as stream_main
+    from sleeplm.cli.stream_demo import main as stream_main
 
     stream_main(extra)
 
 
 def _presets(args, extra) -> None:
-    from sleeplm.presets import PRESETS
+    from sleeplm.experiment.schema import align_task_and_model
+    from sleeplm.training.presets import PRESETS
 
-    for name, experiment in PRESETS.items():
+    for name, preset in PRESETS.items():
+        experiment = align_task_and_model(preset)  # as `train --preset NAME` builds it: the task's window is L
         m, s, t = experiment.config.model, experiment.config.sleep, experiment.train
         print(f"{name:<12} {experiment.task}  d={m.d_model} layers={len(m.layers)} L={s.window} batch={t.batch_size}")
 

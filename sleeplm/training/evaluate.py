@@ -4,13 +4,35 @@ task's own metrics on "all" (`Task.metrics`, e.g. Rule 110 per-label accuracy, a
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 
+from sleeplm.config import Config
 from sleeplm.data import batched, make_source, task_of
-from sleeplm.presets import Experiment
-from sleeplm.train import eval_step, model_batch
+from sleeplm.experiment.schema import Experiment
+from sleeplm.training.step import model_batch, model_logits
+
+
+@functools.partial(jax.jit, static_argnames=("config",))
+def eval_step(params, batch: dict, config: Config) -> dict:
+    """Per-example metrics: summed label loss, label count, labels right, whether every label is right, and per
+    position the label's loss and whether it is right (`token_loss`, `right`: 0 / False off the labels)."""
+    logits = model_logits(params, batch, config)
+    losses = optax.softmax_cross_entropy_with_integer_labels(logits, batch["targets"])
+    mask = batch["loss_mask"]
+    right = (jnp.argmax(logits, -1) == batch["targets"]) * mask
+    return {
+        "loss_sum": jnp.sum(losses * mask, axis=-1),
+        "token_loss": losses * mask,
+        "labels": jnp.sum(mask, axis=-1),
+        "labels_right": jnp.sum(right, axis=-1),
+        "exact": jnp.all((right == mask), axis=-1),
+        "right": right > 0,
+    }
 
 
 def eval_sets(experiment: Experiment) -> dict[str, list[dict]]:

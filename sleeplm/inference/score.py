@@ -22,8 +22,10 @@ from jax import lax
 from tqdm.auto import tqdm
 
 from sleeplm.config import Config
-from sleeplm.sleep import Params, at_last_token, consume, logits_of
-from sleeplm.state import SleepState, init_state
+from sleeplm.core.parameters import Params
+from sleeplm.core.passes import logits_of
+from sleeplm.core.state import SleepState, init_state
+from sleeplm.core.streaming import at_last_token, consume
 
 MAX_BUCKETS = 40  # distance buckets [0, L), [L, 2L), [2L, 4L), ...: 2^38 windows is past any sequence
 

@@ -15,15 +15,16 @@ import numpy as np
 from jax.sharding import Mesh
 from tqdm.auto import tqdm
 
-from sleeplm import train as train_lib
-from sleeplm.checkpoint import Checkpointer
 from sleeplm.data import make_source, save_run_files
-from sleeplm.evaluate import eval_sets, evaluate
-from sleeplm.finetune import PretrainedStart
+from sleeplm.experiment.schema import Experiment
 from sleeplm.hf import HF_CONFIG
-from sleeplm.parallel import ShardedTraining, batch_sharding
-from sleeplm.presets import Experiment
-from sleeplm.train import model_batch
+from sleeplm.parallel.mesh import batch_sharding
+from sleeplm.training import step as train_lib
+from sleeplm.training.checkpoint import Checkpointer
+from sleeplm.training.evaluate import eval_sets, evaluate
+from sleeplm.training.finetune import PretrainedStart
+from sleeplm.training.sharded import ShardedTraining
+from sleeplm.training.step import model_batch
 
 
 class NonFiniteLossError(FloatingPointError):

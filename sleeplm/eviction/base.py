@@ -1,8 +1,5 @@
-"""Eviction modes: what happens to attention's keys and values when a window ends (docs/method.md, "Eviction").
-
-Each mode is defined here once; `SleepConfig.eviction` names one, and the mixers' caches and the window layout of
-`forward` read its properties instead of inferring the mode from shapes or rewriting the config.
-"""
+"""The contract of an eviction mode: what attention keeps of its keys and values when a window ends
+(docs/method.md, "Eviction")."""
 
 from __future__ import annotations
 
@@ -24,13 +21,3 @@ class Eviction:
     def cache_length(self, window: int, capacity: int) -> int:
         """Cache slots per row: the configured window L, or, without eviction, the most tokens a row will hold."""
         return window if self.bounded else capacity
-
-
-EVICTIONS: dict[str, Eviction] = {
-    mode.name: mode
-    for mode in (
-        Eviction("hard", bounded=True, keeps_previous_window=False),
-        Eviction("sliding", bounded=True, keeps_previous_window=True),
-        Eviction("none", bounded=False, keeps_previous_window=False),
-    )
-}

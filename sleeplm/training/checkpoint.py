@@ -12,21 +12,10 @@ import jax
 import jax.numpy as jnp
 import orbax.checkpoint as ocp
 
-from sleeplm.presets import Experiment, experiment_from_json
-from sleeplm.sleep import init_params
-from sleeplm.train import TrainState
-
-
-class CheckpointError(ValueError):
-    """A checkpoint that cannot be used: corrupted, or written for a different experiment."""
-
-
-def differences(saved: dict, current: dict, prefix: str = "") -> list[str]:
-    """ "field: saved X, now Y" for every leaf that differs between two nested dicts (e.g. experiment records)."""
-    if isinstance(saved, dict) and isinstance(current, dict):
-        keys = sorted(set(saved) | set(current))
-        return [d for k in keys for d in differences(saved.get(k), current.get(k), f"{prefix}{k}.")]
-    return [] if saved == current else [f"{prefix[:-1]}: saved {saved!r}, now {current!r}"]
+from sleeplm.core.parameters import init_params
+from sleeplm.experiment.schema import Experiment, experiment_from_json
+from sleeplm.experiment.workdir import CheckpointError, differences
+from sleeplm.training.step import TrainState
 
 
 class Checkpointer:

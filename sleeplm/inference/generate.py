@@ -15,8 +15,10 @@ import numpy as np
 from jax import lax
 
 from sleeplm.config import Config
-from sleeplm.sleep import Params, at_last_token, consume, full_rows, logits_of, sleep_rows
-from sleeplm.streams import Stream
+from sleeplm.core.parameters import Params
+from sleeplm.core.passes import logits_of
+from sleeplm.core.streaming import at_last_token, consume, full_rows, sleep_rows
+from sleeplm.inference.streams import Stream
 
 SLEEP_POLICIES = ("on_full", "deferred")
 NO_TOKEN = -1  # in the returned tokens: positions after a row stopped

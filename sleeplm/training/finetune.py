@@ -12,12 +12,13 @@ from pathlib import Path
 
 import jax
 
-from sleeplm.checkpoint import Checkpointer
 from sleeplm.config import Config, ModelConfig
 from sleeplm.data import vocabulary_size
 from sleeplm.data.text import TextConfig
-from sleeplm.presets import Experiment, experiment_from_json, with_overrides
-from sleeplm.retrofit import insert_blocks, original_blocks, retrofit_params
+from sleeplm.experiment.overrides import override_experiment
+from sleeplm.experiment.schema import Experiment, experiment_from_json
+from sleeplm.training.checkpoint import Checkpointer
+from sleeplm.training.retrofit import insert_blocks, original_blocks, retrofit_params
 
 TOKENIZER = "tokenizer.json"
 
@@ -68,7 +69,7 @@ def fine_tuning(
         raise ValueError(f"{record} does not exist: --init-from must be a sleeplm workdir (e.g. from sleeplm convert)")
     source = experiment_from_json(json.loads(record.read_text()))
     model_overrides = {key: value for key, value in overrides.items() if key.startswith("model.")}
-    model = with_overrides(dataclasses.replace(experiment, config=source.config), model_overrides).config.model
+    model = override_experiment(dataclasses.replace(experiment, config=source.config), model_overrides).config.model
     if insert_at:
         model = insert_blocks(model, insert_at, insert_kind)
     task = experiment.task

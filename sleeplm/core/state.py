@@ -14,6 +14,7 @@ import jax.numpy as jnp
 from jax import lax
 
 from sleeplm.config import Config
+from sleeplm.core.checks import check_config
 from sleeplm.model.kinds import mixer_kind
 
 
@@ -39,7 +40,9 @@ class SleepState(NamedTuple):
 
 
 def init_caches(config: Config, batch_size: int, window: int) -> tuple[Any, ...]:
-    """Every block's empty cache for windows of `window` tokens."""
+    """Every block's empty cache for windows of `window` tokens (every state and parameter starts here, so the
+    config's registry names are checked here, `check_config`)."""
+    check_config(config)
     return tuple(mixer_kind(kind).init_cache(config, batch_size, window) for kind in config.model.layers)
 
 

@@ -13,10 +13,12 @@ import dataclasses
 import jax
 import jax.numpy as jnp
 
+from sleeplm.cli.timing import median_seconds
 from sleeplm.config import Config, ModelConfig, SleepConfig
-from sleeplm.sleep import forward, init_params, sleep_step, wake_step
-from sleeplm.state import init_state
-from sleeplm.timing import median_seconds
+from sleeplm.core.forward import forward
+from sleeplm.core.parameters import init_params
+from sleeplm.core.state import init_state
+from sleeplm.core.streaming import sleep_step, wake_step
 
 DEFAULT = Config(
     ModelConfig(vocab_size=64, d_model=128, layers=("attn", "gdn", "attn", "gdn"), num_heads=4),

@@ -6,7 +6,6 @@ with in/out shardings, traced with the rules in force so activation constraints 
 from __future__ import annotations
 
 import dataclasses
-import functools
 import math
 
 import jax
@@ -15,11 +14,10 @@ from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from sleeplm.config import Config
+from sleeplm.core.parameters import init_params, param_logical_axes
+from sleeplm.core.state import SleepState
 from sleeplm.model.kinds import mixer_kind
-from sleeplm.sharding import MESH_AXES, LogicalAxes, Rules, logical_to_spec, rules_named, use_rules
-from sleeplm.sleep import init_params, param_logical_axes
-from sleeplm.state import SleepState
-from sleeplm.train import TrainConfig, TrainState, eval_step, init_train_state, train_step
+from sleeplm.parallel.axes import MESH_AXES, LogicalAxes, Rules, logical_to_spec, rules_named
 
 
 @dataclasses.dataclass(frozen=True)
@@ -92,7 +90,7 @@ def check_divisible(
                 )
 
 
-def _effective_rules(config: Config, mesh: Mesh, rules: Rules) -> dict:
+def effective_rules(config: Config, mesh: Mesh, rules: Rules) -> dict:
     """The vocabulary is sharded only when the mesh divides it (small task vocabularies are replicated)."""
     rules = dict(rules)
     if config.model.vocab_size % _axis_size(mesh, rules.get("vocab")):
@@ -104,7 +102,7 @@ def _is_axes(x) -> bool:
     return isinstance(x, LogicalAxes)
 
 
-def train_state_shardings(abstract: TrainState, mesh: Mesh, rules: Rules, config: Config) -> TrainState:
+def train_state_shardings(abstract, mesh: Mesh, rules: Rules, config: Config):
     """Shardings of the train state: each parameter by the logical axes it was created with; each optimizer-state
     leaf that mirrors a parameter (the same path below a 'params' key) like that parameter, its embed dim following
     "optimizer_embed" where the rules have it; counters and other leaves replicated."""
@@ -130,7 +128,7 @@ def param_shardings(config: Config, mesh: Mesh, rules: str | Rules = "fsdp+tp") 
     rules = rules_named(rules) if isinstance(rules, str) else rules
     check_divisible(config, _axis_size(mesh, rules.get("batch")), mesh, rules)
     abstract = jax.eval_shape(lambda key: init_params(key, config), jax.random.key(0))
-    return train_state_shardings(abstract, mesh, _effective_rules(config, mesh, rules), config)
+    return train_state_shardings(abstract, mesh, effective_rules(config, mesh, rules), config)
 
 
 def batch_sharding(mesh: Mesh, rules: Rules) -> NamedSharding:
@@ -146,68 +144,3 @@ def sleep_state_shardings(state: SleepState, mesh: Mesh, rules: Rules, config: C
     caches = jax.tree.map(lambda axes: NamedSharding(mesh, logical_to_spec(axes, rules)), caches, is_leaf=_is_axes)
     rows = NamedSharding(mesh, P(rules["batch"]))
     return SleepState(caches, rows, rows, rows)
-
-
-@dataclasses.dataclass(frozen=True)
-class ShardedTraining:
-    """Sharded init and train step of one experiment on one mesh."""
-
-    mesh: Mesh
-    rules: dict
-    config: Config
-    train: TrainConfig
-
-    @classmethod
-    def create(
-        cls, config: Config, train: TrainConfig, mesh: Mesh, rules: str | Rules = "fsdp+tp", eval_batch_size=None
-    ):
-        rules = rules_named(rules) if isinstance(rules, str) else rules
-        check_divisible(config, train.batch_size, mesh, rules, eval_batch_size)
-        return cls(mesh, _effective_rules(config, mesh, rules), config, train)
-
-    @functools.cached_property
-    def state_shardings(self) -> TrainState:
-        abstract = jax.eval_shape(lambda key: init_train_state(key, self.config, self.train), jax.random.key(0))
-        return train_state_shardings(abstract, self.mesh, self.rules, self.config)
-
-    def init(self, key: jax.Array) -> TrainState:
-        """The train state created directly in its sharded layout (never whole on one device)."""
-        init = functools.partial(init_train_state, config=self.config, train=self.train)
-        with jax.set_mesh(self.mesh), use_rules(self.rules):
-            return jax.jit(init, out_shardings=self.state_shardings)(key)
-
-    @functools.cached_property
-    def _step(self):
-        step = functools.partial(train_step, config=self.config, train=self.train)
-        return jax.jit(
-            step,
-            in_shardings=(self.state_shardings, batch_sharding(self.mesh, self.rules)),
-            out_shardings=(self.state_shardings, NamedSharding(self.mesh, P())),
-            donate_argnums=(0,),
-        )
-
-    def step(self, state: TrainState, batch: dict) -> tuple[TrainState, dict]:
-        with jax.set_mesh(self.mesh), use_rules(self.rules):  # the activation constraints apply while tracing
-            return self._step(state, batch)
-
-    @functools.cached_property
-    def _eval(self):
-        return jax.jit(
-            functools.partial(eval_step, config=self.config),
-            in_shardings=(self.state_shardings.params, batch_sharding(self.mesh, self.rules)),
-            out_shardings=NamedSharding(self.mesh, P()),  # small per-example results, readable on every process
-        )
-
-    def eval(self, params, batch: dict) -> dict:
-        """`train.eval_step` with params and batch sharded (the batch must divide over the batch axes).
-
-        `batch` is the whole global batch, the same on every process (held-out sets are generated identically
-        everywhere); each process places only the slices its devices hold.
-        """
-        sharding = batch_sharding(self.mesh, self.rules)
-        batch = {
-            key: jax.make_array_from_callback(np.shape(x), sharding, lambda index, x=x: np.asarray(x)[index])
-            for key, x in batch.items()
-        }
-        with jax.set_mesh(self.mesh), use_rules(self.rules):
-            return self._eval(params, batch)

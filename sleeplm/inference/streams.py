@@ -20,9 +20,9 @@ import jax
 import jax.numpy as jnp
 import orbax.checkpoint as ocp
 
-from sleeplm.checkpoint import CheckpointError, differences
 from sleeplm.config import Config
-from sleeplm.state import SleepState, init_state
+from sleeplm.core.state import SleepState, init_state
+from sleeplm.experiment.workdir import CheckpointError, differences
 
 RECORD = "stream.json"
 
