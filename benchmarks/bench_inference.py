@@ -62,7 +62,7 @@ def streamed_state(params, config: Config, history: int, rng):
 def full_attention_state(params, config: Config, history: int, steps: int, rng):
     """A no-eviction state at position `history` with room for `steps` more tokens, its caches random."""
     state = init_state(config, 1, capacity=history + steps)
-    leaves, treedef = jax.tree.flatten(state.layers)
+    leaves, treedef = jax.tree.flatten(state.caches)
     keys = jax.random.split(jax.random.key(int(rng.integers(1 << 30))), len(leaves))
     layers = treedef.unflatten([jax.random.normal(k, x.shape, x.dtype) for k, x in zip(keys, leaves, strict=True)])
     return state._replace(layers=layers, pos=jnp.full((1,), history, jnp.int32))
@@ -135,7 +135,7 @@ def window_pass_seconds(params, config: Config, state) -> float:
     """One pass of the block stack over a whole window (what each sleep pass runs), from the state's caches."""
     context = window_start(1, WINDOW, state.prev_valid)
     one_pass = jax.jit(window_pass, static_argnames=("config",))
-    return median_seconds(lambda s: one_pass(params, s.hidden, s.layers, context, config)[0], state)
+    return median_seconds(lambda s: one_pass(params, s.sleep_input, s.layers, context, config)[0], state)
 
 
 def sleep_cost(passes: int, rng) -> dict:

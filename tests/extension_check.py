@@ -45,7 +45,7 @@ def main() -> None:
         results["sharded"] = records(Path(tmp) / "sharded")
     sharded = ShardedTraining.create(experiment.config, experiment.train, mesh)
     state = init_state(experiment.config, 8)
-    mean = sleep_state_shardings(state, mesh, sharded.rules, experiment.config).layers[0].mean
+    mean = sleep_state_shardings(state, mesh, sharded.rules, experiment.config).caches[0].mean
     into = sharded.state_shardings.params["params"]["blocks_0"]["running_mean"]["into"]["kernel"]
     results |= {"mean_spec": spec(mean, 3), "into_spec": spec(into, 2)}
     print("RESULTS " + json.dumps(results))

@@ -47,8 +47,8 @@ def eval_and_stream(mesh, sharded, state, inputs, reference_logits) -> dict:
     return {
         "logits_error": relative(logits, reference_logits),
         "stream_error": relative(streamed, reference_logits[:, : config.sleep.window]),
-        "kv_spec": spec(stream_state.layers[0].k),
-        "fast_weight_spec": spec(stream_state.layers[1].S),
+        "kv_spec": spec(stream_state.caches[0].k),
+        "fast_weight_spec": spec(stream_state.caches[1].S),
     }
 
 

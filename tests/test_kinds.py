@@ -111,7 +111,7 @@ class ExponentialMixer(Mixer):
     reads it out through an output projection: a minimal recurrent mixer with a state of its own."""
 
     @classmethod
-    def init_cache(cls, config: Config, batch: int, window: int) -> RunningMean:
+    def init_cache(cls, config: Config, batch: int, capacity: int) -> RunningMean:
         model = config.model
         return RunningMean(jnp.zeros((batch, model.num_heads, model.head_dim), jnp.float32))
 
@@ -203,7 +203,7 @@ def test_a_kind_registered_here_streams_like_forward():
         logits, state = wake_step(params, state, tokens[:, t : t + 1], config)
         streamed.append(logits)
     np.testing.assert_allclose(jnp.concatenate(streamed, 1), expected, rtol=1e-5, atol=1e-5)
-    assert state.layers[0].mean.shape == (2, 2, 8) and "running_mean" in params["params"]["blocks_0"]
+    assert state.caches[0].mean.shape == (2, 2, 8) and "running_mean" in params["params"]["blocks_0"]
 
 
 @pytest.mark.parametrize("kind", sorted(MIXERS))
@@ -216,12 +216,12 @@ def test_padding_changes_no_kinds_cache(kind):
     params = jax.tree.map(lambda x: x + 0.2 * jax.random.normal(jax.random.key(1), x.shape), params)
     tokens = jax.random.randint(jax.random.key(2), (2, 6), 0, model.vocab_size)
     _, state = wake_step(params, init_state(config, 2), tokens[:, :3], config)  # some history first
-    before = jax.tree.map(np.asarray, state.layers)
+    before = jax.tree.map(np.asarray, state.caches)
     valid = np.array([[True] * 3, [False] * 3])
     _, state = wake_step(params, state, tokens[:, 3:], config, valid=valid)
     assert list(np.asarray(state.pos)) == [6, 3]
     changed = False
-    for old, new in zip(jax.tree.leaves(before), jax.tree.leaves(state.layers), strict=True):
+    for old, new in zip(jax.tree.leaves(before), jax.tree.leaves(state.caches), strict=True):
         np.testing.assert_array_equal(np.asarray(new)[1], old[1])
         changed |= not np.array_equal(np.asarray(new)[0], old[0])
     assert changed
@@ -245,7 +245,7 @@ class Undeclared(Mixer):
     """A kind whose parameter is created with plain flax, without logical axes or an optimiser role."""
 
     @classmethod
-    def init_cache(cls, config, batch, window):
+    def init_cache(cls, config, batch, capacity):
         return ()
 
     @nn.compact

@@ -50,10 +50,10 @@ def test_looped_blocks_agree_across_forward_streaming_and_the_reference(eviction
     expected, fast_weights = looped_sleep_forward(params, tokens, config, True)
     assert_close(logits, expected)
     for i in (1, 3):
-        assert_close(state.layers[i].S, fast_weights[i])
+        assert_close(state.caches[i].S, fast_weights[i])
     streamed, streamed_state = stream(params, tokens, config, piece_sizes=(4, 3))
     assert_close(streamed, logits)
-    for ours, theirs in zip(jax.tree.leaves(state.layers), jax.tree.leaves(streamed_state.layers), strict=True):
+    for ours, theirs in zip(jax.tree.leaves(state.caches), jax.tree.leaves(streamed_state.caches), strict=True):
         assert_close(ours, theirs)
     unlooped = make_config(3, eviction, layers=FOUR)
     assert np.max(np.abs(forward(params, tokens, unlooped)[:, WINDOW:] - logits[:, WINDOW:])) > 1e-3

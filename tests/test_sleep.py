@@ -124,12 +124,12 @@ def test_away_from_initialisation_logits_and_final_states_agree(eviction, length
     assert_close(streamed, logits)
     gdn_layers = [i for i, kind in enumerate(config.model.layers) if kind == "gdn"]
     for i in gdn_layers:
-        assert_close(state.layers[i].S, expected_fast_weights[i])
+        assert_close(state.caches[i].S, expected_fast_weights[i])
     np.testing.assert_array_equal(state.pos, streamed_state.pos)
     np.testing.assert_array_equal(state.prev_valid, streamed_state.prev_valid)
     filled = int(state.pos[0])  # every row is at the same position here; the slots after it are unused
-    assert_close(state.hidden[:, :filled], streamed_state.hidden[:, :filled])
-    for ours, theirs in zip(jax.tree.leaves(state.layers), jax.tree.leaves(streamed_state.layers), strict=True):
+    assert_close(state.sleep_input[:, :filled], streamed_state.sleep_input[:, :filled])
+    for ours, theirs in zip(jax.tree.leaves(state.caches), jax.tree.leaves(streamed_state.caches), strict=True):
         assert_close(ours, theirs)
 
 
@@ -232,7 +232,7 @@ def test_state_size_does_not_grow_with_sequence_length(eviction):
     assert jax.tree.structure(short) == jax.tree.structure(long)
     for a, b in zip(jax.tree.leaves(short), jax.tree.leaves(long), strict=True):
         assert a.shape == b.shape and a.dtype == b.dtype
-    fast_weights = [leaf.S for leaf in long.layers if hasattr(leaf, "S")]
+    fast_weights = [leaf.S for leaf in long.caches if hasattr(leaf, "S")]
     assert fast_weights and all(s.dtype == jnp.float32 for s in fast_weights)
 
 
@@ -271,7 +271,7 @@ def test_bfloat16_activations_keep_float32_fast_weights():
     reference = forward(params, tokens, make_config(2))
     assert np.max(np.abs(logits - reference)) < 0.1 * np.max(np.abs(reference))
     _, state = stream(params, tokens, config, piece_sizes=(WINDOW,))
-    assert all(layer.S.dtype == jnp.float32 for layer in state.layers if hasattr(layer, "S"))
+    assert all(layer.S.dtype == jnp.float32 for layer in state.caches if hasattr(layer, "S"))
 
 
 @pytest.mark.parametrize("eviction", ["hard", "sliding"])
@@ -288,7 +288,7 @@ def test_pieces_that_cross_window_boundaries_stream_like_forward(eviction):
         t += size
     assert_close(jnp.concatenate(outputs, axis=1), logits)
     np.testing.assert_array_equal(state.pos, expected_state.pos)
-    for ours, theirs in zip(jax.tree.leaves(state.layers), jax.tree.leaves(expected_state.layers), strict=True):
+    for ours, theirs in zip(jax.tree.leaves(state.caches), jax.tree.leaves(expected_state.caches), strict=True):
         assert_close(ours, theirs)
 
 

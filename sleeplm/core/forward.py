@@ -14,7 +14,7 @@ from sleeplm.config import Config
 from sleeplm.core.checks import check_masks, check_tokens, sequence_masks
 from sleeplm.core.parameters import Params
 from sleeplm.core.passes import embed, logits_of, pass_fn, wake_pass
-from sleeplm.core.state import SleepState, cache_length, evict, init_caches, reset, select_rows
+from sleeplm.core.state import SleepState, evict, init_caches, reset, select_rows, state_capacity
 from sleeplm.model.mixer import WindowContext, write_slots
 from sleeplm.parallel.axes import shard_batch
 
@@ -56,7 +56,7 @@ def _forward_hidden(
     slept &= mode.bounded
 
     def one_window(carry, inputs):
-        caches, prev_valid, pos, looped_buffer = carry
+        caches, prev_valid, pos, sleep_input = carry
         x, valid_w, reset_w, slept_w = inputs
         caches, prev_valid = reset(caches, prev_valid, reset_w, capacity, config)
         pos = jnp.where(reset_w, 0, pos)
@@ -67,29 +67,30 @@ def _forward_hidden(
 
         def one_pass(pass_carry, index):
             """Pass `index` of the looped blocks on the previous pass's output (index 0: the wake pass)."""
-            h, caches, wake_looped = pass_carry
+            h, caches, window_sleep_input = pass_carry
             rows = (index == 0) | slept_w
             new = lax.cond(jnp.any(rows), run(start, stop), keep, (h, caches))
             h, caches = select_rows(rows, new, (h, caches))
-            return (h, caches, jnp.where(index == 0, h, wake_looped)), None
+            return (h, caches, jnp.where(index == 0, h, window_sleep_input)), None
 
-        (_, caches, wake_looped), _ = lax.scan(one_pass, (h, caches, h), jnp.arange(passes))
-        wake_out, caches = run(stop, blocks)((wake_looped, caches)) if stop < blocks else (wake_looped, caches)
-        looped_buffer = write_slots(looped_buffer, wake_looped, pos, valid_w)
+        (_, caches, window_sleep_input), _ = lax.scan(one_pass, (h, caches, h), jnp.arange(passes))
+        after_looped = (window_sleep_input, caches)
+        wake_out, caches = run(stop, blocks)(after_looped) if stop < blocks else after_looped
+        sleep_input = write_slots(sleep_input, window_sleep_input, pos, valid_w)
         caches, prev_valid = evict(caches, prev_valid, slept_w, config)
         pos = jnp.where(slept_w, 0, pos + jnp.sum(valid_w, axis=1, dtype=jnp.int32))
         if config.sleep.stop_gradient_between_windows:
             caches = lax.stop_gradient(caches)
-        return (caches, prev_valid, pos, looped_buffer), shard_batch(wake_out)
+        return (caches, prev_valid, pos, sleep_input), shard_batch(wake_out)
 
     def windowed(x):  # (B, num_full * L, ...) -> (num_full, B, L, ...)
         return jnp.moveaxis(x[:, : num_full * window].reshape(batch, num_full, window, *x.shape[2:]), 1, 0)
 
     zeros = lambda: jnp.zeros((batch,), jnp.int32)
-    looped_buffer = jnp.zeros((batch, capacity, d_model), embedded.dtype)
-    carry = (init_caches(config, batch, capacity), zeros().astype(bool), zeros(), looped_buffer)
+    sleep_input = jnp.zeros((batch, capacity, d_model), embedded.dtype)
+    carry = (init_caches(config, batch, capacity), zeros().astype(bool), zeros(), sleep_input)
     inputs = (windowed(embedded), windowed(valid), resets[:num_full], slept[:num_full])
-    (caches, prev_valid, pos, looped_buffer), hidden = lax.scan(one_window, carry, inputs)
+    (caches, prev_valid, pos, sleep_input), hidden = lax.scan(one_window, carry, inputs)
     hidden = jnp.moveaxis(hidden, 0, 1).reshape(batch, num_full * window, d_model)
     if remainder:
         last_valid = valid[:, num_full * window :]
@@ -98,9 +99,9 @@ def _forward_hidden(
         context = WindowContext(pos, prev_valid, last_valid)
         last, looped, caches = wake_pass(params, embedded[:, num_full * window :], caches, context, config)
         hidden = jnp.concatenate([hidden, last], axis=1)
-        looped_buffer = write_slots(looped_buffer, looped, pos, last_valid)
+        sleep_input = write_slots(sleep_input, looped, pos, last_valid)
         pos = pos + jnp.sum(last_valid, axis=1, dtype=jnp.int32)
-    return shard_batch(hidden), SleepState(caches, looped_buffer, pos, prev_valid)
+    return shard_batch(hidden), SleepState(caches, sleep_input, pos, prev_valid)
 
 
 @functools.partial(jax.jit, static_argnames=("capacity", "config"))
@@ -123,7 +124,7 @@ def forward_with_state(
     masks = sequence_masks(tokens, valid, document_start)  # shapes checked first
     check_masks(tokens.shape, valid, document_start, config.sleep.window)
     bounded = config.sleep.eviction_mode.bounded
-    slots = cache_length(config, tokens.shape[1] if capacity is None and not bounded else capacity)
+    slots = state_capacity(config, tokens.shape[1] if capacity is None and not bounded else capacity)
     if not bounded and slots < tokens.shape[1]:
         raise ValueError(f"capacity={capacity} is invalid: it must hold the whole sequence, {tokens.shape[1]} tokens")
     return _forward(params, tokens, *masks, slots, config)

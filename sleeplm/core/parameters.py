@@ -18,8 +18,7 @@ Params = dict
 
 
 def _init_boxed(key: jax.Array, config: Config) -> Params:
-    window = config.sleep.window
-    caches, context = init_caches(config, 1, window), window_start(1, 1)
+    caches, context = init_caches(config, 1, config.sleep.window), window_start(1, 1)
     return HybridLM(config).init(key, jnp.zeros((1, 1), jnp.int32), caches, context)
 
 

@@ -21,32 +21,31 @@ from sleeplm.model.kinds import mixer_kind
 class SleepState(NamedTuple):
     """Everything `wake_step` and `sleep_step` carry.
 
-    `layers`: one cache per block, in layer order. `hidden`: (B, L, d_model), the wake pass's output of the looped
-    blocks (the last block unless `sleep.loop_layers` stops earlier) at each position of the current window: the
-    input of sleep pass 2. `pos`: (B,) int32, tokens in each
-    row's current window so far. `prev_valid`: (B,) bool, whether a row holds a previous window's KV (modes that
-    keep it).
+    `caches`: one cache per block, in block order. `sleep_input`: (B, capacity, d_model), the wake pass's output of
+    the looped blocks (the last block unless `sleep.loop_layers` stops earlier) at each position of the current
+    window: the input of sleep pass 2. `pos`: (B,) int32, tokens in each row's current window so far. `prev_valid`:
+    (B,) bool, whether a row holds a previous window's KV (modes that keep it).
     """
 
-    layers: tuple[Any, ...]
-    hidden: jax.Array
+    caches: tuple[Any, ...]
+    sleep_input: jax.Array
     pos: jax.Array
     prev_valid: jax.Array
 
     @property
-    def window(self) -> int:
-        """Tokens a window holds (L; for the no-eviction mode, the stream's capacity)."""
-        return self.hidden.shape[1]
+    def capacity(self) -> int:
+        """Tokens a cache holds: the window L, or, without eviction, every token the stream will hold."""
+        return self.sleep_input.shape[1]
 
 
-def init_caches(config: Config, batch_size: int, window: int) -> tuple[Any, ...]:
-    """Every block's empty cache for windows of `window` tokens (every state and parameter starts here, so the
+def init_caches(config: Config, batch_size: int, capacity: int) -> tuple[Any, ...]:
+    """Every block's empty cache of `capacity` tokens (every state and parameter starts here, so the
     config's registry names are checked here, `check_config`)."""
     check_config(config)
-    return tuple(mixer_kind(kind).init_cache(config, batch_size, window) for kind in config.model.layers)
+    return tuple(mixer_kind(kind).init_cache(config, batch_size, capacity) for kind in config.model.layers)
 
 
-def cache_length(config: Config, capacity: int | None) -> int:
+def state_capacity(config: Config, capacity: int | None) -> int:
     """Cache slots per row. Under an evicting mode, the window `sleep.window` (`capacity` must be None); the
     no-eviction mode ("none") keeps every token, so it needs the most tokens a row will hold, `capacity`."""
     if config.sleep.eviction_mode.bounded:
@@ -57,18 +56,18 @@ def cache_length(config: Config, capacity: int | None) -> int:
             f"capacity={capacity!r} is invalid: sleep.eviction={config.sleep.eviction!r} keeps every token in one "
             "window, so a stream needs the most tokens it will hold (a positive integer)"
         )
-    return config.sleep.eviction_mode.cache_length(config.sleep.window, capacity)
+    return config.sleep.eviction_mode.capacity(config.sleep.window, capacity)
 
 
 def init_state(config: Config, batch_size: int, capacity: int | None = None) -> SleepState:
     """The state at the start of a sequence: no KV, zero fast weights, an empty first window of
-    `cache_length(config, capacity)` slots."""
+    `state_capacity(config, capacity)` slots."""
     if not isinstance(batch_size, int) or batch_size < 1:
         raise ValueError(f"batch_size={batch_size!r} is invalid: must be a positive integer")
-    window = cache_length(config, capacity)
+    capacity = state_capacity(config, capacity)
     return SleepState(
-        layers=init_caches(config, batch_size, window),
-        hidden=jnp.zeros((batch_size, window, config.model.d_model), config.model.dtype),
+        caches=init_caches(config, batch_size, capacity),
+        sleep_input=jnp.zeros((batch_size, capacity, config.model.d_model), config.model.dtype),
         pos=jnp.zeros((batch_size,), jnp.int32),
         prev_valid=jnp.zeros((batch_size,), bool),
     )
@@ -89,10 +88,10 @@ def evict(caches: tuple[Any, ...], prev_valid: jax.Array, rows: jax.Array, confi
     return select_rows(rows, evicted, caches), jnp.where(rows, mode.keeps_previous_window, prev_valid)
 
 
-def reset(caches: tuple[Any, ...], prev_valid: jax.Array, rows: jax.Array, window: int, config: Config):
+def reset(caches: tuple[Any, ...], prev_valid: jax.Array, rows: jax.Array, capacity: int, config: Config):
     """Starts a new sequence in `rows` (B,) bool (a document start): their caches become those of an empty stream
-    with windows of `window` tokens, nothing is kept from a previous window. Returns the new caches and
+    of `capacity` tokens, nothing is kept from a previous window. Returns the new caches and
     `prev_valid`."""
-    apply = lambda caches: select_rows(rows, init_caches(config, prev_valid.shape[0], window), caches)
+    apply = lambda caches: select_rows(rows, init_caches(config, prev_valid.shape[0], capacity), caches)
     caches = lax.cond(jnp.any(rows), apply, lambda caches: caches, caches)  # most windows start no document
     return caches, jnp.where(rows, False, prev_valid)

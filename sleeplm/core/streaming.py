@@ -29,16 +29,16 @@ def sleep_rows(params: Params, state: SleepState, rows: jax.Array, config: Confi
     """Passes 2..N and eviction for `rows` (B,) bool, whose windows are full; other rows unchanged."""
 
     def consolidate(state: SleepState) -> SleepState:
-        slept = sleep_passes(params, state.hidden, state.layers, state.prev_valid, config)
-        caches, prev_valid = evict(select_rows(rows, slept, state.layers), state.prev_valid, rows, config)
-        return SleepState(caches, state.hidden, jnp.where(rows, 0, state.pos), prev_valid)
+        slept = sleep_passes(params, state.sleep_input, state.caches, state.prev_valid, config)
+        caches, prev_valid = evict(select_rows(rows, slept, state.caches), state.prev_valid, rows, config)
+        return SleepState(caches, state.sleep_input, jnp.where(rows, 0, state.pos), prev_valid)
 
     return lax.cond(jnp.any(rows), consolidate, lambda s: s, state)
 
 
 def full_rows(state: SleepState, config: Config) -> jax.Array:
     """Rows whose window is full and can be slept on (never under the no-eviction mode)."""
-    return (state.pos == state.window) & config.sleep.eviction_mode.bounded
+    return (state.pos == state.capacity) & config.sleep.eviction_mode.bounded
 
 
 def consume(
@@ -59,19 +59,19 @@ def consume(
 
     def pending(carry):
         state, consumed, _ = carry
-        return jnp.any((consumed < total) & ((state.pos < state.window) | full_rows(state, config)))
+        return jnp.any((consumed < total) & ((state.pos < state.capacity) | full_rows(state, config)))
 
     def step(carry):
         state, consumed, out = carry
         state = sleep_rows(params, state, full_rows(state, config) & (consumed < total), config)
-        take = jnp.minimum(total - consumed, jnp.minimum(state.window - state.pos, chunk))
+        take = jnp.minimum(total - consumed, jnp.minimum(state.capacity - state.pos, chunk))
         index = jnp.clip(consumed[:, None] + jnp.arange(chunk), 0, length - 1)
         x = jnp.take_along_axis(embedded, index[:, :, None], axis=1)
         context = WindowContext(state.pos, state.prev_valid, jnp.arange(chunk) < take[:, None])
-        h, looped, caches = wake_pass(params, x, state.layers, context, config)
-        hidden = write_slots(state.hidden, looped, state.pos, context.valid)
+        h, looped, caches = wake_pass(params, x, state.caches, context, config)
+        sleep_input = write_slots(state.sleep_input, looped, state.pos, context.valid)
         out = write_slots(out, h, consumed, context.valid)
-        return SleepState(caches, hidden, state.pos + take, state.prev_valid), consumed + take, out
+        return SleepState(caches, sleep_input, state.pos + take, state.prev_valid), consumed + take, out
 
     state, _, out = lax.while_loop(pending, step, (state, jnp.zeros((batch,), jnp.int32), out))
     return out, state
@@ -103,7 +103,7 @@ def wake_step(
     each row's tokens as real (ragged rows; the rest are ignored and get NaN logits). `state` is donated.
     """
     check_tokens(tokens, config)
-    chex.assert_equal(tokens.shape[0], state.hidden.shape[0])
+    chex.assert_equal(tokens.shape[0], state.sleep_input.shape[0])
     mask = jnp.ones(tokens.shape, bool) if valid is None else jnp.asarray(valid, bool)
     chex.assert_equal_shape([tokens, mask])
     check_masks(tokens.shape, valid, None, tokens.shape[1])  # one window of n: valid is a prefix

@@ -18,6 +18,6 @@ class Eviction:
     bounded: bool
     keeps_previous_window: bool
 
-    def cache_length(self, window: int, capacity: int) -> int:
+    def capacity(self, window: int, requested: int | None) -> int:
         """Cache slots per row: the configured window L, or, without eviction, the most tokens a row will hold."""
-        return window if self.bounded else capacity
+        return window if self.bounded else requested

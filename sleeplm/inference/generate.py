@@ -166,10 +166,10 @@ def generate(
         raise ValueError(f"prompt {empty[0]} is empty and its stream has no tokens yet: a prompt needs at least one")
     if not config.sleep.eviction_mode.bounded:
         needed = consumed + valid.sum(axis=1) + max_new_tokens
-        if needed.max() > stream.state.window:
+        if needed.max() > stream.state.capacity:
             raise ValueError(
                 f"prompt {int(needed.argmax())} needs {int(needed.max())} tokens of the stream's capacity "
-                f"{stream.state.window} (sleep.eviction='none' keeps every token): start a stream with more capacity"
+                f"{stream.state.capacity} (sleep.eviction='none' keeps every token): start a stream with more capacity"
             )
     stops = np.full((max(_bucket(len(stop_tokens)), 1),), NO_TOKEN, np.int32)  # NO_TOKEN is never sampled
     stops[: len(stop_tokens)] = stop_tokens

@@ -64,7 +64,8 @@ def _row_keys(key: jax.Array, batch_size: int) -> jax.Array:
 
 def _record(config: Config, stream: Stream) -> dict:
     model, sleep = (json.loads(json.dumps(dataclasses.asdict(c))) for c in (config.model, config.sleep))
-    return {"config": {"model": model, "sleep": sleep}, "batch": stream.sampled.shape[0], "window": stream.state.window}
+    config_record = {"model": model, "sleep": sleep}
+    return {"config": config_record, "batch": stream.sampled.shape[0], "capacity": stream.state.capacity}
 
 
 def save_stream(path: Path, stream: Stream, config: Config) -> Path:
@@ -88,7 +89,7 @@ def restore_stream(path: Path, config: Config) -> Stream:
     if not (path / RECORD).exists():
         raise CheckpointError(f"{path / RECORD} does not exist: {path} is not a saved stream")
     saved = json.loads((path / RECORD).read_text())
-    capacity = None if config.sleep.eviction_mode.bounded else saved["window"]
+    capacity = None if config.sleep.eviction_mode.bounded else saved["capacity"]
     template = start_stream(config, saved["batch"], jax.random.key(0), capacity)
     mismatch = differences(saved["config"], _record(config, template)["config"], "config.")
     if mismatch:

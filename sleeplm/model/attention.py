@@ -53,9 +53,9 @@ class Attention(Mixer):
             raise ValueError(f"num_kv_heads={model.num_kv_heads!r} is invalid: must divide num_heads={model.num_heads}")
 
     @classmethod
-    def init_cache(cls, config: Config, batch: int, window: int) -> AttentionCache:
+    def init_cache(cls, config: Config, batch: int, capacity: int) -> AttentionCache:
         model = config.model
-        slots = lambda: jnp.zeros((batch, window, model.num_kv_heads, model.head_dim), model.dtype)
+        slots = lambda: jnp.zeros((batch, capacity, model.num_kv_heads, model.head_dim), model.dtype)
         previous = (slots(), slots()) if config.sleep.eviction_mode.keeps_previous_window else (None, None)
         return AttentionCache(slots(), slots(), *previous)
 

@@ -69,7 +69,7 @@ class GatedDeltaNet(Mixer):
         return {**params, "o": {**params["o"], "kernel": jnp.zeros_like(params["o"]["kernel"])}}
 
     @classmethod
-    def init_cache(cls, config: Config, batch: int, window: int) -> FastWeightState:
+    def init_cache(cls, config: Config, batch: int, capacity: int) -> FastWeightState:
         model = config.model
         heads, d_k, d_v = model.gdn_heads, model.gdn_head_dim_k, model.gdn_head_dim_v
         channels = heads * (2 * d_k + d_v)

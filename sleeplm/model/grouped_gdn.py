@@ -40,7 +40,7 @@ class GroupedGatedDeltaNet(GatedDeltaNet):
             raise ValueError("short_conv=False is invalid for the 'grouped_gdn' kind: its convolution is always on")
 
     @classmethod
-    def init_cache(cls, config: Config, batch: int, window: int) -> FastWeightState:
+    def init_cache(cls, config: Config, batch: int, capacity: int) -> FastWeightState:
         model = config.model
         heads, d_k, d_v = model.gdn_heads, model.gdn_head_dim_k, model.gdn_head_dim_v
         conv = jnp.zeros((batch, model.conv_width - 1, conv_channels(model)), model.dtype)

@@ -75,9 +75,9 @@ class Mixer(nn.Module):
         """Raises ValueError naming a field of `model` this kind cannot work with."""
 
     @classmethod
-    def init_cache(cls, config: Config, batch: int, window: int) -> Any:
-        """The empty cache for `batch` rows and windows of `window` tokens (each leaf a fresh buffer: states are
-        donated, and one buffer may not be donated twice)."""
+    def init_cache(cls, config: Config, batch: int, capacity: int) -> Any:
+        """The empty cache for `batch` rows of `capacity` tokens each (the window L, or every token of a stream
+        without eviction). Each leaf is a fresh buffer: states are donated, and one buffer may not be donated twice."""
         raise NotImplementedError
 
     @classmethod

@@ -139,7 +139,7 @@ def sleep_state_shardings(state: SleepState, mesh: Mesh, rules: Rules, config: C
     """Each block's cache by the logical axes its mixer kind gives it; the hidden states and each row's position and
     flags over the batch axes."""
     caches = tuple(
-        mixer_kind(kind).cache_axes(cache) for kind, cache in zip(config.model.layers, state.layers, strict=True)
+        mixer_kind(kind).cache_axes(cache) for kind, cache in zip(config.model.layers, state.caches, strict=True)
     )
     caches = jax.tree.map(lambda axes: NamedSharding(mesh, logical_to_spec(axes, rules)), caches, is_leaf=_is_axes)
     rows = NamedSharding(mesh, P(rules["batch"]))
