@@ -5,7 +5,7 @@ as the training loop does, against the step time).
     python benchmarks/bench_train.py [--preset rule110 --passes 1,2,4 --batch 64 --steps 5] [--out FILE]
     python benchmarks/bench_train.py --preset lm-cpu --passes 1,2 --batch 16 --out benchmarks/results/train_lm_cpu.json
 
-Model FLOPs are counted analytically by `sleeplm.flops` (useful work only; it says what counts).
+Model FLOPs are counted analytically by `sleeplm.training.flops` (useful work only; it says what counts).
 """
 
 from __future__ import annotations

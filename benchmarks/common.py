@@ -1,4 +1,4 @@
-"""Benchmark helpers: a record of where a number came from (timing is `sleeplm.timing.median_seconds`)."""
+"""Benchmark helpers: a record of where a number came from (timing is `sleeplm.cli.timing.median_seconds`)."""
 
 from __future__ import annotations
 

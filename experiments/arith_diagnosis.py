@@ -24,6 +24,7 @@ from run import provenance  # experiments/run.py, beside this script
 
 from sleeplm.data import batched, make_source
 from sleeplm.data.arith import OPERATORS, ArithConfig
+from sleeplm.experiment.files import CHECKPOINTS, EXPERIMENT
 from sleeplm.experiment.schema import Experiment, experiment_from_json
 from sleeplm.training.checkpoint import Checkpointer
 from sleeplm.training.evaluate import eval_step
@@ -95,7 +96,7 @@ def bayes_accuracy(fit: list[dict], score: list[dict], information) -> dict:
 def run_accuracy(workdir: Path, experiment: Experiment, examples: int) -> dict:
     """Exact accuracy per operator of the run's latest checkpoint on the one-operation problems among `examples`
     held-out ones of its own task."""
-    params, step = Checkpointer(workdir / "checkpoints", keep=1).restore_params(experiment)
+    params, step = Checkpointer(workdir / CHECKPOINTS, keep=1).restore_params(experiment)
     source = make_source(experiment.task, "eval", seed=experiment.train.seed, size=examples)
     right, operators = [], []
     for batch in batched(source, 128, seed=0, shuffle=False):
@@ -123,7 +124,7 @@ def main(argv: list[str]) -> None:
     report = {"provenance": provenance(argv, "experiments/arith_diagnosis.py"), "runs": {}, "oracles": {}}
     one_op_tasks: dict[str, ArithConfig] = {}  # the oracles' task per label
     for workdir in args.runs:
-        experiment = experiment_from_json(json.loads((workdir / "experiment.json").read_text()))
+        experiment = experiment_from_json(json.loads((workdir / EXPERIMENT).read_text()))
         report["runs"][workdir.name] = run_accuracy(workdir, experiment, args.examples)
         print(workdir.name, json.dumps(report["runs"][workdir.name]), flush=True)
         # One-operation problems are drawn alike whatever the mixture of operation counts: label them by size.

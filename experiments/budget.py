@@ -1,5 +1,5 @@
 """What would a preset's training cost on the machine a committed run ran on? Scales the run's measured wall time by
-the ratio of training FLOPs between the preset and the run, both counted by `sleeplm.flops` (useful work: sleep
+the ratio of training FLOPs between the preset and the run, both counted by `sleeplm.training.flops` (useful work: sleep
 passes, attention over the window, the head; training = 3x forward) on one training batch, times the steps.
 
     python experiments/budget.py RUN_RESULT_DIR PRESET [--out FILE]
@@ -17,6 +17,7 @@ from pathlib import Path
 from run import provenance  # experiments/run.py, beside this script
 
 from sleeplm.data import batched, make_source
+from sleeplm.experiment.files import EXPERIMENT
 from sleeplm.experiment.schema import Experiment, experiment_from_json
 from sleeplm.training.flops import train_flops
 from sleeplm.training.presets import PRESETS, build_experiment
@@ -41,13 +42,13 @@ def main(argv: list[str]) -> None:
     parser.add_argument("preset", choices=sorted(PRESETS))
     parser.add_argument("--out", type=Path)
     args = parser.parse_args(argv)
-    for name in ("experiment.json", "time.json"):
+    for name in (EXPERIMENT, "time.json"):
         if not (args.run / name).is_file():
             parser.error(f"run {args.run}: no {name} (expected a committed run, experiments/results/SWEEP/RUN)")
     time = json.loads((args.run / "time.json").read_text())
     if "timed_from_step" in time:
         parser.error(f"run {args.run}: only timed from step {time['timed_from_step']}; pick a run timed throughout")
-    measured = training_compute(experiment_from_json(json.loads((args.run / "experiment.json").read_text())))
+    measured = training_compute(experiment_from_json(json.loads((args.run / EXPERIMENT).read_text())))
     wanted = training_compute(build_experiment(args.preset))
     ratio = wanted["flops"] / measured["flops"]
     report = {

@@ -24,6 +24,7 @@ from matplotlib.ticker import MaxNLocator
 from sweeps import CEILING, FLOOR, SLIDING  # experiments/sweeps.py, beside this script
 
 from sleeplm.cli.plot import read_evals
+from sleeplm.experiment.files import EXPERIMENT
 
 RESULTS = Path(__file__).parent / "results"
 
@@ -170,7 +171,7 @@ def lm_table(runs: dict, sweep_dir: Path) -> tuple[dict, str]:
     lines.append("|---" * (len(keys) + 6) + "|")
     table = {}
     for name, r in runs.items():
-        layers = json.loads((sweep_dir / name / "experiment.json").read_text())["config"]["model"]["layers"]
+        layers = json.loads((sweep_dir / name / EXPERIMENT).read_text())["config"]["model"]["layers"]
         final = r["final"]
         table[name] = {"layers": layers, "perplexity": final["perplexity"], **{k: final[k] for k in keys}}
         cells = " | ".join(f"{final[k]:.3f}" for k in keys)

@@ -27,6 +27,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 from sweeps import TUNED_MUON_LR, sweeps
 
 from sleeplm.cli.plot import plot_runs, read_evals, read_records
+from sleeplm.experiment.files import EXPERIMENT, METRICS
 from sleeplm.training.presets import build_experiment
 from sleeplm.training.run import last_timing, run_training
 
@@ -46,11 +47,11 @@ def provenance(argv: list[str], script: str = "experiments/run.py") -> dict:
 def summarize(sweep: str, out: Path, info: dict) -> None:
     """summary.json (final and best held-out exact accuracy per run, with its config) and a plot of the learning
     curves: exact.png for Rule 110 (chance marked), accuracy.png for Depo and arithmetic."""
-    runs = sorted(p for p in out.iterdir() if p.is_dir() and (p / "metrics.jsonl").exists())
+    runs = sorted(p for p in out.iterdir() if p.is_dir() and (p / METRICS).exists())
     summary = dict(info, runs={})
     for run in runs:
         evals = read_evals(run)
-        record = json.loads((run / "experiment.json").read_text())
+        record = json.loads((run / EXPERIMENT).read_text())
         summary["runs"][run.name] = {
             "final_exact": evals[-1]["exact"],
             "best_exact": max(e["exact"] for e in evals),
@@ -65,7 +66,7 @@ def summarize(sweep: str, out: Path, info: dict) -> None:
         }
     (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     if runs:
-        strings = json.loads((runs[0] / "experiment.json").read_text())["task"].get("num_strings")
+        strings = json.loads((runs[0] / EXPERIMENT).read_text())["task"].get("num_strings")
         metric, chance = ("exact", 1 / 2**strings) if strings else ("accuracy", None)
         if "perplexity" in read_evals(runs[0])[0]:  # language modelling
             metric = "perplexity"
@@ -80,7 +81,7 @@ def as_recorded(experiment) -> dict:
 def finished_twin(experiment, results: Path) -> Path | None:
     """A finished run of any sweep under `results` with exactly this experiment, if any."""
     wanted = as_recorded(experiment)
-    for record in results.glob("*/*/experiment.json"):
+    for record in results.glob(f"*/*/{EXPERIMENT}"):
         if (record.parent / "time.json").exists() and json.loads(record.read_text()) == wanted:
             return record.parent
     return None
@@ -111,7 +112,7 @@ def main(argv: list[str] | None = None) -> None:
     for run in [runs[name] for name in only] if only else runs.values():
         experiment = build_experiment(run.preset, run.overrides)
         if (out / run.name / "time.json").exists():
-            if json.loads((out / run.name / "experiment.json").read_text()) != as_recorded(experiment):
+            if json.loads((out / run.name / EXPERIMENT).read_text()) != as_recorded(experiment):
                 sys.exit(f"{out / run.name} holds a different experiment (another --muon-lr?): move it away first")
             continue
         done = finished_twin(experiment, args.results)
@@ -123,7 +124,7 @@ def main(argv: list[str] | None = None) -> None:
             workdir = args.workdir / args.sweep / run.name
             run_training(experiment, workdir)
             (out / run.name).mkdir(exist_ok=True)
-            for name in ("metrics.jsonl", "experiment.json"):
+            for name in (METRICS, EXPERIMENT):
                 shutil.copy(workdir / name, out / run.name / name)
             (out / run.name / "time.json").write_text(json.dumps(last_timing(read_records(workdir))) + "\n")
         summarize(args.sweep, out, info)

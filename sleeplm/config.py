@@ -8,7 +8,8 @@ from __future__ import annotations
 
 import dataclasses
 
-from sleeplm.eviction import EVICTIONS, Eviction
+from sleeplm.eviction import Eviction
+from sleeplm.eviction import eviction_mode as parse_eviction
 
 DTYPES = ("float32", "bfloat16")
 
@@ -73,8 +74,8 @@ class ModelConfig:
     `zero_centered_norm`: every RMSNorm of the stack (block norms, final norm, attention's q/k norms) scales by
     (1 + w) with w initialised to 0, as the Qwen3-Next family stores it (the GDN output norm keeps its plain scale).
     `tie_embeddings`: the head reads the embedding table (logits = h E^T) and has no parameter of its own.
-    `inserted_blocks`: indices of blocks a retrofit inserted (`sleeplm.retrofit`): each is a mixer without an MLP,
-    and its parameters are declared new (`train.trainable="new"` trains only them).
+    `inserted_blocks`: indices of blocks a retrofit inserted (`sleeplm.training.retrofit`): each is a mixer without an
+    MLP, and its parameters are declared new (`train.trainable="new"` trains only them).
     """
 
     vocab_size: int = 32
@@ -147,7 +148,8 @@ class SleepConfig:
 
     `window` is L (tokens per window), `passes` is N (all passes over a slept window: N=1 means no sleep),
     `eviction` names a mode of `sleeplm.eviction.EVICTIONS`: "hard" (KV cleared after each slept window), "sliding"
-    (sliding-window attention of width L), or "none": the no-eviction baseline, where the caches keep every token
+    (sliding-window attention of width L), "sinks:S" (sliding plus the document's first S tokens, StreamingLLM;
+    "sinks" alone keeps 4), or "none": the no-eviction baseline, where the caches keep every token
     (full causal attention, nothing slept on; `window` then only lays out the task and the steps of the scan).
     `loop_layers` (start, stop): the contiguous blocks [start, stop) that passes 2..N re-run, each pass feeding
     those blocks' previous output back as their input; the blocks before and after them run in the wake pass only
@@ -166,8 +168,11 @@ class SleepConfig:
     def __post_init__(self) -> None:
         _positive_int("sleep.window", self.window)
         _positive_int("sleep.passes", self.passes)
-        if self.eviction not in EVICTIONS:
-            _fail("sleep.eviction", self.eviction, f"allowed modes are {tuple(EVICTIONS)}")
+        mode = parse_eviction(self.eviction)  # an unknown name or argument fails naming the field
+        try:
+            mode.check(self.window)
+        except ValueError as error:
+            _fail("sleep.eviction", self.eviction, str(error))
         if self.loop_layers is not None:  # from JSON or the command line: a list, or strings
             try:
                 start, stop = (int(i) for i in self.loop_layers)
@@ -179,8 +184,8 @@ class SleepConfig:
 
     @property
     def eviction_mode(self) -> Eviction:
-        """The `Eviction` that `eviction` names."""
-        return EVICTIONS[self.eviction]
+        """The `Eviction` that `eviction` names ("name" or "name:ARG")."""
+        return parse_eviction(self.eviction)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -170,8 +170,8 @@ def test_knowing_the_operator_and_the_operands_answers_every_generated_problem_a
 
 
 def test_the_budget_counts_training_tokens_and_flops_and_scales_the_measured_time(tmp_path, capsys):
-    """Tokens are steps x batch x example length and FLOPs steps x those of one batch (sleeplm.flops), so a preset
-    with twice the passes costs more; the estimate is the run's hours times the preset's FLOPs over the run's."""
+    """Tokens are steps x batch x example length and FLOPs steps x those of one batch (sleeplm.training.flops), so a
+    preset with twice the passes costs more; the estimate is the run's hours times the preset's FLOPs over the run's."""
     experiment = build_experiment("depo-cpu", {"train.steps": "10", "train.batch_size": "4", "train.warmup_steps": "1"})
     batch = batched(make_source(experiment.task, "train", seed=0, size=4), 4, seed=0, shuffle=False)[0]
     counted = budget.training_compute(experiment)

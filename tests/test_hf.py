@@ -445,3 +445,36 @@ def test_convert_under_a_mesh_places_each_parameter_shard_by_shard(checkpoints, 
     assert results["same"] and results["split"] > 10
     assert results["placed"] and all(count == 4 for count in results["placed"])
     assert results["start"] == [True, True]
+
+
+def test_a_checkpoint_without_a_tokenizer_and_a_small_vocabulary_converts_and_generates_from_ids(tmp_path, capsys):
+    """A checkpoint that ships no tokenizer.json, its vocabulary under the 258 tokens of a byte-level BPE: it
+    converts (the task names the workdir's tokenizer.json, absent until one is put there), `generate --ids` works
+    (no text), and what needs a tokenizer fails naming the missing tokenizer.json."""
+    torch.manual_seed(3)
+    source = tmp_path / "tiny"
+    transformers.LlamaForCausalLM(transformers.LlamaConfig(**LLAMA | {"vocab_size": 97})).float().save_pretrained(
+        source, safe_serialization=True
+    )
+    workdir = tmp_path / "converted"
+    cli_main(["convert", "--from-hf", str(source), "--out", str(workdir), "--sleep.window", "4"])
+    experiment = experiment_from_json(json.loads((workdir / "experiment.json").read_text()))
+    assert experiment.config.model.vocab_size == 97 and not (workdir / "tokenizer.json").exists()
+    capsys.readouterr()
+    cli_main(["generate", "--workdir", str(workdir), "--ids", "--prompt", "5 6 7", "--max-new-tokens", "3"])
+    row = json.loads(capsys.readouterr().out)
+    assert len(row["ids"]) == 3 and all(0 <= i < 97 for i in row["ids"]) and row["text"] is None
+    with pytest.raises(SystemExit, match=r"converted/tokenizer.json"):
+        cli_main(["generate", "--workdir", str(workdir), "--prompt", "the"])
+
+
+def test_export_of_a_retrofitted_model_fails_naming_the_inserted_blocks_and_why(checkpoints, tmp_path):
+    directory, _ = checkpoints["llama"]
+    workdir = convert(directory, tmp_path / "retrofitted", insert_gdn_at=(1, 2))
+    message = (
+        r"retrofitted is not exportable: a retrofit inserted blocks into its model \(model.inserted_blocks=\(1, 3\), "
+        r"mixer-only \['gdn', 'gdn'\]\), and transformers has no architecture with blocks inserted"
+    )
+    with pytest.raises(SystemExit, match=message):
+        cli_main(["export", "--from", str(workdir), "--to-hf", str(tmp_path / "out")])
+    assert not (tmp_path / "out").exists()

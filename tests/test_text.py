@@ -537,3 +537,45 @@ def test_a_text_run_generates_with_its_own_tokenizer_and_refuses_a_missing_or_mi
     train_tokenizer(corpus_texts, VOCAB - 20, run / "tokenizer.json")
     with pytest.raises(SystemExit, match=r"run/tokenizer.json.*280.*300|run/tokenizer.json.*300.*280"):
         cli_main(["generate", "--workdir", str(run), "--prompt", "the"])
+
+
+def test_eval_uses_the_runs_tokenizer_and_refuses_a_corpus_changed_since_training(tmp_path, corpus_texts, capsys):
+    """`sleeplm eval` rebuilds a text run's held-out data with the run's own tokenizer.json, never one trained anew
+    on the corpus as it is now; when a file was added to the corpus since training it fails naming corpus.json and
+    the file, unless asked for the current corpus (`--current-corpus`), which it then reads with the run's
+    tokenizer."""
+    import hashlib
+
+    from sleeplm.cli.main import main as cli_main
+    from sleeplm.training.run import run_training
+
+    experiment = text_experiment(tmp_path)
+    small = dataclasses.replace(experiment.config.model, d_model=16, num_heads=2, mlp_dim=32)
+    train = dataclasses.replace(experiment.train, steps=2, warmup_steps=0)
+    settings = dict(eval_every=2, eval_examples=4, eval_batch_size=4, checkpoint_every=2, log_every=1, progress=False)
+    experiment = dataclasses.replace(
+        experiment,
+        config=dataclasses.replace(experiment.config, model=small),
+        train=train,
+        run=dataclasses.replace(experiment.run, **settings),
+    )
+    run = tmp_path / "run"
+    run_training(experiment, run)
+    tokenizers = lambda: sorted((tmp_path / "cache").glob("tokenizer-*"))
+    assert len(tokenizers()) == 1
+    cli_main(["eval", "--workdir", str(run)])  # the corpus as trained on
+    assert json.loads((run / "eval_step2.json").read_text())["step"] == 2
+
+    added = tmp_path / "corpus" / "d" / "new.jsonl"
+    added.parent.mkdir()
+    rng = np.random.default_rng(1)
+    added.write_text("".join(json.dumps({"text": prose(rng, 60)}) + "\n" for _ in range(20)))
+    with pytest.raises(SystemExit, match=r"run/corpus.json: added .*d/new.jsonl.*--current-corpus"):
+        cli_main(["eval", "--workdir", str(run)])
+    capsys.readouterr()
+    cli_main(["eval", "--workdir", str(run), "--current-corpus"])
+    assert len(tokenizers()) == 1  # no tokenizer was trained on the changed corpus
+    run_tokenizer = hashlib.sha256((run / "tokenizer.json").read_bytes()).hexdigest()
+    caches = [json.loads((c / "manifest.json").read_text()) for c in (tmp_path / "cache").glob("tokens-*")]
+    assert len(caches) == 2 and {c["tokenizer_sha256"] for c in caches} == {run_tokenizer}
+    assert any(added.as_posix() in [f[0] for f in c["corpus"]["files"]] for c in caches)

@@ -47,6 +47,7 @@ def _initialize_distributed() -> None:
 
 
 def _train(args, extra) -> None:
+    from sleeplm.experiment.workdir import Workdir
     from sleeplm.training.presets import build_experiment
     from sleeplm.training.run import run_training
 
@@ -64,13 +65,15 @@ def _train(args, extra) -> None:
     elif args.insert_gdn_at:
         raise SystemExit("error: --insert-gdn-at inserts blocks into a pretrained model: give --init-from WORKDIR")
     mesh = _mesh(args.mesh)
-    if args.fresh and (args.workdir / "checkpoints").exists():
+    if args.fresh and Workdir(args.workdir).checkpoints_path.exists():
         import shutil
 
         shutil.rmtree(args.workdir)
     result = run_training(experiment, args.workdir, mesh=mesh, rules=args.rules, stop_at=args.stop_at, start=start)
     print(json.dumps(result, indent=2))
-    print(f"outputs in {args.workdir}: metrics.jsonl, experiment.json, checkpoints/")
+    run = Workdir(args.workdir)
+    outputs = (run.metrics_path, run.experiment_path, run.checkpoints_path)
+    print(f"outputs in {args.workdir}: " + ", ".join(path.name for path in outputs))
 
 
 def _mesh(text: str | None):
@@ -84,6 +87,7 @@ def _mesh(text: str | None):
 def _convert_hf(args, extra) -> None:
     from sleeplm.config import SleepConfig
     from sleeplm.experiment.overrides import override_section
+    from sleeplm.experiment.workdir import Workdir
     from sleeplm.hf.convert import convert
     from sleeplm.training.retrofit import parse_positions
 
@@ -98,7 +102,9 @@ def _convert_hf(args, extra) -> None:
         args.from_hf, args.out, sleep, mesh=_mesh(args.mesh), rules=args.rules, insert_gdn_at=insert_at,
         insert_kind=args.insert_kind,
     )  # fmt: skip
-    print(f"converted {args.from_hf} into {out}: experiment.json, checkpoints/ (step 0), hf_config.json")
+    run = Workdir(out)
+    names = ", ".join(path.name for path in (run.experiment_path, run.checkpoints_path, run.hf_config_path))
+    print(f"converted {args.from_hf} into {out}: {names} (a weights checkpoint at step 0)")
 
 
 def _export_hf(args, extra) -> None:
@@ -108,19 +114,17 @@ def _export_hf(args, extra) -> None:
     print(f"exported {args.source} into {out}: config.json, model.safetensors")
 
 
-def _load_run(workdir: Path, step: int | None):
-    """A training run's experiment, its codec (checked against the model) and the train state of a checkpoint."""
-    from sleeplm.data import task_of
-    from sleeplm.experiment.schema import experiment_from_json
-    from sleeplm.training.checkpoint import Checkpointer
+def _load_run(workdir: Path, step: int | None, codec: bool = True):
+    """A run's `Workdir`, experiment, codec (checked against the model; None when not asked for) and the train
+    state (parameters and step) of a checkpoint, all read through the `Workdir`."""
+    from sleeplm.experiment.workdir import Workdir
+    from sleeplm.training.step import TrainState
 
-    record_path = workdir / "experiment.json"
-    if not record_path.exists():
-        raise SystemExit(f"error: {record_path} does not exist: --workdir must be a training run directory")
-    experiment = experiment_from_json(json.loads(record_path.read_text()))
-    codec = task_of(experiment.task).codec(experiment.task, workdir)
-    state = Checkpointer(workdir / "checkpoints", keep=experiment.run.keep_checkpoints).restore_state(experiment, step)
-    return experiment, codec, state
+    run = Workdir(workdir).check()
+    experiment = run.experiment()
+    coder = run.codec(experiment) if codec else None
+    params, restored = run.restore_params(experiment, step=step)
+    return run, experiment, coder, TrainState(params, None, restored)
 
 
 def _eval(args, extra) -> None:
@@ -128,14 +132,15 @@ def _eval(args, extra) -> None:
 
     from sleeplm.training.evaluate import eval_sets, evaluate
 
-    experiment, _, state = _load_run(args.workdir, args.step)
+    run, experiment, _, state = _load_run(args.workdir, args.step, codec=False)
+    task = run.task_config(experiment, current_corpus=args.current_corpus)  # the run's tokenizer and corpus
+    experiment = dataclasses.replace(experiment, task=task)
     if args.eval_examples:
         experiment = dataclasses.replace(
             experiment, run=dataclasses.replace(experiment.run, eval_examples=args.eval_examples)
         )
     metrics = {"step": int(state.step)} | evaluate(state.params, eval_sets(experiment), experiment)
-    out = args.workdir / f"eval_step{int(state.step)}.json"
-    out.write_text(json.dumps(metrics, indent=2) + "\n")
+    out = run.write_eval(int(state.step), metrics)
     print(json.dumps(metrics, indent=2))
     print(f"wrote {out}")
 
@@ -146,7 +151,12 @@ def _generate(args, extra) -> None:
     from sleeplm.inference.generate import Sampling, generate
     from sleeplm.inference.streams import restore_stream, save_stream, start_stream
 
-    experiment, codec, state = _load_run(args.workdir, args.step)
+    run, experiment, codec, state = _load_run(args.workdir, args.step, codec=not args.ids)
+    if args.ids:  # token ids in; the text out only when the run has a tokenizer
+        try:
+            codec = run.codec(experiment)
+        except (ValueError, OSError) as error:
+            print(f"no text for the generated ids: {error}", file=sys.stderr)
     config = experiment.config
     prompts = [[int(i) for i in p.split()] for p in args.prompt] if args.ids else [codec.encode(p) for p in args.prompt]
     if args.stream:
@@ -161,7 +171,7 @@ def _generate(args, extra) -> None:
     )  # fmt: skip
     rows = [[int(t) for t in row[:n]] for row, n in zip(result.tokens, result.lengths, strict=True)]
     for prompt, row in zip(args.prompt, rows, strict=True):
-        print(json.dumps({"prompt": prompt, "ids": row, "text": codec.decode(row)}))
+        print(json.dumps({"prompt": prompt, "ids": row, "text": None if codec is None else codec.decode(row)}))
     if args.save_stream:
         print(f"saved the stream to {save_stream(args.save_stream, result.stream, config)}", file=sys.stderr)
 
@@ -171,7 +181,7 @@ def _score(args, extra) -> None:
 
     from sleeplm.inference.score import score
 
-    experiment, codec, state = _load_run(args.workdir, args.step)
+    _, experiment, codec, state = _load_run(args.workdir, args.step, codec=not args.ids_file)
     if args.ids_file:
         ids = np.load(args.ids_file, mmap_mode="r")
         ids = ids[None] if ids.ndim == 1 else ids
@@ -232,6 +242,11 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--workdir", type=Path, required=True)
     evaluate.add_argument("--step", type=int, default=None, help="checkpoint step (default: the latest)")
     evaluate.add_argument("--eval-examples", type=int, default=None)
+    evaluate.add_argument(
+        "--current-corpus",
+        action="store_true",
+        help="a text run: evaluate on its corpus as it is now, even when it changed since training (corpus.json)",
+    )
     evaluate.set_defaults(run=_eval)
     plot = commands.add_parser("plot", help="plot runs' held-out metric against training tokens")
     plot.add_argument("runs", type=Path, nargs="+")

@@ -10,10 +10,12 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 
+from sleeplm.experiment.workdir import Workdir
+
 
 def read_records(run: Path) -> list[dict]:
     """Every record of a run's metrics.jsonl, in order."""
-    path = Path(run) / "metrics.jsonl"
+    path = Workdir(run).metrics_path
     if not path.exists():
         raise FileNotFoundError(f"{path} does not exist: is {run} a training run directory?")
     return [json.loads(line) for line in path.read_text().splitlines()]
@@ -24,7 +26,7 @@ def read_evals(run: Path) -> list[dict]:
 
 
 def run_label(run: Path) -> str:
-    record = json.loads((Path(run) / "experiment.json").read_text())
+    record = Workdir(run).record()
     sleep = record["config"]["sleep"]
     return f"{Path(run).name}: N={sleep['passes']}, L={sleep['window']}, {sleep['eviction']}"
 

@@ -24,7 +24,8 @@ class SleepState(NamedTuple):
     `caches`: one cache per block, in block order. `sleep_input`: (B, capacity, d_model), the wake pass's output of
     the looped blocks (the last block unless `sleep.loop_layers` stops earlier) at each position of the current
     window: the input of sleep pass 2. `pos`: (B,) int32, tokens in each row's current window so far. `prev_valid`:
-    (B,) bool, whether a row holds a previous window's KV (modes that keep it).
+    (B,) bool, whether a row has ended (evicted) a window of its current document, so the eviction mode's kept
+    keys/values hold something.
     """
 
     caches: tuple[Any, ...]
@@ -81,11 +82,12 @@ def select_rows(rows: jax.Array, chosen: Any, other: Any) -> Any:
 
 def evict(caches: tuple[Any, ...], prev_valid: jax.Array, rows: jax.Array, config: Config):
     """Ends the window of `rows` (B,) bool, as slept on: each block's kind says what its cache keeps under the
-    eviction mode. Returns the new caches and `prev_valid`; other rows are unchanged."""
+    eviction mode. Returns the new caches and `prev_valid` (True for `rows`: a window of the document has ended);
+    other rows are unchanged."""
     mode = config.sleep.eviction_mode
     kinds = [mixer_kind(kind) for kind in config.model.layers]
     evicted = tuple(kind.evict(cache, mode) for kind, cache in zip(kinds, caches, strict=True))
-    return select_rows(rows, evicted, caches), jnp.where(rows, mode.keeps_previous_window, prev_valid)
+    return select_rows(rows, evicted, caches), rows | prev_valid
 
 
 def reset(caches: tuple[Any, ...], prev_valid: jax.Array, rows: jax.Array, capacity: int, config: Config):

@@ -8,7 +8,6 @@ This package is the only one that imports grain (the lent GPU machines do not ha
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import grain
@@ -19,6 +18,7 @@ from sleeplm.data.depo import DEPO, DepoConfig, DepoSource
 from sleeplm.data.rule110 import RULE110, Rule110Config, Rule110Source
 from sleeplm.data.task import Codec, Task, TaskConfig, vocabulary_size
 from sleeplm.data.text import TEXT, TextConfig, TextSource
+from sleeplm.experiment.files import atomic_write
 
 TASKS: dict[str, Task] = {}
 
@@ -82,9 +82,7 @@ def save_run_files(config, workdir: Path, resumed: bool) -> None:
                 f"{target} differs from {path}: the task's {name} changed since this run began, so it cannot resume "
                 "on the data it started with; restore the corpus as it was, or start over (--fresh)"
             )
-        temporary = target.with_name(f".{name}.{os.getpid()}.tmp")
-        temporary.write_bytes(content)
-        os.replace(temporary, target)
+        atomic_write(target, content)
 
 
 def batched(source: TaskSource, batch_size: int, seed: int, shuffle: bool = True) -> grain.MapDataset:

@@ -41,7 +41,6 @@ import logging
 import os
 import shutil
 import sysconfig
-import tempfile
 from array import array
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -52,6 +51,7 @@ import pyarrow.parquet as pq
 
 from sleeplm.data.common import content_digest
 from sleeplm.data.tokenizer import EOS, encode_batch, load_tokenizer, special_id, train_tokenizer
+from sleeplm.experiment.files import TOKENIZER, building
 
 logger = logging.getLogger(__name__)
 
@@ -59,7 +59,6 @@ FORMAT_VERSION = 1
 STDLIB = "{stdlib}"
 DECODE_ERRORS = ("replace", "strict")
 MANIFEST = "manifest.json"
-TOKENIZER_FILE = "tokenizer.json"
 ENCODE_BATCH_CHARS = 1 << 22  # documents are encoded in parallel batches of about this many characters
 
 
@@ -240,18 +239,11 @@ def write_atomically(final: Path, build: Callable[[Path], dict]) -> None:
     """Builds a cache directory: `build(temporary)` fills a temporary directory beside `final` and returns the
     manifest, written last; the directory is then renamed to `final`. If another process renamed its own build
     there first, that one is kept. Nothing half-written ever has the name `final`."""
-    final.parent.mkdir(parents=True, exist_ok=True)
-    temporary = Path(tempfile.mkdtemp(prefix=f".{final.name}.", suffix=".partial", dir=final.parent))
-    try:
+    with building(final, keep_existing=True) as temporary:
         manifest = build(temporary)
         (temporary / MANIFEST).write_text(json.dumps(manifest, indent=1) + "\n")
-        try:
-            os.rename(temporary, final)
-        except OSError:
-            if not (final / MANIFEST).is_file():
-                raise
-    finally:
-        shutil.rmtree(temporary, ignore_errors=True)
+    if not (final / MANIFEST).is_file():
+        raise ValueError(f"cache directory {final} has no {MANIFEST}: it is not one this package wrote; delete it")
 
 
 def _complete(directory: Path) -> bool:
@@ -269,11 +261,11 @@ def cached_tokenizer(corpus: Corpus, vocab_size: int, training_bytes: int, cache
 
         def build(directory: Path) -> dict:
             logger.info(f"training a tokenizer of {vocab_size} tokens on {len(corpus.files)} files into {final}")
-            train_tokenizer(_first_texts(corpus, training_bytes), vocab_size, directory / TOKENIZER_FILE)
+            train_tokenizer(_first_texts(corpus, training_bytes), vocab_size, directory / TOKENIZER)
             return inputs
 
         write_atomically(final, build)
-    return final / TOKENIZER_FILE
+    return final / TOKENIZER
 
 
 def _first_texts(corpus: Corpus, budget: int) -> Iterator[str]:
@@ -313,7 +305,7 @@ class TokenCache:
 
     @property
     def tokenizer_path(self) -> Path:
-        return self.directory / TOKENIZER_FILE
+        return self.directory / TOKENIZER
 
     @property
     def lengths(self) -> np.ndarray:
@@ -367,5 +359,5 @@ def write_tokens(corpus: Corpus, tokenizer_path: Path, directory: Path, eos_toke
     np.save(directory / "offsets.npy", np.frombuffer(offsets, np.int64))
     np.save(directory / "digests.npy", np.frombuffer(digests, np.uint64))
     np.save(directory / "files.npy", np.frombuffer(files, np.int32))
-    shutil.copyfile(tokenizer_path, directory / TOKENIZER_FILE)
+    shutil.copyfile(tokenizer_path, directory / TOKENIZER)
     return {"dtype": np.dtype(dtype).name, "tokens": offsets[-1], "documents": len(digests), **report.as_json()}

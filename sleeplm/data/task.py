@@ -72,8 +72,8 @@ class Task:
     - `held_out_sets(config)`: the extra held-out sets beside "all", as {set name: keyword arguments of the source}
       (the source options select the subset; the config, hence the vocabulary, stays the training one);
     - `metrics(results, examples)`: task metrics from the "all" set's per-example eval results (the dict
-      `sleeplm.train.eval_step` returns, concatenated over batches, numpy) and its examples (inputs, targets,
-      loss_mask and the task's metadata, concatenated likewise);
+      `sleeplm.training.evaluate.eval_step` returns, concatenated over batches, numpy) and its examples (inputs,
+      targets, loss_mask and the task's metadata, concatenated likewise);
 
     and for the run, `run_files(config)`: {name: path} of files a run's workdir keeps a copy of (the text task's
     tokenizer.json, with which a run's outputs are decoded), see `sleeplm.data.save_run_files`; and

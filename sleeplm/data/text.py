@@ -10,6 +10,7 @@ default corpus is the Python standard library's own `.py` files (`{stdlib}` in `
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 import os
 from pathlib import Path
@@ -31,6 +32,7 @@ from sleeplm.data.corpus import (
 from sleeplm.data.packing import PackedRows
 from sleeplm.data.task import Codec, Task
 from sleeplm.data.tokenizer import EOS, PAD, SMALLEST_VOCAB, decode, encode, load_tokenizer, special_id
+from sleeplm.experiment.files import CORPUS, TOKENIZER
 
 
 @dataclasses.dataclass(frozen=True)
@@ -68,11 +70,10 @@ class TextConfig:
         if self.decode_errors not in DECODE_ERRORS:
             raise ValueError(f"task.decode_errors={self.decode_errors!r} is invalid: allowed are {DECODE_ERRORS}")
         check_positive_ints(self, ("windows", "window", "tokenizer_training_bytes"), prefix="task.")
-        if not isinstance(self.vocab_size, int) or self.vocab_size < SMALLEST_VOCAB:
-            raise ValueError(
-                f"task.vocab_size={self.vocab_size!r} is invalid: must be an integer >= {SMALLEST_VOCAB} (the 256 "
-                "bytes and the special tokens)"
-            )
+        # A tokenizer trained here has the 256 bytes and the special tokens; a given one has its own size.
+        smallest, why = (1, "") if self.tokenizer else (SMALLEST_VOCAB, " (the 256 bytes and the special tokens)")
+        if not isinstance(self.vocab_size, int) or self.vocab_size < smallest:
+            raise ValueError(f"task.vocab_size={self.vocab_size!r} is invalid: must be an integer >= {smallest}{why}")
 
     @property
     def sequence_length(self) -> int:
@@ -180,13 +181,56 @@ def text_run_files(config: TextConfig) -> dict[str, Path]:
     """The tokenizer (`tokenizer.json`) and the token cache's manifest (`corpus.json`: which files, sizes and
     mtimes, which tokenizer) a run's workdir keeps."""
     cache = token_cache(config)
-    return {"tokenizer.json": cache.tokenizer_path, "corpus.json": cache.directory / MANIFEST}
+    return {TOKENIZER: cache.tokenizer_path, CORPUS: cache.directory / MANIFEST}
 
 
 def text_codec(config: TextConfig, workdir: Path) -> Codec:
     """The run's own tokenizer (its workdir's tokenizer.json), which must have the model's vocabulary size."""
-    tokenizer = load_tokenizer(Path(workdir) / "tokenizer.json", config.vocab_size, config.special_tokens)
+    tokenizer = load_tokenizer(Path(workdir) / TOKENIZER, config.vocab_size, config.special_tokens)
     return Codec(lambda text: [int(i) for i in encode(tokenizer, text)], lambda ids: decode(tokenizer, ids))
 
 
 TEXT = Task("text", TextConfig, TextSource, metrics=text_metrics, run_files=text_run_files, codec=text_codec)
+
+
+def text_run_config(config: TextConfig, tokenizer: Path, corpus_record: Path, current_corpus: bool) -> TextConfig:
+    """`config` as a run's data is rebuilt after training (e.g. by `sleeplm eval`): with the run's own tokenizer
+    (`tokenizer`, its workdir's tokenizer.json), never one given or trained anew; and on the corpus the run
+    recorded (`corpus_record`, its corpus.json): when the corpus's files changed since, it fails naming them,
+    unless `current_corpus` (the corpus as it is now, knowingly)."""
+    if not Path(tokenizer).is_file():
+        raise ValueError(f"{tokenizer} does not exist: the run's data is built with its own tokenizer, kept there")
+    config = dataclasses.replace(config, tokenizer=str(Path(tokenizer).absolute()))
+    if current_corpus:
+        return config
+    if not Path(corpus_record).is_file():
+        raise ValueError(
+            f"{corpus_record} does not exist: it records the corpus the run was trained on; to use the corpus as "
+            "it is now, say so (sleeplm eval --current-corpus)"
+        )
+    recorded = json.loads(Path(corpus_record).read_text())["corpus"]
+    now = corpus_of(config).fingerprint
+    if recorded != now:
+        raise ValueError(
+            f"the corpus changed since the run recorded it in {corpus_record}: {corpus_changes(recorded, now)}; "
+            "restore it as it was, or evaluate on the corpus as it is now with --current-corpus"
+        )
+    return config
+
+
+def corpus_changes(recorded: dict, now: dict) -> str:
+    """What differs between two corpus fingerprints: files added, removed and changed (size or mtime), settings."""
+    before = {path: (size, mtime) for path, size, mtime in recorded.get("files", [])}
+    after = {path: (size, mtime) for path, size, mtime in now.get("files", [])}
+    parts = []
+    for label, paths in (
+        ("added", sorted(set(after) - set(before))),
+        ("removed", sorted(set(before) - set(after))),
+        ("changed", sorted(p for p in set(before) & set(after) if before[p] != after[p])),
+    ):
+        if paths:
+            shown = ", ".join(paths[:5]) + (f" and {len(paths) - 5} more" if len(paths) > 5 else "")
+            parts.append(f"{label} {shown}")
+    settings = [key for key in sorted(set(recorded) | set(now)) if key != "files" and recorded.get(key) != now.get(key)]
+    parts += [f"{key}: recorded {recorded.get(key)!r}, now {now.get(key)!r}" for key in settings]
+    return "; ".join(parts) or "the fingerprint differs"

@@ -8,12 +8,13 @@ byte by byte like any other text.
 
 from __future__ import annotations
 
-import os
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 
 import numpy as np
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+from sleeplm.experiment.files import atomic_write
 
 PAD, EOS = "<pad>", "<eos>"
 SPECIAL_TOKENS = (PAD, EOS)
@@ -45,10 +46,7 @@ def train_tokenizer(texts: Iterable[str], vocab_size: int, path: str | Path) -> 
             f"vocab_size={vocab_size} is too large for this corpus: byte-level BPE found only "
             f"{tokenizer.get_vocab_size()} tokens in it; lower the vocabulary size to at most that, or add text"
         )
-    path = Path(path)
-    temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tokenizer.save(str(temporary))
-    os.replace(temporary, path)
+    atomic_write(Path(path), tokenizer.to_str(pretty=True))
     return _text_only(tokenizer)
 
 

@@ -1,5 +1,3 @@
 """Pretrained Hugging Face checkpoints in and out of sleeplm: `convert` (a transformers checkpoint directory to a
 sleeplm workdir), `export` (a workdir's parameters back to a directory transformers loads). The tensor map is
 defined once (`mapping.py`) and read both ways; the config translation per architecture is `families.py`."""
-
-HF_CONFIG = "hf_config.json"  # a converted workdir's copy of the checkpoint's config.json, which export writes back

@@ -1,6 +1,6 @@
 """`sleeplm convert --from-hf DIR --out WORKDIR`: a transformers checkpoint directory (config.json, safetensors
 weights, optionally tokenizer.json) to a sleeplm workdir that eval, generate, score and `train --init-from` read:
-experiment.json, the parameters as an orbax checkpoint at step 0 (`Checkpointer.save_weights`), the checkpoint's
+experiment.json, the parameters as an orbax checkpoint at step 0 (`Checkpoints.save_weights`), the checkpoint's
 config.json kept as hf_config.json (export writes it back) and its tokenizer.json.
 
 Every checkpoint tensor must map to sleeplm parameters (`mapping.tensor_rules`) and every parameter must come from
@@ -12,13 +12,10 @@ training uses, never whole on one device first.
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import functools
 import json
-import os
 import shutil
-from collections.abc import Iterator
 from pathlib import Path
 
 import jax
@@ -28,13 +25,11 @@ from jax.sharding import Mesh
 
 from sleeplm.config import Config, ModelConfig, SleepConfig
 from sleeplm.core.parameters import param_annotations
-from sleeplm.hf import HF_CONFIG
+from sleeplm.experiment.files import TOKENIZER, building
 from sleeplm.hf.families import Family, family_of, model_config
 from sleeplm.hf.files import CheckpointFiles
 from sleeplm.hf.mapping import TensorRule, tensor_rules
 from sleeplm.model.params import Annotated
-
-TOKENIZER = "tokenizer.json"
 
 
 def read_config(directory: Path) -> dict:
@@ -147,32 +142,18 @@ class Pretrained:
         return jax.tree_util.tree_map_with_path(place, shardings)
 
 
-@contextlib.contextmanager
-def building(out: Path) -> Iterator[Path]:
-    """A temporary directory beside `out` that becomes `out` when the block succeeds and is removed when it
-    fails; `out` must not exist yet."""
-    out = Path(out).absolute()
-    if out.exists():
-        raise ValueError(f"{out} exists: the output must be a new directory")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    temporary = out.with_name(f".{out.name}.building-{os.getpid()}")
-    shutil.rmtree(temporary, ignore_errors=True)
-    temporary.mkdir()
-    try:
-        yield temporary
-        os.rename(temporary, out)
-    finally:
-        shutil.rmtree(temporary, ignore_errors=True)
-
-
 def text_task(hf: dict, tokenizer: Path | None, model: ModelConfig, window: int, final: Path):
     """The text task of a converted model: with the checkpoint's own tokenizer (its end-of-text token ends each
     document), or, when it ships none, a byte-level BPE of the model's vocabulary size trained on the corpus."""
     from sleeplm.data.text import TextConfig
-    from sleeplm.data.tokenizer import load_tokenizer
+    from sleeplm.data.tokenizer import SMALLEST_VOCAB, load_tokenizer
 
     if tokenizer is None:
-        return TextConfig(vocab_size=model.vocab_size, window=window)
+        if model.vocab_size >= SMALLEST_VOCAB:  # a byte-level BPE of the model's size can be trained on a corpus
+            return TextConfig(vocab_size=model.vocab_size, window=window)
+        # No byte-level BPE has so few tokens: the model reads token ids (`generate --ids`, `score --ids-file`)
+        # until a tokenizer of its vocabulary is put in the workdir.
+        return TextConfig(tokenizer=str(final / TOKENIZER), vocab_size=model.vocab_size, window=window)
     loaded = load_tokenizer(tokenizer, special_tokens=())
     size = loaded.get_vocab_size()
     if size > model.vocab_size:
@@ -205,7 +186,7 @@ def convert(
     `insert_gdn_at`, retrofits `insert_kind` blocks there (`sleeplm.retrofit`). Returns `out`."""
     from sleeplm.core.parameters import init_params
     from sleeplm.experiment.schema import Experiment
-    from sleeplm.training.checkpoint import Checkpointer
+    from sleeplm.experiment.workdir import Workdir
     from sleeplm.training.retrofit import insert_blocks, retrofit_params
 
     sleep = sleep or SleepConfig(window=1024, eviction="sliding")
@@ -231,11 +212,12 @@ def convert(
             fresh = jax.jit(lambda: init_params(jax.random.key(seed), config), out_shardings=shardings)
         if insert_gdn_at:
             params = retrofit_params(params, fresh(), model, insert_gdn_at)
-        Checkpointer(directory / "checkpoints", keep=1).save_weights(params, experiment)
-        (directory / "experiment.json").write_text(json.dumps(experiment.to_json(), indent=2) + "\n")
-        (directory / HF_CONFIG).write_text(json.dumps(pretrained.hf, indent=2) + "\n")
+        workdir = Workdir(directory)
+        workdir.checkpoints().save_weights(params, experiment)
+        workdir.write_experiment(experiment)
+        workdir.write_hf_config(pretrained.hf)
         if shipped.is_file():
-            shutil.copyfile(shipped, directory / TOKENIZER)
+            shutil.copyfile(shipped, workdir.tokenizer_path)
     return final
 
 

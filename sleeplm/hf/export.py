@@ -14,8 +14,7 @@ from pathlib import Path
 import jax
 import numpy as np
 
-from sleeplm.hf import HF_CONFIG
-from sleeplm.hf.convert import TOKENIZER, building
+from sleeplm.experiment.files import TOKENIZER, building
 from sleeplm.hf.families import family_for_model, hf_config
 from sleeplm.hf.files import write_safetensors
 from sleeplm.hf.mapping import tensor_rules
@@ -29,26 +28,28 @@ def flat_params(params: dict) -> dict[str, np.ndarray]:
 
 def export(workdir: Path, out: Path, step: int | None = None) -> Path:
     """Writes the transformers checkpoint of `workdir`'s parameters into the new directory `out`; returns it."""
-    from sleeplm.experiment.schema import experiment_from_json
-    from sleeplm.training.checkpoint import Checkpointer
+    from sleeplm.experiment.workdir import Workdir
 
-    workdir = Path(workdir)
-    record = workdir / "experiment.json"
-    if not record.is_file():
-        raise ValueError(f"{record} does not exist: --from must be a sleeplm workdir (converted or trained)")
-    experiment = experiment_from_json(json.loads(record.read_text()))
+    run = Workdir(workdir).check()
+    experiment = run.experiment()
     model = experiment.config.model
-    base_path = workdir / HF_CONFIG
-    base = json.loads(base_path.read_text()) if base_path.is_file() else None
+    inserted = model.inserted_blocks
+    if inserted:
+        raise ValueError(
+            f"{run.path} is not exportable: a retrofit inserted blocks into its model "
+            f"(model.inserted_blocks={model.inserted_blocks}, mixer-only {[model.layers[i] for i in inserted]}), "
+            "and transformers has no architecture with blocks inserted into a pretrained stack, so they have no "
+            "tensors to go to; use the workdir with sleeplm eval, generate, score or train --init-from instead"
+        )
+    base = run.hf_config()
     hf = hf_config(model, base)
     rules = tensor_rules(family_for_model(model, base), model)
-    checkpoints = Checkpointer(workdir / "checkpoints", keep=experiment.run.keep_checkpoints)
-    params, _ = checkpoints.restore_params(experiment, step=step)
+    params, _ = run.restore_params(experiment, step=step)
     flat = flat_params(params)
     tensors = {rule.hf_name: rule.layout.join(tuple(flat[leaf] for leaf in rule.leaves)) for rule in rules}
     with building(out) as directory:
         write_safetensors(directory / "model.safetensors", tensors, metadata={"format": "pt"})
         (directory / "config.json").write_text(json.dumps(hf, indent=2) + "\n")
-        if (workdir / TOKENIZER).is_file():
-            shutil.copyfile(workdir / TOKENIZER, directory / TOKENIZER)
+        if run.tokenizer_path.is_file():
+            shutil.copyfile(run.tokenizer_path, directory / TOKENIZER)
     return Path(out).absolute()

@@ -11,8 +11,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
-import shutil
 from pathlib import Path
 from typing import NamedTuple
 
@@ -22,6 +20,7 @@ import orbax.checkpoint as ocp
 
 from sleeplm.config import Config
 from sleeplm.core.state import SleepState, init_state
+from sleeplm.experiment.files import building
 from sleeplm.experiment.workdir import CheckpointError, differences
 
 RECORD = "stream.json"
@@ -43,7 +42,8 @@ def start_stream(config: Config, batch_size: int, key: jax.Array, capacity: int 
     """An empty stream of `batch_size` rows. `key` is one PRNG key (row b samples with it folded with b) or one
     key per row (a batch of keys), so a row sampled alone with its own key draws what it draws in a batch.
     `capacity`: the no-eviction mode's most tokens per row (see `init_state`)."""
-    keys = jax.random.key_data(_row_keys(key, batch_size))
+    # A copy, never the caller's buffer: the stream is donated, and the caller's keys must outlive it.
+    keys = jnp.array(jax.random.key_data(_row_keys(key, batch_size)), copy=True)
     counts = lambda: jnp.zeros((batch_size,), jnp.int32)  # a buffer each: the stream is donated
     logits = jnp.zeros((batch_size, config.model.vocab_size), jnp.float32)
     return Stream(init_state(config, batch_size, capacity), logits, keys, counts(), counts())
@@ -73,13 +73,11 @@ def save_stream(path: Path, stream: Stream, config: Config) -> Path:
     path = Path(path).absolute()
     if path.exists():
         raise FileExistsError(f"{path} exists: save a stream to a new directory")
-    staging = path.with_name(f".{path.name}.saving")
-    shutil.rmtree(staging, ignore_errors=True)
-    checkpointer = ocp.StandardCheckpointer()
-    checkpointer.save(staging / "arrays", {str(i): leaf for i, leaf in enumerate(jax.tree.leaves(stream))})
-    checkpointer.wait_until_finished()
-    (staging / RECORD).write_text(json.dumps(_record(config, stream), indent=2) + "\n")
-    os.replace(staging, path)
+    with building(path) as staging:
+        checkpointer = ocp.StandardCheckpointer()
+        checkpointer.save(staging / "arrays", {str(i): leaf for i, leaf in enumerate(jax.tree.leaves(stream))})
+        checkpointer.wait_until_finished()
+        (staging / RECORD).write_text(json.dumps(_record(config, stream), indent=2) + "\n")
     return path
 
 

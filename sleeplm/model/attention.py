@@ -1,15 +1,17 @@
-"""Causal softmax attention (RoPE, optional GQA) over the current window's KV slots, plus, under an eviction mode
-that keeps the previous window, that window's KV: every query then sees exactly the last L positions still held.
+"""Causal softmax attention (RoPE, optional GQA) over the current window's KV slots, plus whatever else the eviction
+mode shows a query (its `seen` hook: e.g. the previous window under "sliding", and sinks under "sinks:S").
 
-Positions are window-relative: current slot j sits at position `offset + j` (offset = L when a previous window is
-kept, else 0) and previous slot j at j, so RoPE angles stay bounded however long the stream runs. `attend` is that
+Positions are window-relative: current slot j sits at position `offset + j` (the mode's offset, 0 when it shows
+nothing else) and the mode's other keys at its own positions, so RoPE angles stay bounded however long the stream
+runs. `attend` is that
 attention given the projected q, k, v; the "attn" kind and the gated kind (`gated_attention.py`) share it.
 """
 
 from __future__ import annotations
 
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
+import chex
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -19,21 +21,21 @@ from sleeplm.eviction import Eviction
 from sleeplm.model.mixer import Mixer, WindowContext, axes_like, write_slots
 from sleeplm.model.params import dense
 from sleeplm.model.rope import apply_rope
+from sleeplm.parallel.axes import LogicalAxes
 
 
 class AttentionCache(NamedTuple):
     """Keys/values of one attention layer, stored before RoPE (rotated at use with window-relative positions).
 
-    `k`, `v`: (B, L, H_kv, d) slots for the current window. `prev_k`, `prev_v`: the previous window's keys/values
-    as computed by its last sleep pass (modes that keep the previous window, else None). Sleep replays the whole
-    current window against them, so they are kept beside the current window's slots rather than overwritten as in a
-    ring buffer.
+    `k`, `v`: (B, L, H_kv, d) slots for the current window. `kept`: what the eviction mode keeps across window ends
+    (its `init_kept` / `keep` hooks; None under "hard"), e.g. the previous window's keys/values as its last sleep
+    pass computed them. Sleep replays the whole current window against them, so they are kept beside the current
+    window's slots rather than overwritten as in a ring buffer.
     """
 
     k: jax.Array
     v: jax.Array
-    prev_k: jax.Array | None
-    prev_v: jax.Array | None
+    kept: Any
 
 
 class Attention(Mixer):
@@ -56,17 +58,26 @@ class Attention(Mixer):
     def init_cache(cls, config: Config, batch: int, capacity: int) -> AttentionCache:
         model = config.model
         slots = lambda: jnp.zeros((batch, capacity, model.num_kv_heads, model.head_dim), model.dtype)
-        previous = (slots(), slots()) if config.sleep.eviction_mode.keeps_previous_window else (None, None)
-        return AttentionCache(slots(), slots(), *previous)
+        return AttentionCache(slots(), slots(), config.sleep.eviction_mode.init_kept(slots))
 
     @classmethod
     def evict(cls, cache: AttentionCache, eviction: Eviction) -> AttentionCache:
-        previous = (cache.k, cache.v) if eviction.keeps_previous_window else (None, None)
-        return AttentionCache(jnp.zeros_like(cache.k), jnp.zeros_like(cache.v), *previous)
+        kept = eviction.keep(cache.k, cache.v, cache.kept)
+        return AttentionCache(jnp.zeros_like(cache.k), jnp.zeros_like(cache.v), kept)
 
     @classmethod
     def cache_axes(cls, cache: AttentionCache) -> AttentionCache:
-        return axes_like(cache, "batch", None, "heads", None)
+        slots = axes_like((cache.k, cache.v), "batch", None, "heads", None)
+        kept = Eviction.kept_axes(cache.kept, LogicalAxes)
+        return AttentionCache(*slots, kept)
+
+    @classmethod
+    def forward_flops_per_token(cls, config: Config) -> float:
+        """q, k, v, o projections and the scores and weighted sum over the keys the eviction mode lets a query see."""
+        m = config.model
+        attended = config.sleep.eviction_mode.attended_keys(config.sleep.window)
+        attn_width, kv_width = m.num_heads * m.head_dim, m.num_kv_heads * m.head_dim
+        return 2 * m.d_model * (2 * attn_width + 2 * kv_width) + 4 * attended * attn_width
 
     @classmethod
     def split_sizes(cls, model: ModelConfig) -> dict[str, dict[str, int]]:
@@ -92,7 +103,7 @@ def attend(
     q: jax.Array, k: jax.Array, v: jax.Array, cache: AttentionCache, context: WindowContext, config: Config
 ) -> tuple[jax.Array, AttentionCache]:
     """Causal softmax attention of queries q (B, n, H, d) at window positions pos .. pos + n - 1 over the window's
-    KV slots after writing k, v (B, n, H_kv, d) into them (plus the previous window's, under a mode that keeps it),
+    KV slots after writing k, v (B, n, H_kv, d) into them (plus the keys the eviction mode's `seen` hook adds),
     RoPE on the first `rotary_dim` dims at window-relative positions. Returns (B, n, H d) and the new cache."""
     cfg = config.model
     batch, length, heads, head_dim = q.shape
@@ -103,15 +114,16 @@ def attend(
     query_slot = context.pos[:, None] + jnp.arange(length)  # (B, n)
     slot = jnp.arange(window)
     mask = slot <= query_slot[:, :, None]  # causal within the window, (B, n, L)
-    keys, values, offset = cache_k, cache_v, 0
-    if config.sleep.eviction_mode.keeps_previous_window:  # previous slot j is in reach of query i iff j > i
-        keys = jnp.concatenate([cache.prev_k, cache_k], axis=1)
-        values = jnp.concatenate([cache.prev_v, cache_v], axis=1)
-        prev_mask = (slot > query_slot[:, :, None]) & context.prev_valid[:, None, None]
-        mask = jnp.concatenate([prev_mask, mask], axis=2)
-        offset = window
+    keys, values, positions, offset = cache_k, cache_v, slot, 0
+    seen = config.sleep.eviction_mode.seen(cache.kept, query_slot, context.prev_valid)
+    if seen is not None:
+        chex.assert_rank([seen.keys, seen.mask], [4, 3])
+        keys = jnp.concatenate([seen.keys, cache_k], axis=1)
+        values = jnp.concatenate([seen.values, cache_v], axis=1)
+        mask = jnp.concatenate([seen.mask, mask], axis=2)
+        positions, offset = jnp.concatenate([seen.positions, seen.offset + slot]), seen.offset
     q = apply_rope(q, offset + query_slot, cfg.rope_theta, cfg.rotary_dim)
-    keys = apply_rope(keys, jnp.arange(keys.shape[1]), cfg.rope_theta, cfg.rotary_dim)
+    keys = apply_rope(keys, positions, cfg.rope_theta, cfg.rotary_dim)
 
     groups = heads // kv_heads
     q = q.reshape(batch, length, kv_heads, groups, head_dim)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import flax.linen as nn
 import jax
 
+from sleeplm.config import Config
 from sleeplm.model.attention import Attention, AttentionCache, attend
 from sleeplm.model.mixer import WindowContext
 from sleeplm.model.norms import RMSNorm
@@ -18,6 +19,12 @@ from sleeplm.model.params import dense
 
 class GatedAttention(Attention):
     """Cache, eviction, cache axes, split sizes and config checks are the "attn" kind's."""
+
+    @classmethod
+    def forward_flops_per_token(cls, config: Config) -> float:
+        """The "attn" kind's count plus the gate projection (the q/k norms and the gating are elementwise)."""
+        m = config.model
+        return super().forward_flops_per_token(config) + 2 * m.d_model * m.num_heads * m.head_dim
 
     @nn.compact
     def __call__(self, x: jax.Array, cache: AttentionCache, context: WindowContext) -> tuple[jax.Array, AttentionCache]:

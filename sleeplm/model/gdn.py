@@ -54,6 +54,16 @@ def causal_short_conv(
     return out, jnp.take_along_axis(padded, last[:, :, None], axis=1)
 
 
+def gdn_flops_per_token(config: Config, key_heads: int) -> float:
+    """One token's FLOPs in a Gated DeltaNet layer whose queries and keys have `key_heads` heads: the q, k, v,
+    gate, a, b and output projections, and the chunked gated delta rule per value head."""
+    m = config.model
+    d, heads, d_k, d_v = m.d_model, m.gdn_heads, m.gdn_head_dim_k, m.gdn_head_dim_v
+    chunk = min(m.gdn_chunk_size, config.sleep.window)
+    projections = 2 * d * (2 * key_heads * d_k + 2 * heads * d_v + 2 * heads) + 2 * heads * d_v * d
+    return projections + 2 * heads * (chunk * (3 * d_k + 2 * d_v) + 3 * d_k * d_v)
+
+
 class GatedDeltaNet(Mixer):
     @classmethod
     def check_config(cls, model: ModelConfig) -> None:
@@ -62,6 +72,10 @@ class GatedDeltaNet(Mixer):
                 f"gdn_key_heads={model.gdn_key_heads!r} is invalid for the 'gdn' kind: its queries and keys have the "
                 f"gdn_heads={model.gdn_heads} heads of its values (the 'grouped_gdn' kind shares key heads)"
             )
+
+    @classmethod
+    def forward_flops_per_token(cls, config: Config) -> float:
+        return gdn_flops_per_token(config, config.model.gdn_heads)
 
     @classmethod
     def silence(cls, params: dict) -> dict:

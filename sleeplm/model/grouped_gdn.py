@@ -17,7 +17,7 @@ import jax
 import jax.numpy as jnp
 
 from sleeplm.config import Config, ModelConfig
-from sleeplm.model.gdn import FastWeightState, GatedDeltaNet, causal_short_conv
+from sleeplm.model.gdn import FastWeightState, GatedDeltaNet, causal_short_conv, gdn_flops_per_token
 from sleeplm.model.mixer import WindowContext
 from sleeplm.model.norms import l2_normalize
 from sleeplm.model.params import dense, param
@@ -45,6 +45,11 @@ class GroupedGatedDeltaNet(GatedDeltaNet):
         heads, d_k, d_v = model.gdn_heads, model.gdn_head_dim_k, model.gdn_head_dim_v
         conv = jnp.zeros((batch, model.conv_width - 1, conv_channels(model)), model.dtype)
         return FastWeightState(jnp.zeros((batch, heads, d_k, d_v), jnp.float32), conv)
+
+    @classmethod
+    def forward_flops_per_token(cls, config: Config) -> float:
+        """The "gdn" kind's count with `gdn_key_heads` query/key heads."""
+        return gdn_flops_per_token(config, config.model.gdn_key_heads)
 
     @classmethod
     def split_sizes(cls, model: ModelConfig) -> dict[str, dict[str, int]]:

@@ -7,6 +7,7 @@ A kind is one `Mixer` subclass in one module, registered under a name in `sleepl
 - the logical axes of its cache's arrays (`cache_axes`), from which the sleep state is sharded;
 - the model fields that sharding splits over a logical axis (`split_sizes`), so a mesh that cannot divide them fails
   at setup naming the field;
+- its cost: FLOPs of one pass for one token (`forward_flops_per_token`), which the FLOP count sums;
 - its config checks (`check_config`), run when a `ModelConfig` lists the kind;
 - optionally, how to make it add nothing to the residual stream (`silence`), so a retrofit can insert it into a
   trained model without changing the model's function.
@@ -29,10 +30,10 @@ from sleeplm.parallel.axes import LogicalAxes
 class WindowContext(NamedTuple):
     """Where a call sits in its window, per row (rows are independent streams):
 
-    `pos` (B,) int32: the window position of the call's first token; `prev_valid` (B,) bool: whether a previous
-    window's keys and values are held (modes that keep them); `valid` (B, n) bool: which of the call's n tokens are
-    real. Valid tokens form a prefix of each row's call; the others (padding) change no cache and their outputs are
-    unused.
+    `pos` (B,) int32: the window position of the call's first token; `prev_valid` (B,) bool: whether a window of
+    the row's document has ended (so what the eviction mode keeps holds something); `valid` (B, n) bool: which of
+    the call's n tokens are real. Valid tokens form a prefix of each row's call; the others (padding) change no
+    cache and their outputs are unused.
     """
 
     pos: jax.Array
@@ -89,6 +90,12 @@ class Mixer(nn.Module):
     def cache_axes(cls, cache: Any) -> Any:
         """`cache`'s structure with each array replaced by its logical axes."""
         raise NotImplementedError
+
+    @classmethod
+    def forward_flops_per_token(cls, config: Config) -> float:
+        """FLOPs of one pass of this mixer for one token (2 per multiply-add; matmuls and the token-mixing rule,
+        not norms or elementwise gates): `sleeplm.training.flops` sums them over the blocks."""
+        raise NotImplementedError(f"mixer kind {cls.__name__} does not report its FLOPs")
 
     @classmethod
     def split_sizes(cls, model: ModelConfig) -> dict[str, dict[str, int]]:

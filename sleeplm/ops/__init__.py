@@ -6,7 +6,8 @@ Implementations, all with the signature `(q, k, v, g, beta, initial_state, chunk
 - "pallas": the Pallas kernels of `pallas_kernels.gated_delta` (interpret mode on CPU), imported on first use and
   run per shard under a mesh;
 - "auto": the fastest for the default backend ("pallas" on GPU/TPU, else "xla").
-`register_implementation` adds more; the registry is the one list of names (`ModelConfig` validates against it).
+`register_implementation` adds more; the registry is the one list of names (`sleeplm.core.checks.check_config`
+checks a config against it where the config is first used).
 """
 
 from __future__ import annotations

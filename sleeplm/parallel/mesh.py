@@ -1,6 +1,6 @@
-"""Sharding across devices with `jax.sharding`: a Mesh over the named axes (`sleeplm.sharding.MESH_AXES`), and
+"""Sharding across devices with `jax.sharding`: a Mesh over the named axes (`sleeplm.parallel.axes.MESH_AXES`), and
 the shardings of params, optimizer state, batches and the sleep state from the logical axes that parameters and
-caches declare and the rules that map them to mesh axes (`sleeplm.sharding`). The xla path runs under GSPMD: jit
+caches declare and the rules that map them to mesh axes (`sleeplm.parallel.axes`). The xla path runs under GSPMD: jit
 with in/out shardings, traced with the rules in force so activation constraints and per-shard kernels follow them."""
 
 from __future__ import annotations

@@ -7,7 +7,6 @@ its own resumes from them, never from WORKDIR again (`loop.run_training`).
 from __future__ import annotations
 
 import dataclasses
-import json
 from pathlib import Path
 
 import jax
@@ -16,11 +15,9 @@ from sleeplm.config import Config, ModelConfig
 from sleeplm.data import vocabulary_size
 from sleeplm.data.text import TextConfig
 from sleeplm.experiment.overrides import override_experiment
-from sleeplm.experiment.schema import Experiment, experiment_from_json
-from sleeplm.training.checkpoint import Checkpointer
+from sleeplm.experiment.schema import Experiment
+from sleeplm.experiment.workdir import Workdir
 from sleeplm.training.retrofit import insert_blocks, original_blocks, retrofit_params
-
-TOKENIZER = "tokenizer.json"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -43,8 +40,7 @@ class PretrainedStart:
             blocks = {f"blocks_{old}": fresh["params"][f"blocks_{new}"] for new, old in kept}
             others = {name: value for name, value in fresh["params"].items() if not name.startswith("blocks_")}
             template = {"params": others | blocks}
-        checkpoints = Checkpointer(self.workdir / "checkpoints", keep=self.source.run.keep_checkpoints)
-        params, _ = checkpoints.restore_params(self.source, template)
+        params, _ = Workdir(self.workdir).restore_params(self.source, template)
         if not self.insert_at:
             return params
         params = retrofit_params(params, fresh, self.model, self.insert_at)
@@ -63,24 +59,21 @@ def fine_tuning(
 
     A text task given no tokenizer of its own (`task.tokenizer`) takes `workdir`'s: the pretrained model's
     vocabulary is its tokenizer's."""
-    workdir = Path(workdir)
-    record = workdir / "experiment.json"
-    if not record.is_file():
-        raise ValueError(f"{record} does not exist: --init-from must be a sleeplm workdir (e.g. from sleeplm convert)")
-    source = experiment_from_json(json.loads(record.read_text()))
+    run = Workdir(workdir).check()
+    source = run.experiment()
     model_overrides = {key: value for key, value in overrides.items() if key.startswith("model.")}
     model = override_experiment(dataclasses.replace(experiment, config=source.config), model_overrides).config.model
     if insert_at:
         model = insert_blocks(model, insert_at, insert_kind)
     task = experiment.task
-    pretrained_tokenizer = isinstance(source.task, TextConfig) and (workdir / TOKENIZER).is_file()
+    pretrained_tokenizer = isinstance(source.task, TextConfig) and run.tokenizer_path.is_file()
     if isinstance(task, TextConfig) and "task.tokenizer" not in overrides and pretrained_tokenizer:
         own = {name: getattr(source.task, name) for name in ("vocab_size", "eos_token", "pad_token")}
-        task = dataclasses.replace(task, tokenizer=str((workdir / TOKENIZER).absolute()), **own)
+        task = dataclasses.replace(task, tokenizer=str(run.tokenizer_path.absolute()), **own)
     if vocabulary_size(task) > model.vocab_size:
         raise ValueError(
             f"task.vocab_size={vocabulary_size(task)} is invalid for the model of {workdir}: its vocabulary has "
             f"model.vocab_size={model.vocab_size} tokens"
         )
     tuned = dataclasses.replace(experiment, task=task, config=Config(model, experiment.config.sleep))
-    return tuned, PretrainedStart(workdir, source, model, tuple(insert_at))
+    return tuned, PretrainedStart(run.path, source, model, tuple(insert_at))

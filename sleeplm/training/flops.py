@@ -1,8 +1,8 @@
 """Model FLOPs of a training step, counted analytically (XLA's cost analysis does not multiply `lax.scan` bodies by
 their trip count). Only useful work counts: N passes over each slept window (full, and followed by more of its
 document), one pass over every other real token, 2 FLOPs per multiply-add, and training = 3x forward. Padding is
-real compute but not counted; attention scores are counted over one window (two with sliding eviction), also
-without eviction.
+real compute but not counted. Each mixer kind reports its own cost (`Mixer.forward_flops_per_token`; attention
+counts its scores over the keys the eviction mode shows a query, `Eviction.attended_keys`).
 """
 
 from __future__ import annotations
@@ -10,21 +10,18 @@ from __future__ import annotations
 import numpy as np
 
 from sleeplm.config import Config
+from sleeplm.model.kinds import mixer_kind
 
 
 def forward_flops_per_token_pass(config: Config) -> float:
-    """FLOPs of one block-stack pass for one token (2 per multiply-add), plus nothing for the head."""
-    m, window = config.model, config.sleep.window
-    d, attended = m.d_model, window * (2 if config.sleep.eviction == "sliding" else 1)
-    attn_width, kv_width = m.num_heads * m.head_dim, m.num_kv_heads * m.head_dim
-    heads, d_k, d_v = m.gdn_heads, m.gdn_head_dim_k, m.gdn_head_dim_v
-    chunk = min(m.gdn_chunk_size, window)
-    attention = 2 * d * (2 * attn_width + 2 * kv_width) + 4 * attended * attn_width
-    gdn_projections = 2 * d * (2 * heads * d_k + 2 * heads * d_v + 2 * heads) + 2 * heads * d_v * d
-    gdn_rule = 2 * heads * (chunk * (3 * d_k + 2 * d_v) + 3 * d_k * d_v)
-    mlp = 2 * 3 * d * m.mlp_dim
-    per_layer = {"attn": attention, "gdn": gdn_projections + gdn_rule}
-    return sum(per_layer[kind] + mlp for kind in m.layers)
+    """FLOPs of one block-stack pass for one token (2 per multiply-add): each block's mixer, as its kind counts
+    it, and the MLP of every block that has one (a retrofit's inserted blocks have none); nothing for the head."""
+    m = config.model
+    mlp = 2 * 3 * m.d_model * m.mlp_dim
+    return sum(
+        mixer_kind(kind).forward_flops_per_token(config) + (0 if i in m.inserted_blocks else mlp)
+        for i, kind in enumerate(m.layers)
+    )
 
 
 def train_flops(config: Config, batch: dict) -> float:

@@ -4,7 +4,6 @@ checkpoints with resume, and a guard that stops on a non-finite loss before anyt
 from __future__ import annotations
 
 import json
-import shutil
 import time
 from pathlib import Path
 
@@ -17,7 +16,7 @@ from tqdm.auto import tqdm
 
 from sleeplm.data import make_source, save_run_files
 from sleeplm.experiment.schema import Experiment
-from sleeplm.hf import HF_CONFIG
+from sleeplm.experiment.workdir import Workdir
 from sleeplm.parallel.mesh import batch_sharding
 from sleeplm.training import step as train_lib
 from sleeplm.training.checkpoint import Checkpointer
@@ -117,24 +116,25 @@ def run_training(
     parameters of a run without checkpoints of its own come from a pretrained workdir (the optimizer starts fresh).
     """
     started = time.perf_counter()
-    workdir = Path(workdir)
-    workdir.mkdir(parents=True, exist_ok=True)
+    run_dir = Workdir(workdir)
+    run_dir.path.mkdir(parents=True, exist_ok=True)
     config, train, run = experiment.config, experiment.train, experiment.run
     init, step_fn, put_batch, eval_fn = _stepper(experiment, mesh, rules)
     iterator = train_iterator(experiment)
     state = init(jax.random.key(train.seed))
-    checkpoints = Checkpointer(workdir / "checkpoints", keep=run.keep_checkpoints)
+    checkpoints = Checkpointer(run_dir.checkpoints_path, keep=run.keep_checkpoints)
     if resume and checkpoints.latest_step() is not None:
         state = checkpoints.restore(state, iterator, experiment)
     elif start is not None:
         state = state._replace(params=start.params(state.params))
     first = int(state.step)
     if jax.process_index() == 0:
-        (workdir / "experiment.json").write_text(json.dumps(experiment.to_json(), indent=2) + "\n")
-        save_run_files(experiment.task, workdir, resumed=first > 0)  # e.g. tokenizer.json, to decode the run's outputs
-        if start is not None and (start.workdir / HF_CONFIG).is_file():  # what `sleeplm export` writes back
-            shutil.copyfile(start.workdir / HF_CONFIG, workdir / HF_CONFIG)
-    log = MetricsLog(workdir / "metrics.jsonl", resume_step=first)
+        run_dir.write_experiment(experiment)
+        save_run_files(experiment.task, run_dir.path, resumed=first > 0)  # e.g. tokenizer.json, to decode outputs
+        hf = None if start is None else Workdir(start.workdir).hf_config()
+        if hf is not None:  # what `sleeplm export` writes back
+            run_dir.write_hf_config(hf)
+    log = MetricsLog(run_dir.metrics_path, resume_step=first)
     sets = eval_sets(experiment)
     tokens_per_step = train.batch_size * experiment.task.sequence_length  # real tokens, not padding
     stop = min(stop_at or train.steps, train.steps)

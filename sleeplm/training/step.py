@@ -17,7 +17,7 @@ from sleeplm.experiment.schema import TrainConfig
 from sleeplm.training.optimizer import make_optimizer
 
 # What a batch gives the model: always inputs, targets and loss_mask; packed rows also `valid` and `document_start`
-# (see `sleeplm.sleep.forward`).
+# (see `sleeplm.core.forward.forward`).
 MODEL_KEYS = ("inputs", "targets", "loss_mask")
 
 
