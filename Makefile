@@ -23,8 +23,10 @@ demo: $(STAMP)
 test: $(STAMP)
 	$(PY) -m pytest -q -n 2 --dist loadfile --max-worker-restart=0
 
+# The slow checks, then the property tests again with ten times the examples (SLEEPLM_HYPOTHESIS, tests/conftest.py).
 test-slow: $(STAMP)
 	$(PY) -m pytest -q -n 2 --dist loadfile --max-worker-restart=0 -m slow
+	SLEEPLM_HYPOTHESIS=slow $(PY) -m pytest -q -n 2 --dist loadfile --max-worker-restart=0 tests/test_fuzz.py tests/test_fuzz_corpus.py
 
 bench: $(STAMP)
 	$(PY) benchmarks/bench_gated_delta.py --out benchmarks/results/gated_delta_cpu.json

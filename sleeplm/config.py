@@ -7,6 +7,7 @@ and what is allowed, so a bad config fails before anything is traced or compiled
 from __future__ import annotations
 
 import dataclasses
+import math
 
 from sleeplm.eviction import Eviction
 from sleeplm.eviction import eviction_mode as parse_eviction
@@ -36,6 +37,29 @@ def check_ints_at_least(config: object, lows: dict[str, int], prefix: str = "") 
 def check_positive_ints(config: object, names: tuple[str, ...], prefix: str = "") -> None:
     """Raises ValueError naming the first of `names` on `config` that is not a positive integer."""
     check_ints_at_least(config, dict.fromkeys(names, 1), prefix)
+
+
+def check_numbers(
+    config: object, names: tuple[str, ...], prefix: str = "", low: float = 0.0, strict: bool = True
+) -> None:
+    """Raises ValueError naming the first of `names` on `config` that is not a finite real number > `low` (>= when
+    not `strict`): a string, None, a bool, NaN or an infinity from JSON or the command line fails here."""
+    for name in names:
+        value = getattr(config, name)
+        real = isinstance(value, (int, float)) and not isinstance(value, bool)
+        if (
+            not real
+            or (isinstance(value, float) and not math.isfinite(value))
+            or not (value > low if strict else value >= low)
+        ):
+            _fail(prefix + name, value, f"must be a finite number {'>' if strict else '>='} {low:g}")
+
+
+def check_bools(config: object, names: tuple[str, ...], prefix: str = "") -> None:
+    """Raises ValueError naming the first of `names` on `config` that is not True or False."""
+    for name in names:
+        if not isinstance(getattr(config, name), bool):
+            _fail(prefix + name, getattr(config, name), "must be True or False")
 
 
 class Derived(int):
@@ -114,21 +138,16 @@ class ModelConfig:
         if not isinstance(self.layers, tuple) or not self.layers:
             _fail("layers", self.layers, "must be a non-empty tuple of mixer kinds")
         self._check_inserted_blocks()
-        for name in ("zero_centered_norm", "tie_embeddings"):
-            if not isinstance(getattr(self, name), bool):
-                _fail(name, getattr(self, name), "must be True or False")
+        check_bools(self, ("short_conv", "zero_centered_norm", "tie_embeddings"))
         if not all(isinstance(kind, str) for kind in self.layers):
             _fail("layers", self.layers, "must be a non-empty tuple of mixer kinds")
-        if self.dtype not in DTYPES:
+        if not isinstance(self.dtype, str) or self.dtype not in DTYPES:
             _fail("dtype", self.dtype, f"allowed dtypes are {DTYPES}")
         if not isinstance(self.gdn_implementation, str):
             _fail(
                 "gdn_implementation", self.gdn_implementation, "must be the name of a gated-delta-rule implementation"
             )
-        if not self.rope_theta > 0:
-            _fail("rope_theta", self.rope_theta, "must be > 0")
-        if not self.norm_eps > 0:
-            _fail("norm_eps", self.norm_eps, "must be > 0")
+        check_numbers(self, ("rope_theta", "norm_eps"))
 
     def _check_inserted_blocks(self) -> None:
         """`inserted_blocks` as a sorted tuple of distinct block indices (JSON and the command line give lists and
@@ -168,6 +187,9 @@ class SleepConfig:
     def __post_init__(self) -> None:
         _positive_int("sleep.window", self.window)
         _positive_int("sleep.passes", self.passes)
+        check_bools(self, ("remat", "stop_gradient_between_windows"), prefix="sleep.")
+        if not isinstance(self.eviction, str):
+            _fail("sleep.eviction", self.eviction, "must be the name of an eviction mode (a string)")
         mode = parse_eviction(self.eviction)  # an unknown name or argument fails naming the field
         try:
             mode.check(self.window)

@@ -12,6 +12,14 @@ os.environ["XLA_FLAGS"] = os.environ.get("XLA_FLAGS", "") + " --xla_backend_opti
 import jax
 import numpy as np
 import pytest
+from hypothesis import settings
+
+# Hypothesis (tests/test_fuzz*.py): a bounded number of examples per property in `make test` ("ci"), ten times more
+# with SLEEPLM_HYPOTHESIS=slow (`make test-slow`). No deadline: an example may compile. No example database: runs
+# read and write nothing outside the temporary directories (and each run explores afresh).
+settings.register_profile("ci", max_examples=40, deadline=None, database=None, print_blob=True)
+settings.register_profile("slow", max_examples=400, deadline=None, database=None, print_blob=True)
+settings.load_profile(os.environ.get("SLEEPLM_HYPOTHESIS", "ci"))
 
 # Checks that run with `make test-slow` only (CI runs both), so that `make test` stays under 10 minutes on 2 cores:
 # each is a further case of a check that `make test` runs at another setting, or a long end-to-end run.
@@ -57,6 +65,15 @@ SLOW = {
     "test_train.py": ["test_gradient_accumulation_matches_one_big_batch"],
     "test_packing.py": ["test_packed_rows_equal_each_document_alone[3-hard]"],
     "test_hf.py": ["test_the_new_kinds_stream_and_sleep_like_forward[sliding]"],
+    "test_cache.py": ["test_two_processes_building_the_same_cache_at_once_make_one_complete_cache"],
+    "test_eviction.py": [
+        "test_sinks_forward_equals_streaming_and_final_states[sinks]",
+        "test_greedy_generation_under_sinks_is_the_argmax_of_forward",
+    ],
+    "test_text.py": ["test_eval_uses_the_runs_tokenizer_and_refuses_a_corpus_changed_since_training"],
+    "test_preemption.py": ["test_"],
+    "test_tensorboard.py": ["test_"],
+    "test_fault_injection.py": ["test_"],
 }
 
 

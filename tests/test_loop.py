@@ -1,8 +1,9 @@
-"""Training runs: resume equivalence, the non-finite guard, checkpoint errors, the CLI and plots."""
+"""Training runs: resume equivalence, the non-finite guard (loss and gradient), checkpoint errors, the CLI and plots."""
 
 from __future__ import annotations
 
 import json
+import re
 import shutil
 from pathlib import Path
 
@@ -10,6 +11,7 @@ import jax
 import numpy as np
 import pytest
 
+from sleeplm.cli.main import EXIT_NON_FINITE
 from sleeplm.cli.main import main as cli_main
 from sleeplm.experiment.overrides import override_experiment
 from sleeplm.experiment.schema import Experiment, align_task_and_model
@@ -95,18 +97,31 @@ def test_resume_equals_training_straight_through(tmp_path):
         np.testing.assert_array_equal(a, b)
 
 
-def test_non_finite_loss_stops_before_saving(tmp_path, monkeypatch):
+def test_non_finite_loss_or_gradient_stops_before_saving(tmp_path, monkeypatch, capsys):
     real_step = loop.train_lib.train_step
+    poison = {"loss": "loss"}
 
     def poisoned(state, batch, config, train):
         state, metrics = real_step(state, batch, config, train)
-        return state, metrics | {"loss": jax.numpy.where(state.step >= 5, jax.numpy.nan, metrics["loss"])}
+        key = poison["loss"]
+        return state, metrics | {key: jax.numpy.where(state.step >= 5, jax.numpy.nan, metrics[key])}
 
     monkeypatch.setattr(loop.train_lib, "train_step", poisoned)
     experiment = tiny(**{"run.checkpoint_every": "1"})
     with pytest.raises(loop.NonFiniteLossError, match=r"training loss is nan at step 5: stopped before saving.*step 4"):
         loop.run_training(experiment, tmp_path / "run")
     assert Checkpointer(tmp_path / "run" / "checkpoints", keep=2).all_steps() == [3, 4]
+    # A finite loss with a NaN gradient norm (Muon and AdamW would write NaN parameters) stops the same way, and
+    # the CLI says so in one line with its own exit code.
+    poison["loss"] = "grad_norm"
+    args = [f"--{k}={v}" for k, v in (TINY | {"run.checkpoint_every": "1"}).items()]
+    with pytest.raises(SystemExit) as exit_info:
+        cli_main(["train", "--preset", "rule110-cpu", "--workdir", str(tmp_path / "cli"), *args])
+    assert exit_info.value.code == EXIT_NON_FINITE == 65
+    assert Checkpointer(tmp_path / "cli" / "checkpoints", keep=2).all_steps() == [3, 4]
+    err = capsys.readouterr().err.strip().splitlines()
+    expected = r"error: gradient norm is nan at step 5: stopped before saving.*step 4"
+    assert len(err) == 1 and re.fullmatch(expected, err[0]), err
 
 
 def test_mismatched_and_corrupted_checkpoints_fail_clearly(tmp_path):

@@ -17,7 +17,7 @@ import pytest
 from sleeplm.data import TASKS, TextConfig, make_source, save_run_files, task_of, vocabulary_size
 from sleeplm.data import corpus as corpus_module
 from sleeplm.data.common import is_held_out
-from sleeplm.data.corpus import Corpus, cached_tokenizer, cached_tokens, find_files, write_atomically
+from sleeplm.data.corpus import Corpus, TokenCache, cached_tokenizer, cached_tokens, find_files, write_atomically
 from sleeplm.data.packing import PackedRows
 from sleeplm.data.text import position_buckets, text_metrics
 from sleeplm.data.tokenizer import decode, encode, load_tokenizer, train_tokenizer
@@ -275,12 +275,14 @@ def test_a_cache_another_process_finished_first_is_kept(tmp_path):
 
 
 def test_a_damaged_cache_fails_naming_it(tmp_path, corpus_texts):
+    """Loading a damaged cache directory fails naming it (`cached_tokens` checks the checksums first and rebuilds
+    it: tests/test_cache.py)."""
     corpus, tokenizer_path = tokenizer_and_corpus(tmp_path, str(tmp_path / "corpus" / "**" / "*.jsonl"), VOCAB)
     cache = cached_tokens(corpus, tokenizer_path, tmp_path / "cache")
     with (cache.directory / "tokens.bin").open("r+b") as tokens:
         tokens.truncate(10)
     with pytest.raises(ValueError, match=rf"{cache.directory}/tokens.bin holds 10 bytes, not the \d+ uint16 tokens"):
-        cached_tokens(corpus, tokenizer_path, tmp_path / "cache")
+        TokenCache.load(cache.directory)
 
 
 # ---------------------------------------------------------------------------------------------------- packing

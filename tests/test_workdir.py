@@ -15,7 +15,7 @@ from sleeplm.experiment.files import atomic_write, building
 from sleeplm.experiment.workdir import NotARunError, Workdir
 
 ROOT = Path(__file__).resolve().parent.parent
-NAMES = ("experiment.json", "tokenizer.json", "corpus.json", "metrics.jsonl", "hf_config.json")
+NAMES = ("experiment.json", "tokenizer.json", "corpus.json", "metrics.jsonl", "hf_config.json", "writer.lock")
 
 
 def string_constants(path: Path) -> list[tuple[str, int]]:
@@ -40,10 +40,11 @@ def test_each_run_file_name_is_defined_once_in_the_files_module():
     where = "sleeplm/experiment/files.py"
     for name, places in found.items():
         assert len(places) == 1 and places[0].startswith(where + ":"), f"{name!r} is written as a literal at {places}"
-    names = (files.EXPERIMENT, files.TOKENIZER, files.CORPUS, files.METRICS, files.HF_CONFIG)
+    names = (files.EXPERIMENT, files.TOKENIZER, files.CORPUS, files.METRICS, files.HF_CONFIG, files.WRITER_LOCK)
     assert names == NAMES and files.eval_name(3) == "eval_step3.json"
     run = Workdir(Path("/r"))
     paths = (run.experiment_path, run.tokenizer_path, run.corpus_path, run.metrics_path, run.hf_config_path)
+    paths += (run.lock_path,)
     assert [p.name for p in paths] == list(NAMES) and run.eval_path(3) == Path("/r/eval_step3.json")
 
 

@@ -12,6 +12,10 @@ import logging
 import sys
 from pathlib import Path
 
+# Exit codes of `sleeplm train` besides 0 (done) and 1 (a bad setting, file or checkpoint: "error: ..."):
+EXIT_NON_FINITE = 65  # sysexits' EX_DATAERR: the loss or gradient norm became NaN / infinite; nothing of it saved
+EXIT_PREEMPTED = 75  # sysexits' EX_TEMPFAIL: SIGTERM / SIGINT, the step checkpointed; the same command resumes
+
 
 def parse_overrides(extra: list[str]) -> dict[str, str]:
     """["--sleep.passes", "2", "--task.steps=4"] -> {"sleep.passes": "2", "task.steps": "4"}."""
@@ -68,8 +72,19 @@ def _train(args, extra) -> None:
     if args.fresh and Workdir(args.workdir).checkpoints_path.exists():
         import shutil
 
+        Workdir(args.workdir).writer_lock().check_free()  # never delete the files of a run another process trains
         shutil.rmtree(args.workdir)
-    result = run_training(experiment, args.workdir, mesh=mesh, rules=args.rules, stop_at=args.stop_at, start=start)
+    from sleeplm.training.preemption import Preempted
+    from sleeplm.training.run import NonFiniteTrainingError
+
+    try:
+        result = run_training(experiment, args.workdir, mesh=mesh, rules=args.rules, stop_at=args.stop_at, start=start)
+    except Preempted as stopped:
+        print(f"preempted: {stopped}", file=sys.stderr)
+        raise SystemExit(EXIT_PREEMPTED) from None
+    except NonFiniteTrainingError as error:
+        print(f"error: {error}", file=sys.stderr)
+        raise SystemExit(EXIT_NON_FINITE) from None
     print(json.dumps(result, indent=2))
     run = Workdir(args.workdir)
     outputs = (run.metrics_path, run.experiment_path, run.checkpoints_path)

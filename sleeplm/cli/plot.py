@@ -41,7 +41,7 @@ def plot_runs(runs: list[Path], metric: str, out: Path, title: str = "", chance:
         axes.plot([r["tokens"] for r in evals], [r[metric] for r in evals], marker="o", label=run_label(run))
     if chance is not None:
         axes.axhline(chance, color="gray", linestyle="--", label=f"chance {chance:.3f}")
-    axes.set_xlabel("training tokens")
+    axes.set_xlabel("training tokens (real: padding not counted)")
     axes.set_ylabel(f"held-out {metric}")
     axes.set_title(title or metric)
     axes.grid(alpha=0.3)

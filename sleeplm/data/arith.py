@@ -35,6 +35,9 @@ class ArithConfig:
     def __post_init__(self) -> None:
         check_positive_ints(self, ("num_vars", "modulus", "max_ops", "windows", "window"), prefix="task.")
         check_ints_at_least(self, {"min_ops": 0}, prefix="task.")  # 0: the queried variable is a constant
+        probability = self.reuse_probability
+        if isinstance(probability, bool) or not isinstance(probability, int | float) or not 0 <= probability <= 1:
+            raise ValueError(f"task.reuse_probability={self.reuse_probability!r} is invalid: must be in [0, 1]")
         if self.min_ops > self.max_ops:
             raise ValueError(f"task.min_ops={self.min_ops} is invalid: must be <= max_ops={self.max_ops}")
         if self.modulus < 2:

@@ -51,6 +51,11 @@ def no_run_files(config: Any) -> dict[str, Path]:
     return {}
 
 
+def config_as_trained(config: Any, workdir: Path, current_corpus: bool) -> Any:
+    """The default: a task's config rebuilds the run's data as it is (generated tasks depend on nothing else)."""
+    return config
+
+
 @dataclasses.dataclass(frozen=True)
 class Codec:
     """Text <-> token ids for a run's prompts and outputs (`sleeplm generate`, `sleeplm score`)."""
@@ -77,7 +82,9 @@ class Task:
 
     and for the run, `run_files(config)`: {name: path} of files a run's workdir keeps a copy of (the text task's
     tokenizer.json, with which a run's outputs are decoded), see `sleeplm.data.save_run_files`; and
-    `codec(config, workdir)`: how a run's prompts become token ids and its outputs text.
+    `codec(config, workdir)`: how a run's prompts become token ids and its outputs text; `run_config(config,
+    workdir, current_corpus)`: the config with which a finished run's data is rebuilt (e.g. by `sleeplm eval`), from
+    the run's own files (the text task's tokenizer.json, and its corpus.json unless `current_corpus`).
     """
 
     name: str
@@ -87,6 +94,7 @@ class Task:
     metrics: Callable[[dict[str, np.ndarray], dict[str, np.ndarray]], dict[str, float]] = no_metrics
     run_files: Callable[[Any], dict[str, Path]] = no_run_files
     codec: Callable[[Any, Path], Codec] = vocabulary_codec
+    run_config: Callable[[Any, Path, bool], Any] = config_as_trained
 
     def __post_init__(self) -> None:
         if not isinstance(self.name, str) or not self.name:

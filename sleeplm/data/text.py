@@ -179,7 +179,7 @@ def text_metrics(results: dict[str, np.ndarray], examples: dict[str, np.ndarray]
 
 def text_run_files(config: TextConfig) -> dict[str, Path]:
     """The tokenizer (`tokenizer.json`) and the token cache's manifest (`corpus.json`: which files, sizes and
-    mtimes, which tokenizer) a run's workdir keeps."""
+    content digests, which tokenizer) a run's workdir keeps."""
     cache = token_cache(config)
     return {TOKENIZER: cache.tokenizer_path, CORPUS: cache.directory / MANIFEST}
 
@@ -190,14 +190,12 @@ def text_codec(config: TextConfig, workdir: Path) -> Codec:
     return Codec(lambda text: [int(i) for i in encode(tokenizer, text)], lambda ids: decode(tokenizer, ids))
 
 
-TEXT = Task("text", TextConfig, TextSource, metrics=text_metrics, run_files=text_run_files, codec=text_codec)
-
-
-def text_run_config(config: TextConfig, tokenizer: Path, corpus_record: Path, current_corpus: bool) -> TextConfig:
+def text_run_config(config: TextConfig, workdir: Path, current_corpus: bool) -> TextConfig:
     """`config` as a run's data is rebuilt after training (e.g. by `sleeplm eval`): with the run's own tokenizer
-    (`tokenizer`, its workdir's tokenizer.json), never one given or trained anew; and on the corpus the run
-    recorded (`corpus_record`, its corpus.json): when the corpus's files changed since, it fails naming them,
-    unless `current_corpus` (the corpus as it is now, knowingly)."""
+    (its workdir's tokenizer.json), never one given or trained anew; and on the corpus the run recorded (its
+    corpus.json): when the corpus's files changed since, it fails naming them, unless `current_corpus` (the corpus
+    as it is now, knowingly)."""
+    tokenizer, corpus_record = Path(workdir) / TOKENIZER, Path(workdir) / CORPUS
     if not Path(tokenizer).is_file():
         raise ValueError(f"{tokenizer} does not exist: the run's data is built with its own tokenizer, kept there")
     config = dataclasses.replace(config, tokenizer=str(Path(tokenizer).absolute()))
@@ -219,9 +217,9 @@ def text_run_config(config: TextConfig, tokenizer: Path, corpus_record: Path, cu
 
 
 def corpus_changes(recorded: dict, now: dict) -> str:
-    """What differs between two corpus fingerprints: files added, removed and changed (size or mtime), settings."""
-    before = {path: (size, mtime) for path, size, mtime in recorded.get("files", [])}
-    after = {path: (size, mtime) for path, size, mtime in now.get("files", [])}
+    """What differs between two corpus fingerprints: files added, removed and changed (size or content), settings."""
+    before = {path: tuple(state) for path, *state in recorded.get("files", [])}
+    after = {path: tuple(state) for path, *state in now.get("files", [])}
     parts = []
     for label, paths in (
         ("added", sorted(set(after) - set(before))),
@@ -234,3 +232,14 @@ def corpus_changes(recorded: dict, now: dict) -> str:
     settings = [key for key in sorted(set(recorded) | set(now)) if key != "files" and recorded.get(key) != now.get(key)]
     parts += [f"{key}: recorded {recorded.get(key)!r}, now {now.get(key)!r}" for key in settings]
     return "; ".join(parts) or "the fingerprint differs"
+
+
+TEXT = Task(
+    "text",
+    TextConfig,
+    TextSource,
+    metrics=text_metrics,
+    run_files=text_run_files,
+    codec=text_codec,
+    run_config=text_run_config,
+)

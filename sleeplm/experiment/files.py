@@ -17,8 +17,9 @@ EXPERIMENT = "experiment.json"  # the experiment record (`Experiment.to_json`)
 CHECKPOINTS = "checkpoints"  # orbax checkpoints, one directory per step
 METRICS = "metrics.jsonl"  # one JSON record per logged train step or evaluation
 TOKENIZER = "tokenizer.json"  # the text task's tokenizer (its run file; also a checkpoint's and a cache's)
-CORPUS = "corpus.json"  # the text task's corpus manifest: which files, sizes and mtimes, which tokenizer
+CORPUS = "corpus.json"  # the text task's corpus manifest: which files, sizes and content digests, which tokenizer
 HF_CONFIG = "hf_config.json"  # a converted workdir's copy of the checkpoint's config.json, which export writes back
+WRITER_LOCK = "writer.lock"  # held by the one process writing the run (`lock.RunLock`): its host, pid, start time
 
 
 def eval_name(step: int) -> str:

@@ -10,9 +10,10 @@ from __future__ import annotations
 import dataclasses
 import json
 
-from sleeplm.config import Config, ModelConfig, SleepConfig, check_positive_ints
+from sleeplm.config import Config, ModelConfig, SleepConfig, check_bools, check_numbers, check_positive_ints
 from sleeplm.core.checks import check_config
 from sleeplm.data import TaskConfig, task_named, task_of, vocabulary_size
+from sleeplm.experiment.files import EXPERIMENT
 
 
 @dataclasses.dataclass(frozen=True)
@@ -37,14 +38,13 @@ class TrainConfig:
         check_positive_ints(self, ("steps", "batch_size", "accumulation"), prefix="train.")
         if not isinstance(self.warmup_steps, int) or not 0 <= self.warmup_steps < self.steps:
             raise ValueError(f"train.warmup_steps={self.warmup_steps!r} is invalid: must be in [0, steps)")
-        for name in ("muon_lr", "adam_lr", "clip_norm"):
-            if not getattr(self, name) > 0:
-                raise ValueError(f"train.{name}={getattr(self, name)!r} is invalid: must be > 0")
-        if self.weight_decay < 0:
-            raise ValueError(f"train.weight_decay={self.weight_decay!r} is invalid: must be >= 0")
+        check_numbers(self, ("muon_lr", "adam_lr", "clip_norm"), prefix="train.")
+        check_numbers(self, ("weight_decay",), prefix="train.", strict=False)
+        if not isinstance(self.seed, int) or isinstance(self.seed, bool):
+            raise ValueError(f"train.seed={self.seed!r} is invalid: must be an integer")
         if self.batch_size % self.accumulation:
             raise ValueError(f"train.accumulation={self.accumulation} is invalid: must divide batch_size")
-        if self.trainable not in TRAINABLE:
+        if not isinstance(self.trainable, str) or self.trainable not in TRAINABLE:
             raise ValueError(f"train.trainable={self.trainable!r} is invalid: allowed are {TRAINABLE}")
 
 
@@ -66,6 +66,7 @@ class RunConfig:
     def __post_init__(self) -> None:
         names = ("eval_every", "eval_examples", "eval_batch_size", "log_every", "checkpoint_every", "keep_checkpoints")
         check_positive_ints(self, names, prefix="run.")
+        check_bools(self, ("progress",), prefix="run.")
         if self.eval_examples % self.eval_batch_size:
             raise ValueError(
                 f"run.eval_examples={self.eval_examples} is invalid: must be a multiple of "
@@ -97,15 +98,51 @@ class Experiment:
 
 
 def experiment_from_json(record: dict) -> Experiment:
-    """Rebuilds an Experiment from `Experiment.to_json()` (as saved in a run's experiment.json)."""
+    """Rebuilds an Experiment from `Experiment.to_json()` (as saved in a run's experiment.json). A record that was
+    edited by hand fails naming what is wrong: a missing or unknown section or field, an unregistered task, a bad
+    value (each config's own checks)."""
+    if isinstance(record, dict) and "task_name" in record:  # the task first: its name says what the rest holds
+        if not isinstance(record["task_name"], str):
+            raise ValueError(f"{EXPERIMENT} task_name={record['task_name']!r} is invalid: must be a task's name")
+        task_named(record["task_name"])
+    _check_keys(record, EXPERIMENT, ("task_name", "task", "config", "train", "run"))
+    _check_keys(record["config"], f"{EXPERIMENT} config", ("model", "sleep"))
     task = task_named(record["task_name"])
-    model = dict(record["config"]["model"])
+    sections = {
+        "task": (task.config_type, record["task"]),
+        "config.model": (ModelConfig, record["config"]["model"]),
+        "config.sleep": (SleepConfig, record["config"]["sleep"]),
+        "train": (TrainConfig, record["train"]),
+        "run": (RunConfig, record["run"]),
+    }
+    built = {}
+    for section, (config_type, fields) in sections.items():
+        names = [field.name for field in dataclasses.fields(config_type) if field.init]
+        required = [
+            field.name
+            for field in dataclasses.fields(config_type)
+            if field.init and field.default is dataclasses.MISSING and field.default_factory is dataclasses.MISSING
+        ]
+        _check_keys(fields, f"{EXPERIMENT} {section}", names, required)
+        built[section] = config_type(**fields)
     return Experiment(
-        task.config_type(**record["task"]),
-        Config(ModelConfig(**model), SleepConfig(**record["config"]["sleep"])),
-        TrainConfig(**record["train"]),
-        RunConfig(**record["run"]),
+        built["task"],
+        Config(built["config.model"], built["config.sleep"]),
+        built["train"],
+        built["run"],
     )
+
+
+def _check_keys(record, where: str, allowed, required=None) -> None:
+    """`record` must be a JSON object with every `required` key (default: all of `allowed`) and no other."""
+    if not isinstance(record, dict):
+        raise ValueError(f"{where} is invalid: must be an object with the fields {sorted(allowed)}")
+    missing = [key for key in (allowed if required is None else required) if key not in record]
+    if missing:
+        raise ValueError(f"{where} is invalid: it lacks the fields {missing} (the fields are {sorted(allowed)})")
+    unknown = [key for key in record if key not in allowed]
+    if unknown:
+        raise ValueError(f"{where} is invalid: unknown fields {unknown} (allowed are {sorted(allowed)})")
 
 
 def align_task_and_model(experiment: Experiment) -> Experiment:

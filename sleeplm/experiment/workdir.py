@@ -10,6 +10,7 @@ position). A weights checkpoint (`Checkpoints.save_weights`, e.g. a converted mo
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 from pathlib import Path
@@ -20,6 +21,7 @@ import jax.numpy as jnp
 import orbax.checkpoint as ocp
 
 from sleeplm.core.parameters import init_params
+from sleeplm.data import task_of
 from sleeplm.experiment.files import (
     CHECKPOINTS,
     CORPUS,
@@ -27,9 +29,11 @@ from sleeplm.experiment.files import (
     HF_CONFIG,
     METRICS,
     TOKENIZER,
+    WRITER_LOCK,
     atomic_write,
     eval_name,
 )
+from sleeplm.experiment.lock import RunLock
 from sleeplm.experiment.schema import Experiment, experiment_from_json
 
 
@@ -165,6 +169,10 @@ class Workdir:
     def hf_config_path(self) -> Path:
         return self.path / HF_CONFIG
 
+    @property
+    def lock_path(self) -> Path:
+        return self.path / WRITER_LOCK
+
     def eval_path(self, step: int) -> Path:
         return self.path / eval_name(step)
 
@@ -218,21 +226,25 @@ class Workdir:
         """The run's task config as its data is rebuilt after training (e.g. by `sleeplm eval`): a text task's
         always with the run's own tokenizer.json, and on the corpus its corpus.json recorded (it fails naming the
         changed files when the corpus changed since) unless `current_corpus`."""
-        from sleeplm.data.text import TextConfig, text_run_config
-
         experiment = self.experiment() if experiment is None else experiment
-        if isinstance(experiment.task, TextConfig):
-            return text_run_config(experiment.task, self.tokenizer_path, self.corpus_path, current_corpus)
-        return experiment.task
+        return task_of(experiment.task).run_config(experiment.task, self.path, current_corpus)
 
     def codec(self, experiment: Experiment | None = None):
         """How prompts become token ids and outputs text for this run (a text run's: its tokenizer.json)."""
-        from sleeplm.data import task_of
-
         experiment = self.experiment() if experiment is None else experiment
         return task_of(experiment.task).codec(experiment.task, self.path)
 
     # ------------------------------------------------------------------------------------------------ writing
+
+    def writer_lock(self, enabled: bool = True, command: str | None = None):
+        """The one-writer lock of the run (`sleeplm.experiment.lock.RunLock` on writer.lock, creating the directory),
+        to hold while training writes it: entering fails at once with `RunLockedError` naming the live holder (host,
+        pid, since when), and takes over a lock a killed process left, with a warning. `enabled=False` (every
+        process of a multi-process run but process 0, which alone writes the run) gives a block that locks
+        nothing."""
+        if not enabled:
+            return contextlib.nullcontext()
+        return RunLock(self.lock_path, command)
 
     def write_experiment(self, experiment: Experiment) -> None:
         self.path.mkdir(parents=True, exist_ok=True)

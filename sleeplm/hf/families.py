@@ -15,11 +15,34 @@ MLPs (`num_experts`), biases, activations other than silu, RoPE scaling.
 from __future__ import annotations
 
 import dataclasses
+import math
+import re
 from typing import Any
 
-from sleeplm.config import ModelConfig
+from sleeplm.config import Config, ModelConfig, SleepConfig
+from sleeplm.core.checks import check_config
 
 HIDDEN_ACT = "silu"
+MAX_LAYERS = 1 << 16
+MISSING = object()
+# sleeplm's ModelConfig field -> the config.json fields it is translated from (named when a value fails there).
+TRANSLATED = {
+    "vocab_size": "vocab_size",
+    "d_model": "hidden_size",
+    "num_heads": "num_attention_heads",
+    "num_kv_heads": "num_key_value_heads",
+    "head_dim": "head_dim",
+    "rotary_dim": "head_dim and partial_rotary_factor",
+    "mlp_dim": "intermediate_size",
+    "rope_theta": "rope_theta",
+    "norm_eps": "rms_norm_eps",
+    "gdn_heads": "linear_num_value_heads",
+    "gdn_key_heads": "linear_num_key_heads",
+    "gdn_head_dim_k": "linear_key_head_dim",
+    "gdn_head_dim_v": "linear_value_head_dim",
+    "conv_width": "linear_conv_kernel_dim",
+    "layers": "layer_types and num_hidden_layers",
+}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -55,8 +78,10 @@ def _fail(field: str, value: Any, allowed: str) -> None:
 
 def family_of(hf: dict) -> Family:
     """The family of a config.json (its model_type), or an error naming model_type and the supported ones."""
+    if not isinstance(hf, dict):
+        raise ValueError(f"config.json holds {type(hf).__name__}: it must be a JSON object of the model's fields")
     model_type = hf.get("model_type")
-    if model_type not in FAMILIES:
+    if not isinstance(model_type, str) or model_type not in FAMILIES:
         _fail("model_type", model_type, f"supported are {sorted(FAMILIES)} ({sorted(f.architecture for f in _all())})")
     return FAMILIES[model_type]
 
@@ -67,26 +92,66 @@ def _all() -> tuple[Family, ...]:
 
 def text_config(hf: dict) -> dict:
     """The language model's config (a multimodal config nests it under text_config)."""
-    return hf["text_config"] if family_of(hf) is QWEN3_5_MULTIMODAL else hf
+    if family_of(hf) is not QWEN3_5_MULTIMODAL:
+        return hf
+    text = hf.get("text_config")
+    if not isinstance(text, dict):
+        _fail("text_config", text, "a multimodal config nests the language model's fields in the object text_config")
+    return text
+
+
+def _int(text: dict, field: str, default: Any = MISSING, low: int = 1, high: int | None = None) -> Any:
+    """The integer `field` of `text` (>= low, <= high); `default` when absent or null (when given)."""
+    value = text.get(field)
+    if value is None and default is not MISSING:
+        return default
+    if field not in text:
+        raise ValueError(f"config.json: {field} is missing: it must be an integer >= {low}")
+    if not isinstance(value, int) or isinstance(value, bool) or value < low or (high is not None and value > high):
+        _fail(field, value, f"must be an integer >= {low}" + (f" and <= {high}" if high is not None else ""))
+    return value
+
+
+def _float(mapping: dict, field: str, default: float, name: str | None = None, positive: bool = True) -> float:
+    """The finite number `field` of `mapping` (> 0 when `positive`), `default` when absent or null."""
+    value = mapping.get(field)
+    if value is None:
+        return default
+    if not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value):
+        _fail(name or field, value, "must be a finite number")
+    if positive and not value > 0:
+        _fail(name or field, value, "must be > 0")
+    return float(value)
 
 
 def _rope(text: dict) -> tuple[float, float]:
     """(theta, partial rotary factor), from rope_parameters (transformers 5) or the older top-level fields."""
-    rope = text.get("rope_parameters") or text.get("rope_scaling") or {}
+    field = "rope_parameters" if text.get("rope_parameters") else "rope_scaling"
+    rope = text.get(field) or {}
+    if not isinstance(rope, dict):
+        _fail(field, rope, "must be an object (rope_type, rope_theta, partial_rotary_factor)")
     rope_type = rope.get("rope_type", rope.get("type", "default"))
     if rope_type != "default":
-        _fail("rope_parameters.rope_type", rope_type, "only 'default' RoPE (no scaling) is supported")
-    theta = rope.get("rope_theta", text.get("rope_theta", 10_000.0))
-    return float(theta), float(rope.get("partial_rotary_factor", text.get("partial_rotary_factor", 1.0)))
+        _fail(f"{field}.rope_type", rope_type, "only 'default' RoPE (no scaling) is supported")
+    theta = _float(text, "rope_theta", 10_000.0)
+    theta = _float(rope, "rope_theta", theta, name=f"{field}.rope_theta")
+    partial = _float(text, "partial_rotary_factor", 1.0)
+    partial = _float(rope, "partial_rotary_factor", partial, name=f"{field}.partial_rotary_factor")
+    if partial > 1:
+        _fail("partial_rotary_factor", partial, "must be in (0, 1] (the fraction of each head that RoPE rotates)")
+    return theta, partial
 
 
 def _check_dense(text: dict) -> None:
     """Refuses mixture-of-experts MLPs: sleeplm's blocks have one dense SwiGLU MLP each."""
-    experts = text.get("num_experts") or 0
+    experts = _int(text, "num_experts", 0, low=0)
     if experts:
-        dense = set(text.get("mlp_only_layers") or [])
-        step = text.get("decoder_sparse_step", 1) or 1
-        sparse = [i for i in range(text["num_hidden_layers"]) if i not in dense and (i + 1) % step == 0]
+        dense = text.get("mlp_only_layers") or []
+        if not isinstance(dense, list):
+            _fail("mlp_only_layers", dense, "must be a list of layer indices")
+        step = _int(text, "decoder_sparse_step", 1)
+        layers = _int(text, "num_hidden_layers", high=MAX_LAYERS)
+        sparse = [i for i in range(layers) if i not in dense and (i + 1) % step == 0]
         if sparse:
             _fail(
                 "num_experts",
@@ -97,7 +162,23 @@ def _check_dense(text: dict) -> None:
 
 
 def model_config(hf: dict) -> ModelConfig:
-    """The `ModelConfig` of a transformers config.json (as a dict)."""
+    """The `ModelConfig` of a transformers config.json (as a dict); a field that is missing, of the wrong type or out
+    of range fails naming it (as config.json spells it)."""
+    model = _translate(hf)
+    try:
+        check_config(Config(model, SleepConfig()))
+    except ValueError as error:
+        raise ValueError(f"config.json: {_named(str(error))}") from None
+    return model
+
+
+def _named(message: str) -> str:
+    """A ModelConfig error message with the config.json fields its field is translated from."""
+    fields = [field for field in dict.fromkeys(re.findall(r"(\w+)=", message)) if field in TRANSLATED]
+    return f"{message} (config.json's {', '.join(TRANSLATED[f] for f in fields)})" if fields else message
+
+
+def _translate(hf: dict) -> ModelConfig:
     family = family_of(hf)
     text = text_config(hf)
     for field, allowed in (("attention_bias", False), ("mlp_bias", False)):
@@ -107,34 +188,48 @@ def model_config(hf: dict) -> ModelConfig:
         _fail("hidden_act", text.get("hidden_act"), f"only {HIDDEN_ACT!r} is supported")
     _check_dense(text)
     theta, partial = _rope(text)
-    heads = text["num_attention_heads"]
-    head_dim = text.get("head_dim") or text["hidden_size"] // heads
+    heads = _int(text, "num_attention_heads")
+    hidden = _int(text, "hidden_size")
+    head_dim = _int(text, "head_dim", 0) or hidden // heads
+    if not head_dim:
+        _fail("hidden_size", hidden, f"must be at least num_attention_heads={heads} (or set head_dim)")
+    rotary_dim = int(head_dim * partial)
+    if rotary_dim < 2 or rotary_dim % 2:
+        _fail("partial_rotary_factor", partial, f"must rotate an even number (>= 2) of the head_dim={head_dim} dims")
+    tie = hf.get("tie_word_embeddings", text.get("tie_word_embeddings", False))
+    if not isinstance(tie, bool) and tie is not None:
+        _fail("tie_word_embeddings", tie, "must be true or false")
     common = dict(
-        vocab_size=text["vocab_size"],
-        d_model=text["hidden_size"],
+        vocab_size=_int(text, "vocab_size"),
+        d_model=hidden,
         num_heads=heads,
-        num_kv_heads=text.get("num_key_value_heads") or heads,
+        num_kv_heads=_int(text, "num_key_value_heads", heads),
         head_dim=head_dim,
-        rotary_dim=int(head_dim * partial),
-        mlp_dim=text["intermediate_size"],
+        rotary_dim=rotary_dim,
+        mlp_dim=_int(text, "intermediate_size"),
         rope_theta=theta,
-        norm_eps=float(text.get("rms_norm_eps", 1e-6)),
-        tie_embeddings=bool(hf.get("tie_word_embeddings", text.get("tie_word_embeddings", False))),
+        norm_eps=_float(text, "rms_norm_eps", 1e-6),
+        tie_embeddings=bool(tie),
     )
+    layers = _int(text, "num_hidden_layers", high=MAX_LAYERS)
     if family is LLAMA:
         if partial != 1.0:
             _fail("partial_rotary_factor", partial, "Llama rotates the whole head (1.0)")
-        return ModelConfig(layers=("attn",) * text["num_hidden_layers"], **common)
+        return ModelConfig(layers=("attn",) * layers, **common)
     layer_types = text.get("layer_types") or []
-    if len(layer_types) != text["num_hidden_layers"] or not set(layer_types) <= set(QWEN_KINDS):
+    if (
+        not isinstance(layer_types, list)
+        or len(layer_types) != layers
+        or not all(isinstance(t, str) and t in QWEN_KINDS for t in layer_types)
+    ):
         _fail("layer_types", layer_types, f"one of {sorted(QWEN_KINDS)} per layer (num_hidden_layers)")
     return ModelConfig(
         layers=tuple(QWEN_KINDS[t] for t in layer_types),
-        gdn_heads=text["linear_num_value_heads"],
-        gdn_key_heads=text["linear_num_key_heads"],
-        gdn_head_dim_k=text["linear_key_head_dim"],
-        gdn_head_dim_v=text["linear_value_head_dim"],
-        conv_width=text["linear_conv_kernel_dim"],
+        gdn_heads=_int(text, "linear_num_value_heads"),
+        gdn_key_heads=_int(text, "linear_num_key_heads"),
+        gdn_head_dim_k=_int(text, "linear_key_head_dim"),
+        gdn_head_dim_v=_int(text, "linear_value_head_dim"),
+        conv_width=_int(text, "linear_conv_kernel_dim"),
         short_conv=True,
         zero_centered_norm=True,
         **common,

@@ -113,7 +113,12 @@ def _bucket(length: int) -> int:
 
 def _pad_prompts(prompts, vocab_size: int) -> tuple[np.ndarray, np.ndarray]:
     """Ragged prompts (a sequence of id sequences) -> right-padded ids (B, P) and the valid mask, P a power of two."""
-    rows = [np.asarray(p).reshape(-1) for p in prompts]
+    rows = []
+    for i, prompt in enumerate(prompts):
+        try:
+            rows.append(np.asarray(prompt).reshape(-1))
+        except (TypeError, ValueError):  # ragged nesting, objects numpy cannot hold in an array
+            raise ValueError(f"prompt {i} must be a sequence of integer token ids, got {prompt!r:.80}") from None
     for i, row in enumerate(rows):
         if row.size and not np.issubdtype(row.dtype, np.integer):
             raise ValueError(f"prompt {i} must hold integer token ids, got dtype {row.dtype}")
@@ -155,6 +160,9 @@ def generate(
     batch = stream.consumed.shape[0]
     if len(prompts) != batch:
         raise ValueError(f"got {len(prompts)} prompts for a stream of {batch} rows: give one prompt per row")
+    bad = [t for t in stop_tokens if not isinstance(t, (int, np.integer)) or isinstance(t, (bool, np.bool_))]
+    if bad:
+        raise ValueError(f"stop token {bad[0]!r} is invalid: stop tokens must be integer token ids")
     stop_tokens = tuple(int(t) for t in stop_tokens)
     for token in stop_tokens:
         if not 0 <= token < config.model.vocab_size:

@@ -86,11 +86,16 @@ class Score:
 
 def _blocks(sequences: np.ndarray | Iterable[np.ndarray], block: int) -> Iterator[tuple[np.ndarray, np.ndarray]]:
     """(ids, valid) blocks of `block` tokens per row from an array (B, T) or an iterator of (B, t) pieces."""
-    pieces = (
-        (sequences[:, i : i + block] for i in range(0, sequences.shape[1], block))
-        if isinstance(sequences, np.ndarray)
-        else iter(sequences)
-    )
+    if isinstance(sequences, np.ndarray):
+        pieces = (sequences[:, i : i + block] for i in range(0, sequences.shape[1], block))
+    else:
+        try:
+            pieces = iter(sequences)
+        except TypeError:
+            raise ValueError(
+                f"sequences must be an array (batch, time) of token ids or an iterator of such pieces, got "
+                f"{type(sequences).__name__}"
+            ) from None
     pending: list[np.ndarray] = []
     held = 0
     for piece in pieces:
@@ -128,6 +133,11 @@ def score(
         raise ValueError(f"block_windows={block_windows!r} is invalid: must be a positive integer")
     window, vocab = config.sleep.window, config.model.vocab_size
     if isinstance(sequences, np.ndarray):
+        if sequences.ndim != 2 or not np.issubdtype(sequences.dtype, np.integer):
+            raise ValueError(
+                f"sequences must be integer token ids of shape (batch, time), got shape {sequences.shape} of dtype "
+                f"{sequences.dtype}"
+            )
         total_tokens = sequences.size
     bar = tqdm(total=total_tokens, disable=not progress, unit="tok", desc="score")
     carry, kept = None, []
@@ -137,6 +147,8 @@ def score(
             raise ValueError(f"token id {int(bad)} is outside the vocabulary: ids must be in [0, {vocab})")
         if carry is None:
             batch = ids.shape[0]
+            if not batch:
+                raise ValueError(f"sequences have no rows (shape {ids.shape}): nothing to score")
             zeros = jnp.zeros((MAX_BUCKETS,), jnp.float32)
             carry = ScoreCarry(
                 init_state(config, batch),

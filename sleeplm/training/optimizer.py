@@ -24,13 +24,21 @@ def new_parameters_mask(config: Config) -> dict:
     return jax.tree.map(lambda box: box.new, param_annotations(config), is_leaf=is_annotated)
 
 
-def make_optimizer(train: TrainConfig, config: Config) -> optax.GradientTransformation:
+def learning_rates(train: TrainConfig) -> dict[str, optax.Schedule]:
+    """The learning-rate schedules by name ("muon_lr", "adam_lr"): step -> rate, warmup then cosine decay to 0.
+    The optimizer's count before step k's update is k - 1, so step k trains at `schedule(k - 1)`."""
+
     def schedule(peak):
         return optax.warmup_cosine_decay_schedule(0.0, peak, train.warmup_steps, train.steps, end_value=0.0)
 
+    return {"muon_lr": schedule(train.muon_lr), "adam_lr": schedule(train.adam_lr)}
+
+
+def make_optimizer(train: TrainConfig, config: Config) -> optax.GradientTransformation:
+    rates = learning_rates(train)
     transforms = {
-        "muon": optax.contrib.muon(schedule(train.muon_lr), weight_decay=train.weight_decay),
-        "adam": optax.adamw(schedule(train.adam_lr), weight_decay=train.weight_decay),
+        "muon": optax.contrib.muon(rates["muon_lr"], weight_decay=train.weight_decay),
+        "adam": optax.adamw(rates["adam_lr"], weight_decay=train.weight_decay),
     }
     labels = optimizer_labels(config)
     clip = optax.clip_by_global_norm(train.clip_norm)

@@ -1,5 +1,6 @@
-"""The training run: data pipeline, jitted steps, periodic evaluation, JSONL metrics, a progress bar,
-checkpoints with resume, and a guard that stops on a non-finite loss before anything is saved."""
+"""The training run: data pipeline, jitted steps, periodic evaluation, JSONL metrics and TensorBoard events, a
+progress bar, checkpoints with resume, a clean stop on SIGTERM / SIGINT (`sleeplm.training.preemption`), and a
+guard that stops on a non-finite loss or gradient before anything is saved."""
 
 from __future__ import annotations
 
@@ -22,12 +23,18 @@ from sleeplm.training import step as train_lib
 from sleeplm.training.checkpoint import Checkpointer
 from sleeplm.training.evaluate import eval_sets, evaluate
 from sleeplm.training.finetune import PretrainedStart
+from sleeplm.training.optimizer import learning_rates
+from sleeplm.training.preemption import Preempted, PreemptionGuard
 from sleeplm.training.sharded import ShardedTraining
 from sleeplm.training.step import model_batch
+from sleeplm.training.tensorboard import EventLog
 
 
-class NonFiniteLossError(FloatingPointError):
-    """The training loss became NaN or infinite; the run stopped without saving."""
+class NonFiniteTrainingError(FloatingPointError):
+    """The training loss or gradient norm became NaN or infinite; the run stopped without saving that step."""
+
+
+NonFiniteLossError = NonFiniteTrainingError  # the earlier name
 
 
 def train_iterator(experiment: Experiment) -> grain.DatasetIterator:
@@ -58,11 +65,14 @@ class MetricsLog:
 
     Train and eval records carry the run's wall time (`last_timing`); `timing_at_resume` reads it back from the
     restored step's records. Where they have none (written before time keeping, or lost), the run is timed from the
-    restored step on and its records say so."""
+    restored step on and its records say so. Likewise "tokens", the real (non-padding) input tokens trained on
+    through a train record's step, is read back from the restored step's train record (`tokens_at_resume`); where
+    it has none, tokens are counted from the restored step on and records say "tokens_from_step"."""
 
     def __init__(self, path: Path, resume_step: int) -> None:
         self.path, self.enabled = path, jax.process_index() == 0  # one writer on multi-host runs
         self.timing_at_resume: dict = {"seconds": 0.0}
+        self.tokens_at_resume: dict = {"tokens": 0}
         if not self.enabled:
             return
         kept = []
@@ -72,6 +82,13 @@ class MetricsLog:
         if resume_step > 0:
             at_resume = last_timing(record for record in kept if record["step"] == resume_step)
             self.timing_at_resume = at_resume or {"seconds": 0.0, "timed_from_step": resume_step}
+            counted = [r for r in kept if r["step"] == resume_step and r["kind"] == "train" and "tokens" in r]
+            keys = ("tokens", "tokens_from_step")
+            self.tokens_at_resume = (
+                {key: counted[-1][key] for key in keys if key in counted[-1]}
+                if counted
+                else {"tokens": 0, "tokens_from_step": resume_step}
+            )
         path.write_text("".join(json.dumps(record) + "\n" for record in kept))
 
     def write(self, record: dict) -> None:
@@ -97,7 +114,15 @@ def _stepper(experiment: Experiment, mesh: Mesh | None, rules: str):
     return sharded.init, sharded.step, put, sharded.eval
 
 
-def run_training(
+def run_training(experiment: Experiment, workdir: Path, **options) -> dict:
+    """Trains `experiment` in `workdir` (see `_train`) as its one writer: another live process training the same
+    workdir makes this fail at once naming it (`RunLockedError`); a lock left by a killed process is taken over with
+    a warning. On a multi-process run, process 0 holds the lock."""
+    with Workdir(workdir).writer_lock(enabled=jax.process_index() == 0):
+        return _train(experiment, workdir, **options)
+
+
+def _train(
     experiment: Experiment,
     workdir: Path,
     *,
@@ -111,8 +136,11 @@ def run_training(
     as tokenizer.json); returns the last eval.
 
     `stop_at` ends the run early at that step (checkpointing it) as if interrupted, without changing the schedule.
+    SIGTERM or SIGINT during the run finishes the current step, checkpoints it and raises `Preempted` (all
+    processes of a multi-host run stop at the same step; see `sleeplm.training.preemption`). A NaN or infinite loss
+    or gradient norm raises `NonFiniteTrainingError` before that step is saved.
     With a `mesh`, params, optimizer state and batches are sharded by `rules` (see `sleeplm.parallel`); a
-    checkpoint restores onto whatever mesh the run has now. `start` (`sleeplm.finetune.fine_tuning`): the
+    checkpoint restores onto whatever mesh the run has now. `start` (`sleeplm.training.finetune.fine_tuning`): the
     parameters of a run without checkpoints of its own come from a pretrained workdir (the optimizer starts fresh).
     """
     started = time.perf_counter()
@@ -136,7 +164,9 @@ def run_training(
             run_dir.write_hf_config(hf)
     log = MetricsLog(run_dir.metrics_path, resume_step=first)
     sets = eval_sets(experiment)
-    tokens_per_step = train.batch_size * experiment.task.sequence_length  # real tokens, not padding
+    events = EventLog(run_dir.path, resume_step=first)
+    rates = learning_rates(train)
+    tokens = dict(log.tokens_at_resume)  # real input tokens (packed rows' `valid` ones) through the last flush
     stop = min(stop_at or train.steps, train.steps)
 
     pending: list[tuple[int, dict]] = []
@@ -160,32 +190,53 @@ def run_training(
         elapsed, clock = time.perf_counter() - clock, time.perf_counter()
         now = timing()
         for (s, _), m in zip(pending, values, strict=True):
-            if not np.isfinite(m["loss"]):
-                raise NonFiniteLossError(
-                    f"training loss is {m['loss']} at step {s}: stopped before saving; the last checkpoint in "
-                    f"{checkpoints.directory} is step {checkpoints.latest_step()}"
-                )
+            for name, what in (("loss", "training loss"), ("grad_norm", "gradient norm")):
+                if not np.isfinite(m[name]):
+                    raise NonFiniteTrainingError(
+                        f"{what} is {m[name]} at step {s}: stopped before saving; the last checkpoint in "
+                        f"{checkpoints.directory} is step {checkpoints.latest_step()}"
+                    )
+        flushed = sum(int(m["tokens"]) for m in values)
+        real_tokens_per_s = flushed / elapsed
+        for (s, _), m in zip(pending, values, strict=True):
+            tokens["tokens"] += int(m["tokens"])
             record = {"step": s, "kind": "train", "loss": float(m["loss"]), "grad_norm": float(m["grad_norm"])}
-            log.write(record | now)
-        tokens_per_s = len(pending) * tokens_per_step / elapsed
-        bar.set_postfix(loss=f"{float(values[-1]['loss']):.4f}", tok_s=f"{tokens_per_s:,.0f}")
+            log.write(record | tokens | now)
+            if events.enabled:  # the rates step s trained at (the optimizer's count was s - 1)
+                lr = {name: float(schedule(s - 1)) for name, schedule in rates.items()}
+                events.scalars(s, {"loss": record["loss"], "grad_norm": record["grad_norm"]} | lr, "train")
+        events.scalars(step, {"real_tokens_per_s": real_tokens_per_s}, "train")
+        bar.set_postfix(loss=f"{float(values[-1]['loss']):.4f}", real_tok_s=f"{real_tokens_per_s:,.0f}")
         bar.update(step - bar.n)
         pending.clear()
 
-    for step in range(first + 1, stop + 1):
-        state, metrics = step_fn(state, put_batch(next(iterator)))
-        pending.append((step, metrics))
-        evaluating, saving = step % run.eval_every == 0 or step == train.steps, step % run.checkpoint_every == 0
-        if step % run.log_every == 0 or evaluating or saving or step == stop:
-            flush(step)
-        if evaluating:
-            last_eval = {"step": step, "kind": "eval", "tokens": step * tokens_per_step}
-            last_eval |= evaluate(state.params, sets, experiment, eval_fn)
-            log.write(last_eval | timing())
-            if log.enabled:
-                shown = ", ".join(f"{k} {v:.3f}" for k, v in last_eval.items() if k in ("loss", "accuracy", "exact"))
-                bar.write(f"step {step}: {shown}")
-        if saving or step == stop:
-            checkpoints.save(state, iterator, experiment)
-    bar.close()
+    try:
+        with PreemptionGuard() as guard:
+            for step in range(first + 1, stop + 1):
+                state, metrics = step_fn(state, put_batch(next(iterator)))
+                pending.append((step, metrics))
+                evaluating = step % run.eval_every == 0 or step == train.steps
+                saving = step % run.checkpoint_every == 0
+                logging = step % run.log_every == 0 or evaluating or saving or step == stop
+                preempted = guard.should_stop(step, agree=logging)  # the same step on every process
+                if logging or preempted:
+                    flush(step)
+                if evaluating:
+                    last_eval = {"step": step, "kind": "eval"} | tokens
+                    last_eval |= evaluate(state.params, sets, experiment, eval_fn)
+                    log.write(last_eval | timing())
+                    events.scalars(step, {k: v for k, v in last_eval.items() if k != "step"}, "eval")
+                    if log.enabled:
+                        shown = ", ".join(
+                            f"{k} {v:.3f}" for k, v in last_eval.items() if k in ("loss", "accuracy", "exact")
+                        )
+                        bar.write(f"step {step}: {shown}")
+                if saving or step == stop or preempted:
+                    checkpoints.save(state, iterator, experiment)
+                    events.flush()
+                if preempted:
+                    raise Preempted(step, guard.requested, checkpoints.directory)
+    finally:
+        bar.close()
+        events.close()
     return last_eval

@@ -61,7 +61,8 @@ def train_step(state: TrainState, batch: dict, config: Config, train: TrainConfi
     """One optimizer step on `batch` (leading dim batch_size), accumulating gradients over `train.accumulation`
     micro-batches with `lax.scan`: label losses and their gradients are summed over the micro-batches and divided
     by the batch's label count, so the step equals one on the whole batch whatever the labels per micro-batch.
-    Returns the new state and {loss, grad_norm}."""
+    Returns the new state and {loss, grad_norm, tokens}: `tokens` counts the batch's real input tokens (a packed
+    row's `valid` ones; every input of the other tasks), as int32."""
     micro = jax.tree.map(lambda x: x.reshape(train.accumulation, -1, *x.shape[1:]), batch)
     grad_fn = jax.value_and_grad(lambda p, b: label_loss_sum(p, b, config), has_aux=True)
 
@@ -74,4 +75,6 @@ def train_step(state: TrainState, batch: dict, config: Config, train: TrainConfi
     loss, grads = jax.tree.map(lambda x: x / jnp.maximum(labels, 1.0), (loss_sum, grads))
     updates, opt_state = make_optimizer(train, config).update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
-    return TrainState(params, opt_state, state.step + 1), {"loss": loss, "grad_norm": optax.tree.norm(grads)}
+    tokens = jnp.sum(batch["valid"], dtype=jnp.int32) if "valid" in batch else jnp.int32(batch["inputs"].size)
+    metrics = {"loss": loss, "grad_norm": optax.tree.norm(grads), "tokens": tokens}
+    return TrainState(params, opt_state, state.step + 1), metrics
