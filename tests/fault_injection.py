@@ -25,30 +25,18 @@ import time
 from pathlib import Path
 
 import numpy as np
+from test_loop import TINY
 
 ROOT = Path(__file__).resolve().parents[1]
 
-# Small enough that a step takes milliseconds; long enough that kills land in the middle of the run.
-OVERRIDES = {
-    "task.width": "4",
-    "task.num_strings": "2",
-    "task.steps": "1",
-    "sleep.window": "4",
-    "sleep.passes": "2",
-    "model.d_model": "16",
-    "model.num_heads": "2",
-    "model.layers": "attn,gdn",
-    "model.mlp_dim": "32",
+# test_loop's tiny Rule 110 run, longer: steps take milliseconds, and kills land in the middle of the run.
+OVERRIDES = TINY | {
     "train.steps": "120",
-    "train.batch_size": "8",
     "train.warmup_steps": "4",
     "run.eval_every": "40",
-    "run.eval_examples": "16",
-    "run.eval_batch_size": "16",
     "run.checkpoint_every": "4",
     "run.keep_checkpoints": "3",
     "run.log_every": "1",
-    "run.progress": "false",
 }
 WALL_CLOCK = ("seconds", "timed_from_step")  # differ between runs by design
 

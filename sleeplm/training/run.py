@@ -64,7 +64,7 @@ class MetricsLog:
     """Appends JSON records to metrics.jsonl; on resume, drops records past the restored step first.
 
     Train and eval records carry the run's wall time (`last_timing`); `timing_at_resume` reads it back from the
-    restored step's records. Where they have none (written before time keeping, or lost), the run is timed from the
+    restored step's records. Where they have none (the records were lost or edited), the run is timed from the
     restored step on and its records say so. Likewise "tokens", the real (non-padding) input tokens trained on
     through a train record's step, is read back from the restored step's train record (`tokens_at_resume`); where
     it has none, tokens are counted from the restored step on and records say "tokens_from_step"."""
