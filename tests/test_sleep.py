@@ -135,12 +135,16 @@ def test_away_from_initialisation_logits_and_final_states_agree(eviction, length
 
 @pytest.mark.parametrize("eviction", [pytest.param("hard", marks=pytest.mark.slow), "sliding"])
 def test_four_block_stack_matches_looped_reference(eviction):
+    """Run with 64-bit types enabled: after three passes over three windows of four blocks, float32 round-off alone
+    (the paths differ in order of operations) reaches 1.4e-4 of the logits on some CPUs, above the bound; the
+    comparison is of semantics, which agree to 1e-5 once intermediates may be float64."""
     config = make_config(3, eviction, layers=FOUR_BLOCKS, gdn_heads=3, gdn_head_dim_k=8, gdn_head_dim_v=12)
-    params = init_params(jax.random.key(2), config)
-    tokens = tokens_for(17, batch=3)
-    logits = forward(params, tokens, config)
-    assert_close(logits, looped_sleep_forward(params, tokens, config))
-    assert_close(stream(params, tokens, config, piece_sizes=(4, 2), explicit_sleep=True)[0], logits)
+    with jax.enable_x64(True):
+        params = init_params(jax.random.key(2), config)
+        tokens = tokens_for(17, batch=3)
+        logits = forward(params, tokens, config)
+        assert_close(logits, looped_sleep_forward(params, tokens, config))
+        assert_close(stream(params, tokens, config, piece_sizes=(4, 2), explicit_sleep=True)[0], logits)
 
 
 @pytest.mark.parametrize("eviction", ["hard", "sliding"])
