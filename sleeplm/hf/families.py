@@ -195,7 +195,12 @@ def _translate(hf: dict) -> ModelConfig:
         _fail("hidden_size", hidden, f"must be at least num_attention_heads={heads} (or set head_dim)")
     rotary_dim = int(head_dim * partial)
     if rotary_dim < 2 or rotary_dim % 2:
-        _fail("partial_rotary_factor", partial, f"must rotate an even number (>= 2) of the head_dim={head_dim} dims")
+        origin = "" if _int(text, "head_dim", 0) else f" (hidden_size={hidden} // num_attention_heads={heads})"
+        _fail(
+            "partial_rotary_factor",
+            partial,
+            f"must rotate an even number (>= 2) of the head_dim={head_dim}{origin} dims",
+        )
     tie = hf.get("tie_word_embeddings", text.get("tie_word_embeddings", False))
     if not isinstance(tie, bool) and tie is not None:
         _fail("tie_word_embeddings", tie, "must be true or false")
