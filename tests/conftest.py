@@ -16,9 +16,11 @@ from hypothesis import settings
 
 # Hypothesis (tests/test_fuzz*.py): a bounded number of examples per property in `make test` ("ci"), ten times more
 # with SLEEPLM_HYPOTHESIS=slow (`make test-slow`). No deadline: an example may compile. No example database: runs
-# read and write nothing outside the temporary directories (and each run explores afresh).
-settings.register_profile("ci", max_examples=40, deadline=None, database=None, print_blob=True)
-settings.register_profile("slow", max_examples=400, deadline=None, database=None, print_blob=True)
+# read and write nothing outside the temporary directories. Derandomized: a run draws the same examples every time, so
+# a test run's result depends on the code alone; SLEEPLM_HYPOTHESIS=explore draws afresh (to look for new failures).
+settings.register_profile("ci", max_examples=40, deadline=None, database=None, print_blob=True, derandomize=True)
+settings.register_profile("slow", max_examples=400, deadline=None, database=None, print_blob=True, derandomize=True)
+settings.register_profile("explore", max_examples=400, deadline=None, database=None, print_blob=True)
 settings.load_profile(os.environ.get("SLEEPLM_HYPOTHESIS", "ci"))
 
 # Checks that run with `make test-slow` only (CI runs both), so that `make test` stays under 10 minutes on 2 cores:
