@@ -1,4 +1,5 @@
-"""`sleeplm train|eval|generate|score|convert|export|plot|demo|stream|presets` (also `python -m sleeplm ...`).
+"""`sleeplm train|eval|generate|score|serve|evaluate-long|convert|export|plot|demo|stream|presets` (also
+`python -m sleeplm ...`).
 
 Overrides use dotted keys after the options: `sleeplm train --preset rule110-cpu --workdir runs/a --sleep.passes 2
 --task.steps 4 --train.steps 800`.
@@ -211,6 +212,115 @@ def _score(args, extra) -> None:
         print(f"wrote {args.out}", file=sys.stderr)
 
 
+def _evaluate_long(args, extra) -> None:
+    from sleeplm.evaluation.report import write_report
+    from sleeplm.evaluation.runner import check_length, run_suite
+    from sleeplm.experiment.workdir import Workdir
+
+    if args.out.exists() and not args.out.is_dir():
+        raise ValueError(f"--out {args.out} is a file: give a directory (created if missing)")
+    run = Workdir(args.workdir).check()
+    experiment = run.experiment()
+    codec, window = run.codec(experiment), experiment.config.sleep.window
+    if min(args.lengths) < window:
+        raise ValueError(f"--lengths {min(args.lengths)} is invalid: a length is at least one window ({window} tokens)")
+    try:
+        check_length(codec, args.tasks, min(args.lengths), args.depths, args.samples, args.seed)
+    except ValueError as error:
+        raise ValueError(f"--lengths {min(args.lengths)} is too short for the prompts: {error}") from None
+    params, step = run.restore_params(experiment, step=args.step)  # after the checks: they fail at once
+    results = run_suite(
+        params, experiment.config, codec, args.tasks, args.lengths, args.depths, args.samples, args.seed,
+        block_windows=args.block_windows, batch_size=args.batch_size, progress=True,
+    )  # fmt: skip
+    results = {"workdir": str(args.workdir), "step": step} | results
+    for cell in results["summary"]:
+        print(f"{cell['task']:<16} length {cell['length']:>8} depth {cell['depth']:>5g}%  {cell['accuracy']:.3f}")
+    for path in write_report(results, args.out):
+        print(f"wrote {path}", file=sys.stderr)
+
+
+def _listed(parse, allowed: str):
+    """An argparse type: comma-separated distinct values, each `parse(text)`; errors name what is `allowed`."""
+
+    def parse_list(text: str) -> list:
+        try:
+            values = [parse(item.strip()) for item in text.split(",")]
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is invalid: allowed are {allowed}, comma-separated") from None
+        if len(set(values)) != len(values):
+            raise argparse.ArgumentTypeError(f"{text!r} repeats a value: give each once")
+        return values
+
+    return parse_list
+
+
+def _in_range(kind, low, high=None):
+    """`kind(text)` checked to lie in [low, high]."""
+
+    def parse(text: str):
+        value = kind(text)
+        if value < low or (high is not None and value > high):
+            raise ValueError(text)
+        return value
+
+    return parse
+
+
+def _suite_task(name: str) -> str:
+    from sleeplm.evaluation.tasks import TASKS
+
+    if name not in TASKS:
+        raise ValueError(name)
+    return name
+
+
+def _at_least(low: int):
+    """An argparse type: an integer >= `low`."""
+
+    def parse(text: str) -> int:
+        try:
+            return _in_range(int, low)(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is invalid: must be an integer >= {low}") from None
+
+    return parse
+
+
+def _serve(args, extra) -> None:
+    import uvicorn
+
+    from sleeplm.experiment.workdir import Workdir
+    from sleeplm.inference.engine import Engine
+    from sleeplm.inference.scheduler import Scheduler
+    from sleeplm.inference.server.app import create_app
+    from sleeplm.inference.server.chat import ChatTemplate, end_of_text
+
+    run = Workdir(args.workdir).check()
+    experiment = run.experiment()
+    codec = run.codec(experiment)
+    mesh = _mesh(args.mesh)
+    capacity = None if experiment.config.sleep.eviction_mode.bounded else args.capacity
+    engine = Engine.from_workdir(
+        args.workdir, slots=args.slots, step=args.step, capacity=capacity, mesh=mesh, rules=args.rules
+    )
+    print(f"compiling the engine's steps for {args.slots} slots", file=sys.stderr, flush=True)
+    engine.warm_up()
+    scheduler = Scheduler(
+        engine, state_dir=args.state_dir, host_sessions=args.host_sessions, max_tokens_limit=args.max_tokens_limit,
+        decode=codec.decode,
+    )  # fmt: skip
+    name = run.path.name
+    chat = ChatTemplate.for_workdir(run.path)
+    app = create_app(scheduler, codec, name, chat=chat, stop_tokens=end_of_text(run.path, experiment.task))
+    scheduler.start()
+    try:
+        print(f"serving {name} ({args.slots} slots) at http://{args.host}:{args.port}/v1", file=sys.stderr, flush=True)
+        uvicorn.run(app, host=args.host, port=args.port, log_level="info")
+    finally:
+        scheduler.stop()
+
+
 def _plot(args, extra) -> None:
     from sleeplm.cli.plot import plot_runs
 
@@ -294,6 +404,36 @@ def build_parser() -> argparse.ArgumentParser:
     scorer.add_argument("--block-windows", type=int, default=16, help="windows per device block")
     scorer.add_argument("--out", type=Path, default=None)
     scorer.set_defaults(run=_score)
+    serve = commands.add_parser("serve", help="an OpenAI-compatible HTTP server over a run's checkpoint, with sessions")
+    serve.add_argument("--workdir", type=Path, required=True)
+    serve.add_argument("--step", type=int, default=None, help="checkpoint step (default: the latest)")
+    serve.add_argument("--slots", type=int, default=8, help="sessions decoded together on the device")
+    serve.add_argument("--host", default="127.0.0.1")
+    serve.add_argument("--port", type=int, default=8000)
+    serve.add_argument("--state-dir", type=Path, default=None, help="sessions kept on disk here survive a restart")
+    serve.add_argument("--host-sessions", type=int, default=64, help="sessions kept in host memory before disk")
+    serve.add_argument("--max-tokens-limit", type=int, default=4096, help="the most tokens a request may ask for")
+    serve.add_argument("--mesh", default=None, help="shard params and slots over devices, e.g. fsdp=-1")
+    serve.add_argument("--rules", default="fsdp+tp", help="logical-axis rules: dp, fsdp or fsdp+tp")
+    serve.add_argument(
+        "--capacity", type=_at_least(1), default=4096, help="tokens a session holds under sleep.eviction 'none'"
+    )
+    serve.set_defaults(run=_serve)
+    long = commands.add_parser("evaluate-long", help="the long-context suite (passkey, RULER niah, vt): JSON, heatmaps")
+    long.add_argument("--workdir", type=Path, required=True)
+    long.add_argument("--step", type=_at_least(0), default=None, help="checkpoint step (default: the latest)")
+    suite_tasks = "passkey, niah_single, niah_multikey, niah_multivalue, niah_multiquery, vt"
+    long.add_argument("--tasks", type=_listed(_suite_task, suite_tasks), required=True, help=suite_tasks)
+    lengths = _listed(_in_range(int, 1, 1 << 20), "token counts from one window to 1048576")
+    long.add_argument("--lengths", type=lengths, required=True, help="context lengths in tokens, e.g. 4096,65536")
+    depths = _listed(_in_range(float, 0, 100), "needle depths in percent, 0 to 100")
+    long.add_argument("--depths", type=depths, default=[0.0, 25.0, 50.0, 75.0, 100.0], help="percent, e.g. 0,50,100")
+    long.add_argument("--samples", type=_at_least(1), default=4, help="examples per task x length x depth")
+    long.add_argument("--seed", type=_at_least(0), default=0)
+    long.add_argument("--block-windows", type=_at_least(1), default=16, help="windows per device block of the prompt")
+    long.add_argument("--batch-size", type=_at_least(1), default=32, help="prompts read together")
+    long.add_argument("--out", type=Path, required=True, help="directory for results.json and heatmap_TASK.png")
+    long.set_defaults(run=_evaluate_long)
     convert = commands.add_parser("convert", help="a transformers checkpoint directory to a sleeplm workdir")
     convert.add_argument("--from-hf", type=Path, required=True, help="config.json, *.safetensors, tokenizer.json")
     convert.add_argument("--out", type=Path, required=True, help="the new workdir (must not exist)")

@@ -77,6 +77,25 @@ def consume(
     return out, state
 
 
+def read(
+    params: Params, state: SleepState, logits: jax.Array, tokens: jax.Array, valid: jax.Array, config: Config
+) -> tuple[SleepState, jax.Array, jax.Array]:
+    """`consume` for scoring: feeds each row's valid tokens (a prefix of its n) after `logits` (B, vocab), the
+    prediction of the row's next token. Returns the new state, the prediction after each row's last valid token
+    (its old one for a row with none) and `predictions` (B, n, vocab): the logits each token was predicted by.
+    Traceable."""
+    hidden, state = consume(params, state, tokens, valid, config)
+    after = logits_of(params, hidden, config)
+    predictions = jnp.concatenate([logits[:, None], after[:, :-1]], axis=1)
+    count = jnp.sum(valid, axis=1, dtype=jnp.int32)
+    return state, jnp.where(count[:, None] > 0, at_last_token(after, count), logits), predictions
+
+
+def token_log_likelihoods(predictions: jax.Array, tokens: jax.Array) -> jax.Array:
+    """log softmax(predictions)[token] (B, n) of each token under the logits (B, n, vocab) that predicted it."""
+    return jnp.take_along_axis(jax.nn.log_softmax(predictions), tokens[..., None], axis=-1)[..., 0]
+
+
 @functools.partial(jax.jit, static_argnames=("config",), donate_argnames=("state",))
 def sleep_step(params: Params, state: SleepState, config: Config) -> SleepState:
     """Sleeps on every row whose window is full: N - 1 passes from the wake pass's hidden states, then eviction.

@@ -15,6 +15,7 @@ import grain
 from sleeplm.data.arith import ARITH, ArithConfig, ArithSource
 from sleeplm.data.common import TaskSource, Vocabulary
 from sleeplm.data.depo import DEPO, DepoConfig, DepoSource
+from sleeplm.data.recall import RECALL, RecallConfig, RecallSource
 from sleeplm.data.rule110 import RULE110, Rule110Config, Rule110Source
 from sleeplm.data.task import Codec, Task, TaskConfig, vocabulary_size
 from sleeplm.data.text import TEXT, TextConfig, TextSource
@@ -43,6 +44,7 @@ register_task(RULE110)
 register_task(DEPO)
 register_task(ARITH)
 register_task(TEXT)
+register_task(RECALL)
 
 
 def _registered() -> str:
@@ -100,6 +102,8 @@ __all__ = [
     "Codec",
     "DepoConfig",
     "DepoSource",
+    "RecallConfig",
+    "RecallSource",
     "Rule110Config",
     "Rule110Source",
     "Task",

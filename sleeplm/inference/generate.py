@@ -44,21 +44,50 @@ class Sampling:
 
 
 def sample(logits: jax.Array, keys: jax.Array, sampled: jax.Array, sampling: Sampling) -> jax.Array:
-    """The next token of each row (B,) int32 from its logits (B, vocab), its key (B, 2) and its sample count."""
-    if sampling.temperature == 0:
-        return jnp.argmax(logits, axis=-1).astype(jnp.int32)
-    scaled = logits / sampling.temperature
-    if sampling.top_k is not None and sampling.top_k < logits.shape[-1]:
-        kth = lax.top_k(scaled, sampling.top_k)[0][:, -1:]
-        scaled = jnp.where(scaled < kth, -jnp.inf, scaled)
-    if sampling.top_p < 1:
-        order = jnp.argsort(-scaled, axis=-1)
-        probabilities = jax.nn.softmax(jnp.take_along_axis(scaled, order, axis=-1), axis=-1)
-        before = jnp.cumsum(probabilities, axis=-1) - probabilities  # mass of the more likely tokens
-        kept = jnp.zeros_like(scaled, bool).at[jnp.arange(scaled.shape[0])[:, None], order].set(before < sampling.top_p)
-        scaled = jnp.where(kept, scaled, -jnp.inf)
-    row_keys = jax.vmap(jax.random.fold_in)(jax.random.wrap_key_data(keys), sampled)
-    return jax.vmap(jax.random.categorical)(row_keys, scaled).astype(jnp.int32)
+    """The next token of each row (B,) int32 from its logits (B, vocab), its key (B, 2) and its sample count,
+    every row with the same `sampling`."""
+    batch = logits.shape[0]
+    top_k = 0 if sampling.top_k is None else sampling.top_k
+    rows = (jnp.full((batch,), v, dtype) for v, dtype in ((sampling.temperature, jnp.float32), (top_k, jnp.int32)))
+    return sample_rows(logits, keys, sampled, *rows, jnp.full((batch,), sampling.top_p, jnp.float32))
+
+
+def sample_rows(
+    logits: jax.Array,
+    keys: jax.Array,
+    sampled: jax.Array,
+    temperature: jax.Array,
+    top_k: jax.Array,
+    top_p: jax.Array,
+) -> jax.Array:
+    """`sample` with each row's own settings, (B,) arrays: `temperature` (0: greedy), `top_k` (0: all tokens),
+    `top_p`, so rows of different requests share one compiled step. The work each filter needs is done only when
+    some row asks for it."""
+    greedy = jnp.argmax(logits, axis=-1).astype(jnp.int32)
+
+    def draw(logits):
+        scaled = logits / jnp.where(temperature > 0, temperature, 1.0)[:, None]
+
+        def keep_top_k(scaled):
+            ordered = -jnp.sort(-scaled, axis=-1)
+            kth = jnp.take_along_axis(ordered, jnp.clip(top_k - 1, 0, scaled.shape[-1] - 1)[:, None], axis=-1)
+            return jnp.where((top_k[:, None] > 0) & (scaled < kth), -jnp.inf, scaled)
+
+        def keep_top_p(scaled):
+            order = jnp.argsort(-scaled, axis=-1)
+            probabilities = jax.nn.softmax(jnp.take_along_axis(scaled, order, axis=-1), axis=-1)
+            before = jnp.cumsum(probabilities, axis=-1) - probabilities  # mass of the more likely tokens
+            rows = jnp.arange(scaled.shape[0])[:, None]
+            kept = jnp.zeros_like(scaled, bool).at[rows, order].set(before < top_p[:, None])
+            return jnp.where(kept | (top_p[:, None] >= 1), scaled, -jnp.inf)
+
+        scaled = lax.cond(jnp.any(top_k > 0), keep_top_k, lambda s: s, scaled)
+        scaled = lax.cond(jnp.any(top_p < 1), keep_top_p, lambda s: s, scaled)
+        row_keys = jax.vmap(jax.random.fold_in)(jax.random.wrap_key_data(keys), sampled)
+        return jax.vmap(jax.random.categorical)(row_keys, scaled).astype(jnp.int32)
+
+    drawn = lax.cond(jnp.any(temperature > 0), draw, lambda logits: greedy, logits)
+    return jnp.where(temperature > 0, drawn, greedy)
 
 
 @functools.partial(

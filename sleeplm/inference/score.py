@@ -23,9 +23,8 @@ from tqdm.auto import tqdm
 
 from sleeplm.config import Config
 from sleeplm.core.parameters import Params
-from sleeplm.core.passes import logits_of
 from sleeplm.core.state import SleepState, init_state
-from sleeplm.core.streaming import at_last_token, consume
+from sleeplm.core.streaming import read, token_log_likelihoods
 
 MAX_BUCKETS = 40  # distance buckets [0, L), [L, 2L), [2L, 4L), ...: 2^38 windows is past any sequence
 
@@ -53,18 +52,14 @@ def score_block(params: Params, carry: ScoreCarry, tokens: jax.Array, valid: jax
 
     def one_window(carry: ScoreCarry, inputs):
         ids, real = inputs  # (B, L) each
-        hidden, state = consume(params, carry.state, ids, real, config)
-        logits = logits_of(params, hidden, config)
-        predictions = jnp.concatenate([carry.logits[:, None], logits[:, :-1]], axis=1)
-        log_likelihood = jnp.take_along_axis(jax.nn.log_softmax(predictions), ids[:, :, None], axis=-1)[..., 0]
+        state, next_logits, predictions = read(params, carry.state, carry.logits, ids, real, config)
+        log_likelihood = token_log_likelihoods(predictions, ids)
         position = carry.position[:, None] + jnp.arange(window)
         scored = real & (position > 0)
         buckets = jax.nn.one_hot(distance_bucket(position, window), MAX_BUCKETS, dtype=jnp.float32) * scored[..., None]
         nll_sum = carry.nll_sum - jnp.einsum("bt,btk->k", jnp.where(scored, log_likelihood, 0.0), buckets)
         count = carry.count + jnp.sum(buckets, axis=(0, 1)).astype(jnp.int32)
-        count_real = jnp.sum(real, axis=1)
-        next_logits = jnp.where(count_real[:, None] > 0, at_last_token(logits, count_real), carry.logits)
-        carry = ScoreCarry(state, next_logits, carry.position + count_real, nll_sum, count)
+        carry = ScoreCarry(state, next_logits, carry.position + jnp.sum(real, axis=1), nll_sum, count)
         return carry, jnp.where(scored, log_likelihood, jnp.nan)
 
     windows = lambda x: jnp.moveaxis(x.reshape(batch, length // window, window), 1, 0)

@@ -62,10 +62,15 @@ def _row_keys(key: jax.Array, batch_size: int) -> jax.Array:
     return key
 
 
+def config_record(config: Config) -> dict:
+    """The parts of a config a stream's arrays depend on (the model and the sleep settings), as JSON."""
+    return json.loads(
+        json.dumps({"model": dataclasses.asdict(config.model), "sleep": dataclasses.asdict(config.sleep)})
+    )
+
+
 def _record(config: Config, stream: Stream) -> dict:
-    model, sleep = (json.loads(json.dumps(dataclasses.asdict(c))) for c in (config.model, config.sleep))
-    config_record = {"model": model, "sleep": sleep}
-    return {"config": config_record, "batch": stream.sampled.shape[0], "capacity": stream.state.capacity}
+    return {"config": config_record(config), "batch": stream.sampled.shape[0], "capacity": stream.state.capacity}
 
 
 def save_stream(path: Path, stream: Stream, config: Config) -> Path:

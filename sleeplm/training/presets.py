@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from sleeplm.config import Config, ModelConfig, SleepConfig
-from sleeplm.data import ArithConfig, DepoConfig, Rule110Config, TextConfig
+from sleeplm.data import ArithConfig, DepoConfig, RecallConfig, Rule110Config, TextConfig
 from sleeplm.experiment.overrides import override_experiment
 from sleeplm.experiment.schema import Experiment, RunConfig, TrainConfig, align_task_and_model
 
@@ -52,6 +52,14 @@ PRESETS: dict[str, Experiment] = {
         Config(_model(128, 4), SleepConfig(window=32, passes=1)),
         TrainConfig(steps=600, batch_size=32, warmup_steps=30),
         RunConfig(eval_every=100, eval_examples=512, eval_batch_size=128, checkpoint_every=200),
+    ),
+    # Recall from evicted windows: 2 facts in each of 3 windows (4 of them queried), hard eviction. N by
+    # `--sleep.passes`, eviction by `--sleep.eviction`, distance / load / overwrites / hops by `--task.*`.
+    "recall-cpu": Experiment(
+        RecallConfig(windows=3, pairs_per_window=2, min_distance=1, max_distance=3, queries=4),
+        Config(_model(64, 4), SleepConfig(window=16, passes=1, eviction="hard")),
+        TrainConfig(steps=800, batch_size=64, warmup_steps=40),
+        RunConfig(eval_every=100, eval_examples=512, eval_batch_size=256, checkpoint_every=200),
     ),
     # Language modelling on text files (default: the Python standard library's .py files: 9.4M tokens at a vocabulary
     # of 4096, 8.0M at 32768). `--task.files 'corpus/**/*.jsonl'` trains on other text.
