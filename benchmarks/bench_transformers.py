@@ -250,13 +250,7 @@ def measure_prefill(workers, n: int, repeats: int) -> dict:
         "transformers_tok_s": n / seconds["torch"],
         "sleeplm_tok_s": n / seconds["jax"],
         "speedup": seconds["torch"] / seconds["jax"],
-        "transformers_runs_s": [r["seconds"] for r in runs["torch"][1:]],
-        "sleeplm_runs_s": [r["seconds"] for r in runs["jax"][1:]],
-        "transformers_runs_cpu_s": [r["cpu_seconds"] for r in runs["torch"][1:]],
-        "sleeplm_runs_cpu_s": [r["cpu_seconds"] for r in runs["jax"][1:]],
-        "transformers_cpu_s": median_of(runs["torch"], "cpu_seconds"),
-        "sleeplm_cpu_s": median_of(runs["jax"], "cpu_seconds"),
-        "cpu_speedup": median_of(runs["torch"], "cpu_seconds") / median_of(runs["jax"], "cpu_seconds"),
+        **side_by_side(runs),
         "sleeplm_first_call_s": runs["jax"][0]["seconds"],  # compilation included
         "last_logits_rel_error": relative_error(runs["jax"][-1]["logits"], runs["torch"][-1]["logits"]),
     }
@@ -268,6 +262,19 @@ def measure_prefill(workers, n: int, repeats: int) -> dict:
         flush=True,
     )
     return row
+
+
+def side_by_side(runs: dict) -> dict:
+    """Each side's timed runs (wall and CPU seconds; the first, untimed call left out) and the CPU-time ratio."""
+    return {
+        "transformers_runs_s": [r["seconds"] for r in runs["torch"][1:]],
+        "sleeplm_runs_s": [r["seconds"] for r in runs["jax"][1:]],
+        "transformers_runs_cpu_s": [r["cpu_seconds"] for r in runs["torch"][1:]],
+        "sleeplm_runs_cpu_s": [r["cpu_seconds"] for r in runs["jax"][1:]],
+        "transformers_cpu_s": median_of(runs["torch"], "cpu_seconds"),
+        "sleeplm_cpu_s": median_of(runs["jax"], "cpu_seconds"),
+        "cpu_speedup": median_of(runs["torch"], "cpu_seconds") / median_of(runs["jax"], "cpu_seconds"),
+    }
 
 
 def measure_decode(workers, n: int, new: int, repeats: int, prefilled: set[int]) -> dict:
@@ -287,13 +294,7 @@ def measure_decode(workers, n: int, new: int, repeats: int, prefilled: set[int])
         "transformers_tok_s": new / seconds["torch"],
         "sleeplm_tok_s": new / seconds["jax"],
         "speedup": seconds["torch"] / seconds["jax"],
-        "transformers_runs_s": [r["seconds"] for r in runs["torch"][1:]],
-        "sleeplm_runs_s": [r["seconds"] for r in runs["jax"][1:]],
-        "transformers_runs_cpu_s": [r["cpu_seconds"] for r in runs["torch"][1:]],
-        "sleeplm_runs_cpu_s": [r["cpu_seconds"] for r in runs["jax"][1:]],
-        "transformers_cpu_s": median_of(runs["torch"], "cpu_seconds"),
-        "sleeplm_cpu_s": median_of(runs["jax"], "cpu_seconds"),
-        "cpu_speedup": median_of(runs["torch"], "cpu_seconds") / median_of(runs["jax"], "cpu_seconds"),
+        **side_by_side(runs),
         "transformers_1thread_tok_s": new / seconds["torch1"],
         "speedup_vs_1thread": seconds["torch1"] / seconds["jax"],
         "transformers_1thread_runs_s": [r["seconds"] for r in runs["torch1"][1:]],

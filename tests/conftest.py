@@ -138,3 +138,26 @@ def random_gdr_inputs(seed, batch=2, length=37, heads=3, d_k=16, d_v=8, gate_sca
 @pytest.fixture
 def gdr_inputs():
     return random_gdr_inputs(0)
+
+
+def text_run_files(path, overrides: dict[str, str], texts: list[str], vocab_size: int = 270):
+    """A text run's files without training: its experiment (`lm-cpu` with `overrides`) and a BPE of `vocab_size`
+    tokens trained on `texts`; no checkpoint yet (`save_random_weights` adds one)."""
+    from sleeplm.data.tokenizer import train_tokenizer
+    from sleeplm.experiment.workdir import Workdir
+    from sleeplm.training.presets import build_experiment
+
+    run = Workdir(path)
+    run.write_experiment(build_experiment("lm-cpu", overrides))
+    train_tokenizer(texts, vocab_size, run.tokenizer_path)
+    run.checkpoints_path.mkdir()
+    return run
+
+
+def save_random_weights(run):
+    """`run` with its model's random initial parameters saved as the checkpoint of step 0."""
+    from sleeplm import init_params
+
+    experiment = run.experiment()
+    run.checkpoints().save_weights(init_params(jax.random.key(0), experiment.config), experiment)
+    return run

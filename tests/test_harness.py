@@ -12,6 +12,7 @@ import jax
 import lm_eval
 import numpy as np
 import pytest
+from conftest import save_random_weights, text_run_files
 from lm_eval.api.instance import Instance
 
 from sleeplm import forward, init_params
@@ -47,19 +48,13 @@ BLOCK_WINDOWS = 2  # a long request takes several blocks
 @pytest.fixture(scope="module")
 def tiny_files(tmp_path_factory):
     """A text run's experiment (window 8) and BPE of 270 tokens, no checkpoint yet."""
-    run = Workdir(tmp_path_factory.mktemp("harness") / "run")
-    run.write_experiment(build_experiment("lm-cpu", TINY))
-    train_tokenizer(TEXTS, 270, run.tokenizer_path)
-    run.checkpoints_path.mkdir()
-    return run
+    return text_run_files(tmp_path_factory.mktemp("harness") / "run", TINY, TEXTS)
 
 
 @pytest.fixture(scope="module")
 def tiny_run(tiny_files):
     """The run with a random two-block model saved at step 0, made without training."""
-    experiment = tiny_files.experiment()
-    tiny_files.checkpoints().save_weights(init_params(jax.random.key(0), experiment.config), experiment)
-    return tiny_files
+    return save_random_weights(tiny_files)
 
 
 @pytest.fixture(scope="module")

@@ -10,17 +10,15 @@ import re
 import jax
 import numpy as np
 import pytest
+from conftest import save_random_weights, text_run_files
 
 from sleeplm import forward, init_params
 from sleeplm.cli.main import main as cli_main
 from sleeplm.data.task import Codec
-from sleeplm.data.tokenizer import train_tokenizer
 from sleeplm.evaluation.haystack import FILLER
 from sleeplm.evaluation.runner import greedy_answers, summary
 from sleeplm.evaluation.scoring import match_all, match_part
 from sleeplm.evaluation.tasks import TASKS, make_example
-from sleeplm.experiment.workdir import Workdir
-from sleeplm.training.presets import build_experiment
 
 CHARS = Codec(lambda text: [ord(c) for c in text], lambda ids: "".join(chr(i) for i in ids))  # one token a char
 NIAH = (
@@ -170,20 +168,14 @@ TINY = {
 @pytest.fixture(scope="module")
 def tiny_files(tmp_path_factory):
     """A text run's files (its experiment, a BPE of 270 tokens, no checkpoint yet): the CLI's checks need no more."""
-    run = Workdir(tmp_path_factory.mktemp("long") / "run")
-    run.write_experiment(build_experiment("lm-cpu", TINY))
     texts = [FILLER * 4, NIAH, "What is the pass key? The pass key is 12345. Remember it."]
-    train_tokenizer(texts, 270, run.tokenizer_path)
-    run.checkpoints_path.mkdir()
-    return run
+    return text_run_files(tmp_path_factory.mktemp("long") / "run", TINY, texts)
 
 
 @pytest.fixture(scope="module")
 def tiny_run(tiny_files):
     """The run with a random two-block model saved at step 0, made without training."""
-    experiment = tiny_files.experiment()
-    tiny_files.checkpoints().save_weights(init_params(jax.random.key(0), experiment.config), experiment)
-    return tiny_files
+    return save_random_weights(tiny_files)
 
 
 @pytest.mark.slow

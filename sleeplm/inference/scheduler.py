@@ -407,7 +407,9 @@ class Scheduler:
         idle = [s for s in range(self.engine.slots) if not self._busy(s)]
         if not idle:
             return None
-        slot = min(idle, key=lambda s: (self._slot_session[s] is not None, self._last_used[s]))
+        # a free slot, the lowest first (a decode step runs up to the last active slot); else the least recently used
+        occupied = lambda s: self._slot_session[s] is not None
+        slot = min(idle, key=lambda s: (occupied(s), self._last_used[s] if occupied(s) else s))
         previous = self._slot_session[slot]
         if previous is not None:  # offload the least recently used idle session
             self.store.put(previous, self.engine.unload(slot), self._version.get(previous, 0))
