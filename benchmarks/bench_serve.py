@@ -58,8 +58,11 @@ def background_sleep(client, args, vocab: int) -> dict:
         samples = {"filled": {"ttft": [], "itl": []}, "control": {"ttft": [], "itl": []}}
         for repeat in range(args.repeats + 1):  # the first round is a warm-up, not counted
             for case, first_prompt in (("filled", window - reply), ("control", window // 2 - reply)):
-                session = new_session(client)
-                turn(client, session, ids(rng, first_prompt, vocab), reply)
+                while True:  # a first turn the end of text stopped early would not fill the window: draw again
+                    session = new_session(client)
+                    if turn(client, session, ids(rng, first_prompt, vocab), reply)["finish_reason"] == "length":
+                        break
+                    client.delete(f"/v1/sessions/{session}")
                 time.sleep(pause)
                 timed = turn(client, session, ids(rng, second, vocab), reply)
                 if repeat:
@@ -88,7 +91,7 @@ def throughput(url: str, args, vocab: int) -> dict:
                 tokens, gaps = 0, []
                 for _ in range(args.requests):
                     timed = turn(client, session, ids(rng, 16, vocab), args.reply)
-                    tokens += len(timed["itl"]) + 1
+                    tokens += timed["tokens"]
                     gaps += timed["itl"]
                 client.delete(f"/v1/sessions/{session}")
                 return {"tokens": tokens, "itl": gaps}

@@ -84,21 +84,23 @@ def rss_mib(process: subprocess.Popen) -> float:
 
 
 def timed_completion(client: httpx.Client, body: dict, session: str | None = None) -> dict:
-    """A streamed /v1/completions request: the ids it returned, seconds to the first token and between tokens."""
+    """A streamed /v1/completions request, timed per token (each chunk's `logprobs.tokens`, so a token whose text is
+    held back still counts): seconds to the first token and between tokens, the text and how the reply ended."""
     start = time.perf_counter()
-    stamps, ids, text = [], [], []
+    stamps, text, reason = [], [], None
     headers = {} if session is None else {"X-Session-Id": session}
-    with client.stream("POST", "/v1/completions", json=body | {"stream": True}, headers=headers) as response:
+    body = body | {"stream": True, "logprobs": 0}
+    with client.stream("POST", "/v1/completions", json=body, headers=headers) as response:
         if response.status_code != 200:
             raise RuntimeError(f"{response.status_code}: {response.read().decode()}")
         for line in response.iter_lines():
             if not line.startswith("data: ") or line == "data: [DONE]":
                 continue
-            chunk = json.loads(line[len("data: ") :])
-            choice = chunk["choices"][0]
-            if choice.get("text") or choice.get("token_ids"):
-                stamps.append(time.perf_counter())
-                text.append(choice.get("text", ""))
-                ids += choice.get("token_ids", [])
-    gaps = [b - a for a, b in itertools.pairwise(stamps)]
-    return {"ttft": stamps[0] - start if stamps else None, "itl": gaps, "text": "".join(text), "ids": ids}
+            choice = json.loads(line[len("data: ") :])["choices"][0]
+            now = time.perf_counter()
+            stamps += [now] * len((choice.get("logprobs") or {}).get("tokens") or [])
+            text.append(choice.get("text", ""))
+            reason = choice.get("finish_reason") or reason
+    gaps = [b - a for a, b in itertools.pairwise(stamps) if b > a]  # tokens that arrive in one chunk: one gap
+    first = stamps[0] - start if stamps else None
+    return {"ttft": first, "itl": gaps, "text": "".join(text), "tokens": len(stamps), "finish_reason": reason}
