@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import platform
@@ -13,8 +14,10 @@ from pathlib import Path
 import jax
 
 
+@functools.cache
 def provenance() -> dict:
-    """The command, commit and machine a measurement was taken with."""
+    """The command, commit and machine a measurement was taken with, read once: at the start of the run, by
+    `common`'s import, so a commit made while a long run goes on is not recorded as the one it ran."""
     commit = os.environ.get("SLEEPLM_COMMIT")  # set where the tree was copied without .git (the GPU machine)
     try:
         if commit:
@@ -43,3 +46,6 @@ def write_record(args: argparse.Namespace, results: object, **extra: object) -> 
     record = {"config": vars(args) | {"out": str(out)}, "provenance": provenance(), "results": results, **extra}
     out.write_text(json.dumps(record, indent=2) + "\n")
     print(f"wrote {out}")
+
+
+provenance()  # at import: the tree the benchmark starts from
