@@ -12,7 +12,7 @@ import jax
 import lm_eval
 import numpy as np
 import pytest
-from conftest import save_random_weights, text_run_files
+from conftest import save_random_weights, text_run_files, tiny_text_model
 from lm_eval.api.instance import Instance
 
 from sleeplm import forward, init_params
@@ -26,16 +26,7 @@ from sleeplm.inference.score import score
 from sleeplm.inference.streams import start_stream
 from sleeplm.training.presets import build_experiment
 
-TINY = {
-    "task.vocab_size": "270",
-    "sleep.window": "8",
-    "sleep.passes": "2",
-    "sleep.eviction": "hard",
-    "model.d_model": "16",
-    "model.num_heads": "2",
-    "model.layers": "attn,gdn",
-    "model.mlp_dim": "32",
-}
+TINY = tiny_text_model(8)
 TEXTS = [
     "The quick brown fox jumps over the lazy dog. " * 3,
     "def main():\n    return sum(range(10))\n",

@@ -10,7 +10,7 @@ import re
 import jax
 import numpy as np
 import pytest
-from conftest import save_random_weights, text_run_files
+from conftest import save_random_weights, text_run_files, tiny_text_model
 
 from sleeplm import forward, init_params
 from sleeplm.cli.main import main as cli_main
@@ -153,16 +153,7 @@ def test_the_scorer_follows_rulers_rule():
 
 # ---------------------------------------------------------------------------------------------------- a tiny run
 
-TINY = {
-    "task.vocab_size": "270",
-    "sleep.window": "16",
-    "sleep.passes": "2",
-    "sleep.eviction": "hard",
-    "model.d_model": "16",
-    "model.num_heads": "2",
-    "model.layers": "attn,gdn",
-    "model.mlp_dim": "32",
-}
+TINY = tiny_text_model(16)
 
 
 @pytest.fixture(scope="module")
