@@ -167,4 +167,5 @@ def tiny_text_model(window: int) -> dict[str, str]:
     """Overrides of `lm-cpu` for a two-block text model of d=16 (BPE of 270 tokens, N=2, hard eviction) with
     window `window`: small enough that its tests compile in seconds."""
     model = {"model.d_model": "16", "model.num_heads": "2", "model.layers": "attn,gdn", "model.mlp_dim": "32"}
-    return {"task.vocab_size": "270", "sleep.window": str(window), "sleep.passes": "2", "sleep.eviction": "hard"} | model
+    sleep = {"sleep.window": str(window), "sleep.passes": "2", "sleep.eviction": "hard"}
+    return {"task.vocab_size": "270"} | sleep | model
